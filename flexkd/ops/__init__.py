@@ -1,0 +1,145 @@
+"""The three Flex-KD ops. DESIGN §2 is their contract; ``reference.py`` is their ground truth.
+
+Each public function validates its arguments, resolves the backend (``_backends``), flattens the
+leading dims into rows and calls the kernel-level ``torch.library`` op of that backend
+(``_registration``), so every backend works under ``torch.compile`` and autograd the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flexkd.ops import _backends, _validate, reference
+from flexkd.ops import _registration  # noqa: F401  (registers the ops)
+from flexkd.ops._backends import BACKENDS
+from flexkd.ops.reference import LOSSES, ORDERS, REDUCTIONS, STATS
+
+__all__ = [
+    "flex_feature_loss",
+    "importance_scores",
+    "select_top_k",
+    "resolve_backend",
+    "reference",
+    "BACKENDS",
+    "LOSSES",
+    "REDUCTIONS",
+    "STATS",
+    "ORDERS",
+]
+
+_FEATURE_LOSS_OPS = {
+    "torch": "feature_loss_fwd_torch",
+    "cpu": "feature_loss_fwd",
+    "cuda": "feature_loss_fwd",
+    "triton": "feature_loss_fwd_triton",
+}
+_IMPORTANCE_OPS = {
+    "torch": "importance_scores_acc_torch",
+    "cpu": "importance_scores_acc",
+    "cuda": "importance_scores_acc",
+    "triton": "importance_scores_acc_triton",
+}
+
+
+@torch.compiler.assume_constant_result
+def resolve_backend(backend: str, device_type: str, op_name: str) -> str:
+    """The backend that ``backend`` (``"auto"`` included) runs ``op_name`` with on ``device_type``."""
+    return _backends.resolve(backend, device_type, op_name)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``[..., F]`` as ``[N, F]``: a view whenever the strides allow one (a column slice stays a view)."""
+    return x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)
+
+
+def _row_weights(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if mask is None else mask.reshape(-1).to(dtype).contiguous()
+
+
+def flex_feature_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    index: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    loss: str = "mse",
+    reduction: str = "mean",
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Flex-KD feature loss between ``student [..., k]`` and columns ``index`` of ``teacher [..., D]``.
+
+    ``loss="mse"``: ``Σ_n w_n Σ_j (s_nj − t_n,index[j])²`` reduced by ``mean`` (over ``k·Σw``), ``sum``
+    or ``none`` (per row). ``loss="corr"``: ``1 − r_j``, the weighted Pearson correlation per selected
+    dim over rows, reduced by ``mean``/``sum`` over dims or ``none`` (``[k]``). ``mask`` holds row
+    weights (bool or float ≥ 0) of the leading shape. Returns fp32 (fp64 for fp64 inputs); gradients
+    reach ``student`` and, when it requires grad, the selected columns of ``teacher``.
+    """
+    _validate.feature_loss_args(student, teacher, index, mask, loss, reduction, eps)
+    which = resolve_backend(backend, student.device.type, "flex_feature_loss")
+    op = getattr(torch.ops.flexkd, _FEATURE_LOSS_OPS[which])
+    grad_enabled = torch.is_grad_enabled()
+    value, _, _ = op(
+        _rows(student),
+        _rows(teacher),
+        index.to(torch.int64).contiguous(),
+        _row_weights(mask, reference.accumulation_dtype(student, teacher)),
+        loss,
+        reduction,
+        float(eps),
+        grad_enabled and student.requires_grad,
+        grad_enabled and teacher.requires_grad,
+    )
+    if loss == "mse" and reduction == "none":
+        return value.reshape(student.shape[:-1])
+    return value
+
+
+def importance_scores(
+    hidden: torch.Tensor,
+    grad: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    stat: str = "grad_x_act",
+    out: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per-dimension importance ``score_j = Σ_n w_n · f(h_nj, g_nj)`` as fp32 ``[D]``.
+
+    ``f`` is ``|h·g|`` (``"grad_x_act"``), ``|g|`` (``"grad"``) or ``g²`` (``"grad_sq"``). With ``out``
+    the scores are added into it in place and it is returned, so a pass over a data set keeps one
+    running buffer. Normalising by the number of tokens is the caller's job.
+    """
+    _validate.importance_args(hidden, grad, mask, stat, out)
+    which = resolve_backend(backend, hidden.device.type, "importance_scores")
+    if out is None:
+        out = torch.zeros(hidden.shape[-1], dtype=torch.float32, device=hidden.device)
+    op = getattr(torch.ops.flexkd, _IMPORTANCE_OPS[which])
+    op(
+        _rows(hidden.detach()),
+        _rows(grad.detach()),
+        _row_weights(mask, torch.float32),
+        stat,
+        out,
+    )
+    return out
+
+
+def select_top_k(scores: torch.Tensor, k: int, *, order: str = "index") -> torch.Tensor:
+    """Indices of the ``k`` largest ``scores`` (ties to the lower index) as int64 ``[k]``.
+
+    ``order="index"`` sorts them by teacher index (student dim i pairs with the i-th selected teacher
+    dim); ``order="score"`` by descending score.
+    """
+    _validate.tensor("scores", scores)
+    if scores.dim() != 1 or not scores.is_floating_point():
+        raise ValueError(
+            f"scores must be a 1-D float tensor, got shape {tuple(scores.shape)} and {scores.dtype}"
+        )
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= scores.numel():
+        raise ValueError(f"k must be an int in [1, {scores.numel()}], got {k!r}")
+    _validate.choice("order", order, ORDERS)
+    if not torch.compiler.is_compiling() and bool(torch.isnan(scores).any()):
+        raise ValueError("scores must not contain NaN")
+    return torch.ops.flexkd.select_top_k(scores, k, order)
+

@@ -1,0 +1,125 @@
+"""torch.library registration shared by every backend: schemas of the torch backend, fake (meta)
+kernels and the one autograd formula of the feature loss.
+
+The kernel-level ops take 2-D inputs (the public wrappers in ``flexkd.ops`` flatten leading dims):
+
+* ``feature_loss_fwd*(student [N,k], teacher [N,D], index int64 [k], mask [N]?, loss, reduction, eps,
+  student_grad, teacher_grad) -> (loss, grad_student [N,k], grad_teacher_columns [N,k])``: the loss and,
+  in the same pass, its gradients for ``grad_output == 1``; the backward here only scales them.
+* ``importance_scores_acc*(hidden [N,D], grad [N,D], mask [N]?, stat, out [D]) -> ()``: adds into ``out``.
+
+Variants: ``flexkd::feature_loss_fwd`` (C++, CPU and CUDA dispatch keys, schema defined in ``csrc/``),
+``..._torch`` (here, the reference) and ``..._triton`` (``flexkd.kernels``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flexkd import _native
+from flexkd.ops import reference
+
+FEATURE_LOSS_SCHEMA = (
+    "(Tensor student, Tensor teacher, Tensor index, Tensor? mask, str loss, str reduction, float eps, "
+    "bool student_grad, bool teacher_grad) -> (Tensor, Tensor, Tensor)"
+)
+IMPORTANCE_SCHEMA = "(Tensor hidden, Tensor grad, Tensor? mask, str stat, Tensor(a!) out) -> ()"
+
+
+def feature_loss_fake(student, teacher, index, mask, loss, reduction, eps, student_grad, teacher_grad):
+    acc = reference.accumulation_dtype(student, teacher)
+    n, k = student.shape
+    if reduction != "none":
+        value = student.new_empty((), dtype=acc)
+    elif loss == "mse":
+        value = student.new_empty((n,), dtype=acc)
+    else:
+        value = student.new_empty((k,), dtype=acc)
+    grad_student = student.new_empty((n, k) if student_grad else (0,))
+    grad_teacher = teacher.new_empty((n, k) if teacher_grad else (0,))
+    return value, grad_student, grad_teacher
+
+
+def _setup_feature_loss(ctx, inputs, output):
+    student, teacher, index, _mask, loss = inputs[:5]
+    _, grad_student, grad_teacher = output
+    ctx.save_for_backward(grad_student, grad_teacher, index)
+    ctx.teacher_shape = teacher.shape
+    ctx.student_dtype = student.dtype
+    # reduction="none" gives one loss per row for mse ([N]) and one per selected dim for corr ([k]).
+    ctx.per_row = loss == "mse"
+
+
+def _scale(saved_grad, grad_loss, per_row: bool, dtype: torch.dtype) -> torch.Tensor:
+    if grad_loss.dim() == 0:
+        # A 0-dim operand enters the multiply as an fp32 scalar, so bf16/fp16 grads round once.
+        return saved_grad * grad_loss
+    scale = grad_loss.unsqueeze(-1) if per_row else grad_loss
+    return (saved_grad * scale).to(dtype)
+
+
+def _backward_feature_loss(ctx, grad_loss, _grad_student_out, _grad_teacher_out):
+    grad_student_saved, grad_teacher_saved, index = ctx.saved_tensors
+    grad_student = grad_teacher = None
+    if ctx.needs_input_grad[0]:
+        grad_student = _scale(grad_student_saved, grad_loss, ctx.per_row, ctx.student_dtype)
+    if ctx.needs_input_grad[1]:
+        columns = _scale(grad_teacher_saved, grad_loss, ctx.per_row, grad_teacher_saved.dtype)
+        grad_teacher = columns.new_zeros(ctx.teacher_shape).index_copy(-1, index, columns)
+    return grad_student, grad_teacher, None, None, None, None, None, None, None
+
+
+def register_feature_loss_autograd(qualname: str) -> None:
+    """Attach the shared backward to a ``feature_loss_fwd`` variant (native, torch or triton)."""
+    torch.library.register_autograd(
+        qualname, _backward_feature_loss, setup_context=_setup_feature_loss
+    )
+
+
+@torch.library.custom_op("flexkd::feature_loss_fwd_torch", mutates_args=())
+def feature_loss_fwd_torch(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    index: torch.Tensor,
+    mask: torch.Tensor | None,
+    loss: str,
+    reduction: str,
+    eps: float,
+    student_grad: bool,
+    teacher_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return reference.feature_loss_fwd(
+        student, teacher, index, mask, loss, reduction, eps, student_grad, teacher_grad
+    )
+
+
+feature_loss_fwd_torch.register_fake(feature_loss_fake)
+register_feature_loss_autograd("flexkd::feature_loss_fwd_torch")
+
+
+@torch.library.custom_op("flexkd::importance_scores_acc_torch", mutates_args=("out",))
+def importance_scores_acc_torch(
+    hidden: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None, stat: str, out: torch.Tensor
+) -> None:
+    out.add_(reference.importance_scores(hidden, grad, mask, stat))
+
+
+@torch.library.custom_op("flexkd::select_top_k", mutates_args=())
+def select_top_k_op(scores: torch.Tensor, k: int, order: str) -> torch.Tensor:
+    return reference.select_top_k(scores, k, order)
+
+
+@select_top_k_op.register_fake
+def _(scores, k, order):
+    return scores.new_empty((k,), dtype=torch.int64)
+
+
+def _register_native() -> None:
+    if _native.load() is None:
+        return
+    torch.library.register_fake("flexkd::feature_loss_fwd")(feature_loss_fake)
+    torch.library.register_fake("flexkd::importance_scores_acc")(lambda *args: None)
+    register_feature_loss_autograd("flexkd::feature_loss_fwd")
+
+
+_register_native()

@@ -1,0 +1,129 @@
+"""Argument checks for the public ops: each error names the argument and what was expected.
+
+Metadata checks (shapes, dtypes, devices) always run. Checks that read ``index`` data (range, repeats)
+run once per index tensor and version in eager mode, so a training loop that reuses one index pays
+for them once; under ``torch.compile`` they are skipped (the C++ kernels still check the range).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from flexkd.ops.reference import LOSSES, REDUCTIONS, STATS
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def choice(name: str, value, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def float_tensor(name: str, value) -> torch.Tensor:
+    tensor(name, value)
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a float tensor (fp32, bf16, fp16 or fp64), got {value.dtype}")
+    if value.dim() < 1:
+        raise ValueError(f"{name} must have at least one dimension [..., features], got a 0-d tensor")
+    return value
+
+
+def same_device(**named: torch.Tensor | None) -> None:
+    present = {name: t for name, t in named.items() if t is not None}
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{name} on {t.device}" for name, t in present.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def mask(value, leading_shape: torch.Size, against: str) -> torch.Tensor | None:
+    if value is None:
+        return None
+    tensor("mask", value)
+    if value.dtype != torch.bool and value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"mask must be a bool or float tensor, got {value.dtype}")
+    if value.shape != leading_shape:
+        raise ValueError(
+            f"mask must have the leading shape of {against} {tuple(leading_shape)}, "
+            f"got {tuple(value.shape)}"
+        )
+    return value
+
+
+_checked_indices = WeakIdKeyDictionary()
+
+
+def index(value, k: int, width: int) -> torch.Tensor:
+    """``value`` must be a 1-D int32/int64 tensor of ``k`` unique entries in ``[0, width)``."""
+    tensor("index", value)
+    if value.dtype not in INDEX_DTYPES:
+        raise TypeError(f"index must be an int32 or int64 tensor, got {value.dtype}")
+    if value.dim() != 1 or value.numel() != k:
+        raise ValueError(
+            f"index must be 1-D with one entry per student feature (k={k}), got shape {tuple(value.shape)}"
+        )
+    if torch.compiler.is_compiling() or value.is_meta:
+        return value
+    key = (value._version, width)
+    if _checked_indices.get(value) == key:
+        return value
+    low, high = int(value.min()), int(value.max())
+    if low < 0 or high >= width:
+        raise ValueError(f"index values must lie in [0, {width}), got values in [{low}, {high}]")
+    if torch.unique(value).numel() != k:
+        raise ValueError("index must not repeat a teacher dimension, got repeated values")
+    _checked_indices[value] = key
+    return value
+
+
+def feature_loss_args(student, teacher, index_, mask_, loss, reduction, eps):
+    choice("loss", loss, LOSSES)
+    choice("reduction", reduction, REDUCTIONS)
+    float_tensor("student", student)
+    float_tensor("teacher", teacher)
+    if not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    same_device(student=student, teacher=teacher, index=index_, mask=mask_)
+    if student.shape[:-1] != teacher.shape[:-1]:
+        raise ValueError(
+            "student and teacher must share their leading shape, got student "
+            f"{tuple(student.shape)} and teacher {tuple(teacher.shape)}"
+        )
+    k = student.shape[-1]
+    if k == 0:
+        raise ValueError("student must have at least one feature (k >= 1), got k = 0")
+    if k > teacher.shape[-1]:
+        raise ValueError(
+            f"student has k={k} features but teacher only {teacher.shape[-1]}; k must be <= D"
+        )
+    index(index_, k, teacher.shape[-1])
+    mask(mask_, student.shape[:-1], "student")
+
+
+def importance_args(hidden, grad, mask_, stat, out):
+    choice("stat", stat, STATS)
+    float_tensor("hidden", hidden)
+    float_tensor("grad", grad)
+    same_device(hidden=hidden, grad=grad, mask=mask_, out=out)
+    if hidden.shape != grad.shape:
+        raise ValueError(
+            f"grad must have the shape of hidden {tuple(hidden.shape)}, got {tuple(grad.shape)}"
+        )
+    mask(mask_, hidden.shape[:-1], "hidden")
+    if out is not None:
+        tensor("out", out)
+        if out.dtype != torch.float32:
+            raise TypeError(f"out must be a float32 tensor, got {out.dtype}")
+        if out.shape != hidden.shape[-1:] or not out.is_contiguous():
+            raise ValueError(
+                f"out must be a contiguous [{hidden.shape[-1]}] tensor, got shape {tuple(out.shape)}"
+            )
