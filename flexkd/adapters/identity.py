@@ -1,0 +1,114 @@
+"""A teacher's identity, so a saved selection can be checked against the model it is used with."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+# Config entries that say how a model is run or saved, not what it computes.
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {
+        "_name_or_path",
+        "transformers_version",
+        "architectures",
+        "dtype",
+        "torch_dtype",
+        "use_cache",
+        "return_dict",
+        "output_hidden_states",
+        "output_attentions",
+        "_attn_implementation",
+        "_attn_implementation_autoset",
+        "_commit_hash",
+        "id2label",
+        "label2id",
+        "problem_type",
+    }
+)
+_FINGERPRINT_PARAMETERS = 4  # first and last few parameters are enough to tell checkpoints apart
+_FINGERPRINT_ELEMENTS = 4096
+
+
+@dataclass(frozen=True)
+class TeacherIdentity:
+    """What a selection records about its teacher; ``mismatches`` lists every way another teacher differs."""
+
+    name: str
+    model_type: str
+    side: str
+    hidden_size: int
+    num_layers: int
+    config_hash: str
+    weights_fingerprint: str
+
+    @classmethod
+    def of(cls, model: nn.Module, side: str | None = None) -> TeacherIdentity:
+        from flexkd.adapters.registry import get_adapter
+
+        adapter = get_adapter(model, side=side)
+        return cls(
+            name=str(getattr(model.config, "_name_or_path", "") or ""),
+            model_type=adapter.model_type,
+            side=adapter.side,
+            hidden_size=adapter.hidden_size,
+            num_layers=adapter.num_layers,
+            config_hash=config_hash(model.config),
+            weights_fingerprint=weights_fingerprint(model),
+        )
+
+    @property
+    def teacher_id(self) -> str:
+        """The model's name or path when it has one, else ``config-<hash prefix>``."""
+        return self.name or f"config-{self.config_hash[:16]}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TeacherIdentity:
+        return cls(**{key: data[key] for key in cls.__dataclass_fields__})
+
+    def mismatches(self, other: TeacherIdentity, *, check_weights: bool = True) -> list[str]:
+        """Reasons a selection scored on ``self`` must not be used with ``other`` (empty when it may)."""
+        problems = []
+        for field in ("model_type", "side", "hidden_size", "num_layers"):
+            mine, theirs = getattr(self, field), getattr(other, field)
+            if mine != theirs:
+                problems.append(f"{field}: the selection was scored with {mine!r}, the teacher has {theirs!r}")
+        same_name = bool(self.name) and self.name == other.name
+        if self.config_hash != other.config_hash and not same_name:
+            problems.append(
+                f"config: the selection was scored on {self.teacher_id!r} (config hash {self.config_hash[:16]}), "
+                f"the teacher is {other.teacher_id!r} (config hash {other.config_hash[:16]})"
+            )
+        if check_weights and self.weights_fingerprint != other.weights_fingerprint:
+            problems.append(
+                f"weights: the teacher's weights differ from those the selection was scored with (fingerprint "
+                f"{self.weights_fingerprint[:16]} vs {other.weights_fingerprint[:16]}); pass check_weights=False "
+                f"to use it anyway"
+            )
+        return problems
+
+
+def config_hash(config) -> str:
+    """sha256 of the config's architecture-defining entries (run-time and bookkeeping entries dropped)."""
+    data = {key: value for key, value in config.to_dict().items() if key not in _VOLATILE_CONFIG_KEYS}
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@torch.no_grad()
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 over the names, shapes and leading values of the model's first and last parameters."""
+    named = list(model.named_parameters())
+    chosen = named[:_FINGERPRINT_PARAMETERS] + named[-_FINGERPRINT_PARAMETERS:]
+    digest = hashlib.sha256()
+    for name, param in chosen:
+        digest.update(f"{name}:{tuple(param.shape)}".encode())
+        head = param.detach().reshape(-1)[:_FINGERPRINT_ELEMENTS].to(device="cpu", dtype=torch.float32)
+        digest.update(head.numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,97 @@
+"""Which token positions count: per-position weights for scoring and feature losses.
+
+A position counts when it is a real token (``attention_mask``) and, for token-level tasks, when its
+label is not ignored. For causal LMs the hidden state at position ``t`` predicts ``labels[t + 1]``
+(Hugging Face shifts inside the model), so its weight comes from the next label and the last position
+never counts. For seq2seq models the encoder side uses ``attention_mask``; the decoder side uses the
+decoder labels (position ``t`` predicts ``labels[t]``) and ``decoder_attention_mask``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+TASKS = ("causal_lm", "seq2seq", "sequence", "token")
+
+_CLASS_SUFFIXES = (
+    ("ForCausalLM", "causal_lm"),
+    ("LMHeadModel", "causal_lm"),
+    ("ForConditionalGeneration", "seq2seq"),
+    ("ForSequenceClassification", "sequence"),
+    ("ForMultipleChoice", "sequence"),
+    ("ForQuestionAnswering", "sequence"),
+    ("ForTokenClassification", "token"),
+    ("ForMaskedLM", "token"),
+)
+
+
+def detect_task(model: nn.Module) -> str | None:
+    """The labelling scheme of ``model``'s head, from its class name; ``None`` for a bare backbone."""
+    name = type(model).__name__
+    for suffix, task in _CLASS_SUFFIXES:
+        if name.endswith(suffix):
+            return task
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    return None
+
+
+def check_task(task: object) -> str:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    return task  # type: ignore[return-value]
+
+
+def token_weights(
+    batch: Mapping[str, object],
+    *,
+    task: str | None,
+    side: str,
+    shape: tuple[int, int],
+    device: torch.device | str | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Bool ``[B, T]``: which positions of a hidden state of leading shape ``shape`` count.
+
+    ``task`` is one of ``TASKS`` (``None`` means only the padding mask applies); ``side`` is the stack the
+    hidden state comes from (``"encoder"`` or ``"decoder"``), which matters for seq2seq models only. The
+    result lives on ``device`` (default: the device of the batch's masks).
+    """
+    if task is not None:
+        check_task(task)
+    if len(shape) != 2:
+        raise ValueError(f"shape must be (batch, tokens), got {tuple(shape)}")
+    decoder_of_seq2seq = task == "seq2seq" and side == "decoder"
+    mask_key = "decoder_attention_mask" if decoder_of_seq2seq else "attention_mask"
+    weights = _as_mask(batch.get(mask_key), mask_key, shape, device)
+    labels = batch.get("labels")
+    if not isinstance(labels, torch.Tensor) or labels.dim() < 2:
+        # sequence-level labels (or none): every real token counts
+        return weights
+    if task == "causal_lm":
+        _check_shape(labels, "labels", shape)
+        next_label_valid = torch.zeros(shape, dtype=torch.bool, device=weights.device)
+        next_label_valid[:, :-1] = labels[:, 1:].to(weights.device) != ignore_index
+        return weights & next_label_valid
+    if task == "token" or decoder_of_seq2seq:
+        _check_shape(labels, "labels", shape)
+        return weights & (labels.to(weights.device) != ignore_index)
+    return weights
+
+
+def _as_mask(mask: object, name: str, shape: tuple[int, int], device) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"batch[{name!r}] must be a tensor, got {type(mask).__name__}")
+    _check_shape(mask, f"batch[{name!r}]", shape)
+    return (mask != 0).to(device if device is not None else mask.device)
+
+
+def _check_shape(t: torch.Tensor, name: str, shape: tuple[int, int]) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, but the hidden state has (batch, tokens) {tuple(shape)}")
