@@ -1,0 +1,19 @@
+"""Triton backend of the flexkd ops (shipped as ``flexkd.kernels``).
+
+Importing it registers ``flexkd::feature_loss_fwd_triton`` and ``flexkd::importance_scores_acc_triton``
+(``torch.library.triton_op``, so ``torch.compile`` traces into the kernels). It raises ImportError when
+Triton is not installed. The kernels run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1``
+was set before this import.
+"""
+
+from __future__ import annotations
+
+try:
+    import triton  # noqa: F401
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError(f"the Triton backend of flexkd needs the 'triton' package ({err})") from err
+
+from .feature_loss import feature_loss_fwd_triton
+from .importance import importance_scores_acc_triton
+
+__all__ = ["feature_loss_fwd_triton", "importance_scores_acc_triton"]

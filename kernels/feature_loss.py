@@ -1,0 +1,338 @@
+"""Triton kernels of the Flex-KD feature loss, registered as ``flexkd::feature_loss_fwd_triton``.
+
+The op contract (the same for every backend) is in ``flexkd/ops/reference.py::feature_loss_fwd``:
+student ``[N,k]`` and teacher ``[N,D]`` with any strides, the selected teacher columns read in place
+through ``index`` (never gathered into memory), row weights ``mask``, accumulation in fp32 (fp64 when
+an input is fp64), and the gradients for ``grad_output == 1`` computed alongside the loss.
+
+* ``mse``: one pass. Each program takes a block of rows, walks the k columns once, and writes the
+  per-row loss (``none``) or its block's partial sum, plus the student/teacher gradients. ``mean``
+  scales by ``1/(k·W)`` inside the kernel, with ``W = Σ mask`` read from a device scalar (no host sync).
+* ``corr``: a statistics pass where each program merges its row tiles into per-column weighted means,
+  second moments and co-moment (Chan et al.'s pairwise update, stable for data far from zero), a
+  deterministic merge of those partials across row blocks, then one gradient pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from flexkd.ops import _registration
+
+from ._common import accumulation_dtype, launch, num_warps, store_as, tile_shape, tl_dtype
+
+# Statistics rows of the corr partials / column-statistics buffers.
+_WEIGHT, _MEAN_S, _MEAN_T, _M2_S, _M2_T, _CO_M2 = range(6)
+# Rows of the per-column coefficient table the corr gradient kernel reads.
+_GRAD_MEAN_S, _GRAD_MEAN_T, _GRAD_COEF, _GRAD_ALPHA, _GRAD_BETA = range(5)
+# A corr statistics program merges at most this many rows before writing its partials.
+_CORR_ROWS_PER_PROGRAM = 1024
+
+
+# --------------------------------------------------------------------------------------------- mse
+
+
+@triton.jit
+def _mse_kernel(
+    s_ptr, s_stride_n, s_stride_k,
+    t_ptr, t_stride_n, t_stride_d,
+    index_ptr, w_ptr, weight_sum_ptr,
+    loss_ptr, grad_s_ptr, grad_t_ptr,
+    n_rows, k,
+    HAS_MASK: tl.constexpr, MEAN: tl.constexpr, PER_ROW_LOSS: tl.constexpr,
+    WRITE_GRAD_S: tl.constexpr, WRITE_GRAD_T: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    rows = rows.to(tl.int64)
+    if HAS_MASK:
+        w = tl.load(w_ptr + rows, mask=row_ok, other=0).to(ACC)
+    else:
+        w = row_ok.to(ACC)
+    if MEAN:
+        if HAS_MASK:
+            total_weight = tl.load(weight_sum_ptr).to(ACC)
+        else:
+            total_weight = n_rows.to(ACC)
+        scale = tl.where(total_weight > 0, 1.0 / (k * total_weight), 0.0).to(ACC)
+    else:
+        scale = tl.full((), 1.0, ACC)
+    grad_weight = (2 * scale) * w
+    row_loss = tl.zeros((BLOCK_N,), ACC)
+    for k0 in range(0, k, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < k
+        teacher_cols = tl.load(index_ptr + cols, mask=col_ok, other=0)
+        ok = row_ok[:, None] & col_ok[None, :]
+        s = tl.load(s_ptr + rows[:, None] * s_stride_n + cols[None, :] * s_stride_k, mask=ok, other=0)
+        t = tl.load(t_ptr + rows[:, None] * t_stride_n + teacher_cols[None, :] * t_stride_d, mask=ok, other=0)
+        diff = s.to(ACC) - t.to(ACC)
+        row_loss += tl.sum(diff * diff, axis=1)
+        grad = grad_weight[:, None] * diff
+        out = rows[:, None] * k + cols[None, :]
+        if WRITE_GRAD_S:
+            store_as(grad_s_ptr, out, grad, ok)
+        if WRITE_GRAD_T:
+            store_as(grad_t_ptr, out, -grad, ok)
+    row_loss = row_loss * w * scale
+    if PER_ROW_LOSS:
+        tl.store(loss_ptr + rows, row_loss, mask=row_ok)
+    else:
+        tl.store(loss_ptr + pid, tl.sum(row_loss, axis=0))
+
+
+def _mse(student, teacher, index, mask, reduction, grad_s, grad_t, acc):
+    n, k = student.shape
+    block_n, block_k = tile_shape(n, k)
+    n_programs = triton.cdiv(n, block_n)
+    per_row = reduction == "none"
+    loss = torch.empty(n if per_row else n_programs, dtype=acc, device=student.device)
+    has_mask = mask is not None
+    mean = reduction == "mean"
+    weight_sum = mask.sum() if has_mask and mean else loss
+    launch(_mse_kernel)[(n_programs,)](
+        student, student.stride(0), student.stride(1),
+        teacher, teacher.stride(0), teacher.stride(1),
+        index, mask if has_mask else loss, weight_sum,
+        loss, grad_s, grad_t,
+        n, k,
+        HAS_MASK=has_mask, MEAN=mean, PER_ROW_LOSS=per_row,
+        WRITE_GRAD_S=grad_s.numel() > 0, WRITE_GRAD_T=grad_t.numel() > 0,
+        ACC=tl_dtype(acc), BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps(block_n, block_k),
+    )  # fmt: skip
+    return loss if per_row else loss.sum()
+
+
+# -------------------------------------------------------------------------------------------- corr
+
+
+@triton.jit
+def _corr_stats_kernel(
+    s_ptr, s_stride_n, s_stride_k,
+    t_ptr, t_stride_n, t_stride_d,
+    index_ptr, w_ptr, partials_ptr,
+    n_rows, k, rows_per_program, n_row_programs,
+    HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Per column, over this program's rows: total weight, weighted means of s and t, the centred
+    second moments Σw(s−μs)², Σw(t−μt)² and the co-moment Σw(s−μs)(t−μt), written to
+    ``partials[stat, row_program, column]``."""
+    row_program = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_ok = cols < k
+    teacher_cols = tl.load(index_ptr + cols, mask=col_ok, other=0)
+    weight = tl.zeros((BLOCK_K,), ACC)
+    mean_s = tl.zeros((BLOCK_K,), ACC)
+    mean_t = tl.zeros((BLOCK_K,), ACC)
+    m2_s = tl.zeros((BLOCK_K,), ACC)
+    m2_t = tl.zeros((BLOCK_K,), ACC)
+    co_m2 = tl.zeros((BLOCK_K,), ACC)
+    first_row = row_program * rows_per_program
+    last_row = tl.minimum(first_row + rows_per_program, n_rows)
+    for n0 in range(first_row, last_row, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        row_ok = rows < last_row
+        rows = rows.to(tl.int64)
+        if HAS_MASK:
+            w = tl.load(w_ptr + rows, mask=row_ok, other=0).to(ACC)
+        else:
+            w = row_ok.to(ACC)
+        ok = row_ok[:, None] & col_ok[None, :]
+        s = tl.load(s_ptr + rows[:, None] * s_stride_n + cols[None, :] * s_stride_k, mask=ok, other=0)
+        t = tl.load(t_ptr + rows[:, None] * t_stride_n + teacher_cols[None, :] * t_stride_d, mask=ok, other=0)
+        s = s.to(ACC)
+        t = t.to(ACC)
+        # This tile's own statistics, centred on its own means ...
+        tile_weight = tl.sum(w, axis=0)
+        inv_tile_weight = tl.where(tile_weight > 0, 1.0 / tile_weight, 0.0)
+        w2 = w[:, None]
+        tile_mean_s = tl.sum(w2 * s, axis=0) * inv_tile_weight
+        tile_mean_t = tl.sum(w2 * t, axis=0) * inv_tile_weight
+        a = s - tile_mean_s[None, :]
+        b = t - tile_mean_t[None, :]
+        # ... merged into the running ones (Chan, Golub & LeVeque's pairwise update).
+        merged_weight = weight + tile_weight
+        frac = tl.where(merged_weight > 0, tile_weight / merged_weight, 0.0)
+        delta_s = tile_mean_s - mean_s
+        delta_t = tile_mean_t - mean_t
+        m2_s += tl.sum(w2 * a * a, axis=0) + delta_s * delta_s * weight * frac
+        m2_t += tl.sum(w2 * b * b, axis=0) + delta_t * delta_t * weight * frac
+        co_m2 += tl.sum(w2 * a * b, axis=0) + delta_s * delta_t * weight * frac
+        mean_s += delta_s * frac
+        mean_t += delta_t * frac
+        weight = merged_weight
+    stat_stride = n_row_programs * k
+    out = partials_ptr + row_program * k + cols
+    tl.store(out + 0 * stat_stride, weight, mask=col_ok)
+    tl.store(out + 1 * stat_stride, mean_s, mask=col_ok)
+    tl.store(out + 2 * stat_stride, mean_t, mask=col_ok)
+    tl.store(out + 3 * stat_stride, m2_s, mask=col_ok)
+    tl.store(out + 4 * stat_stride, m2_t, mask=col_ok)
+    tl.store(out + 5 * stat_stride, co_m2, mask=col_ok)
+
+
+def _merge_row_programs(partials: torch.Tensor) -> torch.Tensor:
+    """Merge ``partials [6, R, k]`` over the R row programs into ``[6, k]`` column statistics (the
+    pairwise update summed in closed form; a fixed-order reduction, so deterministic)."""
+    weight, mean_s, mean_t, m2_s, m2_t, co_m2 = partials.unbind(0)
+    total = weight.sum(0)
+    share = weight / torch.where(total > 0, total, 1.0)
+    merged_s = (share * mean_s).sum(0)
+    merged_t = (share * mean_t).sum(0)
+    delta_s = mean_s - merged_s
+    delta_t = mean_t - merged_t
+    return torch.stack(
+        (
+            total,
+            merged_s,
+            merged_t,
+            (m2_s + weight * delta_s * delta_s).sum(0),
+            (m2_t + weight * delta_t * delta_t).sum(0),
+            (co_m2 + weight * delta_s * delta_t).sum(0),
+        )
+    )
+
+
+@triton.jit
+def _corr_grad_kernel(
+    s_ptr, s_stride_n, s_stride_k,
+    t_ptr, t_stride_n, t_stride_d,
+    index_ptr, w_ptr, coef_ptr,
+    grad_s_ptr, grad_t_ptr,
+    n_rows, k,
+    HAS_MASK: tl.constexpr, WRITE_GRAD_S: tl.constexpr, WRITE_GRAD_T: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """``grad_s = coef·w·(b − α·a)``, ``grad_t = coef·w·(a − β·b)`` with ``a = s − μs``, ``b = t − μt``
+    and the per-column ``μs, μt, coef, α, β`` rows of ``coef_ptr [5, k]``."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < n_rows
+    col_ok = cols < k
+    rows = rows.to(tl.int64)
+    ok = row_ok[:, None] & col_ok[None, :]
+    teacher_cols = tl.load(index_ptr + cols, mask=col_ok, other=0)
+    mean_s = tl.load(coef_ptr + 0 * k + cols, mask=col_ok, other=0)
+    mean_t = tl.load(coef_ptr + 1 * k + cols, mask=col_ok, other=0)
+    coef = tl.load(coef_ptr + 2 * k + cols, mask=col_ok, other=0)
+    if HAS_MASK:
+        w = tl.load(w_ptr + rows, mask=row_ok, other=0).to(ACC)
+    else:
+        w = row_ok.to(ACC)
+    s = tl.load(s_ptr + rows[:, None] * s_stride_n + cols[None, :] * s_stride_k, mask=ok, other=0)
+    t = tl.load(t_ptr + rows[:, None] * t_stride_n + teacher_cols[None, :] * t_stride_d, mask=ok, other=0)
+    a = s.to(ACC) - mean_s[None, :]
+    b = t.to(ACC) - mean_t[None, :]
+    scale = w[:, None] * coef[None, :]
+    out = rows[:, None] * k + cols[None, :]
+    if WRITE_GRAD_S:
+        alpha = tl.load(coef_ptr + 3 * k + cols, mask=col_ok, other=0)
+        store_as(grad_s_ptr, out, scale * (b - alpha[None, :] * a), ok)
+    if WRITE_GRAD_T:
+        beta = tl.load(coef_ptr + 4 * k + cols, mask=col_ok, other=0)
+        store_as(grad_t_ptr, out, scale * (a - beta[None, :] * b), ok)
+
+
+def _zero_unless_enough_rows(mask: torch.Tensor | None, n: int, value: torch.Tensor) -> torch.Tensor:
+    """``value``, or zeros when fewer than two rows have positive weight (decided on the device
+    when there is a mask, so no host sync)."""
+    if mask is None:
+        return value if n >= 2 else torch.zeros_like(value)
+    return torch.where((mask > 0).sum() >= 2, value, 0.0)
+
+
+def _corr(student, teacher, index, mask, reduction, eps, grad_s, grad_t, acc):
+    n, k = student.shape
+    has_mask = mask is not None
+    block_n, block_k = tile_shape(n, k)
+    rows_per_program = block_n * triton.cdiv(min(n, _CORR_ROWS_PER_PROGRAM), block_n)
+    n_row_programs = triton.cdiv(n, rows_per_program)
+    partials = torch.empty((6, n_row_programs, k), dtype=acc, device=student.device)
+    launch(_corr_stats_kernel)[(n_row_programs, triton.cdiv(k, block_k))](
+        student, student.stride(0), student.stride(1),
+        teacher, teacher.stride(0), teacher.stride(1),
+        index, mask if has_mask else partials, partials,
+        n, k, rows_per_program, n_row_programs,
+        HAS_MASK=has_mask, ACC=tl_dtype(acc), BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps(block_n, block_k),
+    )  # fmt: skip
+    weight, mean_s, mean_t, m2_s, m2_t, co_m2 = _merge_row_programs(partials).unbind(0)
+    safe_weight = torch.where(weight > 0, weight, 1.0)
+    var_s, var_t, cov = m2_s / safe_weight, m2_t / safe_weight, co_m2 / safe_weight
+    q = var_s * var_t + eps
+    rsqrt_q = q.rsqrt()
+    per_dim = _zero_unless_enough_rows(mask, n, 1 - cov * rsqrt_q)
+    if grad_s.numel() or grad_t.numel():
+        c = 1.0 / k if reduction == "mean" else 1.0
+        coef = _zero_unless_enough_rows(mask, n, -c * rsqrt_q / safe_weight)
+        table = torch.stack((mean_s, mean_t, coef, cov * var_t / q, cov * var_s / q)).contiguous()
+        launch(_corr_grad_kernel)[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+            student, student.stride(0), student.stride(1),
+            teacher, teacher.stride(0), teacher.stride(1),
+            index, mask if has_mask else table, table,
+            grad_s, grad_t,
+            n, k,
+            HAS_MASK=has_mask, WRITE_GRAD_S=grad_s.numel() > 0, WRITE_GRAD_T=grad_t.numel() > 0,
+            ACC=tl_dtype(acc), BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=num_warps(block_n, block_k),
+        )  # fmt: skip
+    if reduction == "none":
+        return per_dim
+    return per_dim.mean() if reduction == "mean" else per_dim.sum()
+
+
+# ---------------------------------------------------------------------------------------- the op
+
+
+def _empty_result(student, teacher, loss, reduction, grad_s, grad_t, acc):
+    k = student.shape[1]
+    if reduction != "none":
+        value = student.new_zeros((), dtype=acc)
+    else:
+        value = student.new_zeros((0,) if loss == "mse" else (k,), dtype=acc)
+    return value, grad_s, grad_t
+
+
+@torch.library.triton_op("flexkd::feature_loss_fwd_triton", mutates_args=())
+def feature_loss_fwd_triton(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    index: torch.Tensor,
+    mask: torch.Tensor | None,
+    loss: str,
+    reduction: str,
+    eps: float,
+    student_grad: bool,
+    teacher_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if student.dim() != 2 or teacher.dim() != 2 or student.shape[0] != teacher.shape[0]:
+        raise ValueError(
+            f"student and teacher must be [N,k] and [N,D], got {tuple(student.shape)} and {tuple(teacher.shape)}"
+        )
+    if index.dtype != torch.int64 or index.shape != (student.shape[1],):
+        raise ValueError(f"index must be int64 [{student.shape[1]}], got {index.dtype} {tuple(index.shape)}")
+    acc = accumulation_dtype(student, teacher)
+    index = index.contiguous()
+    if mask is not None:
+        mask = mask.to(acc).contiguous()
+    n, k = student.shape
+    grad_s = student.new_empty((n, k) if student_grad else (0,))
+    grad_t = teacher.new_empty((n, k) if teacher_grad else (0,))
+    if n == 0:
+        return _empty_result(student, teacher, loss, reduction, grad_s, grad_t, acc)
+    if loss == "mse":
+        value = _mse(student, teacher, index, mask, reduction, grad_s, grad_t, acc)
+    elif loss == "corr":
+        value = _corr(student, teacher, index, mask, reduction, eps, grad_s, grad_t, acc)
+    else:
+        raise ValueError(f"loss must be 'mse' or 'corr', got {loss!r}")
+    return value, grad_s, grad_t
+
+
+feature_loss_fwd_triton.register_fake(_registration.feature_loss_fake)
+_registration.register_feature_loss_autograd("flexkd::feature_loss_fwd_triton")
