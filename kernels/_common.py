@@ -39,7 +39,9 @@ def tl_dtype(dtype: torch.dtype) -> tl.dtype:
     try:
         return _TL_DTYPES[dtype]
     except KeyError:
-        raise TypeError(f"the Triton kernels take fp32/fp64/bf16/fp16 tensors, got {dtype}") from None
+        raise TypeError(
+            f"the Triton kernels take fp32/fp64/bf16/fp16 tensors, got {dtype}"
+        ) from None
 
 
 def tile_shape(n_rows: int, n_cols: int) -> tuple[int, int]:
@@ -80,7 +82,9 @@ class _RecordingLauncher:
         def record(*args, num_warps: int = 4, **kwargs):
             named = dict(zip(self._kernel.arg_names, args, strict=False))
             named.update(kwargs)
-            self._recorder.launches.append(RecordedLaunch(self._kernel, tuple(grid), named, num_warps))
+            self._recorder.launches.append(
+                RecordedLaunch(self._kernel, tuple(grid), named, num_warps)
+            )
 
         return record
 
@@ -108,9 +112,19 @@ def recording() -> Iterator[LaunchRecorder]:
 
 @triton.jit
 def store_as(ptr, offsets, value, mask):
-    """Store ``value`` into ``ptr``'s element type; fp64 reaches narrower types through fp32 (the
-    interpreter mis-converts fp64 -> bf16 directly, and the extra rounding step is exact otherwise
-    for fp32 and harmless for 16-bit types)."""
+    """``ptr[offsets] = value`` in ``ptr``'s element type. fp64 values reach narrower types through
+    fp32: the interpreter mis-converts fp64 -> bf16 directly (Triton 3.9), and the detour changes a
+    16-bit result by at most one double-rounding step."""
     if ptr.dtype.element_ty != tl.float64:
         value = value.to(tl.float32)
     tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def row_weights(w_ptr, rows, row_ok, HAS_MASK: tl.constexpr, ACC: tl.constexpr):
+    """Row weights ``w[rows]`` (1 without a mask), 0 for rows past the end."""
+    if HAS_MASK:
+        w = tl.load(w_ptr + rows, mask=row_ok, other=0).to(ACC)
+    else:
+        w = row_ok.to(ACC)
+    return w

@@ -21,7 +21,15 @@ import triton.language as tl
 
 from flexkd.ops import _registration
 
-from ._common import accumulation_dtype, launch, num_warps, store_as, tile_shape, tl_dtype
+from ._common import (
+    accumulation_dtype,
+    launch,
+    num_warps,
+    row_weights,
+    store_as,
+    tile_shape,
+    tl_dtype,
+)
 
 # Statistics rows of the corr partials / column-statistics buffers.
 _WEIGHT, _MEAN_S, _MEAN_T, _M2_S, _M2_T, _CO_M2 = range(6)
@@ -29,6 +37,19 @@ _WEIGHT, _MEAN_S, _MEAN_T, _M2_S, _M2_T, _CO_M2 = range(6)
 _GRAD_MEAN_S, _GRAD_MEAN_T, _GRAD_COEF, _GRAD_ALPHA, _GRAD_BETA = range(5)
 # A corr statistics program merges at most this many rows before writing its partials.
 _CORR_ROWS_PER_PROGRAM = 1024
+
+
+@triton.jit
+def _load_tiles(
+    s_ptr, s_stride_n, s_stride_k, t_ptr, t_stride_n, t_stride_d,
+    rows, cols, teacher_cols, ok, ACC: tl.constexpr,
+):  # fmt: skip
+    """The student tile ``s[rows, cols]`` and the teacher tile ``t[rows, index[cols]]``, read in place
+    (``teacher_cols = index[cols]``) and converted to the accumulation dtype; 0 where ``~ok``."""
+    s = tl.load(s_ptr + rows[:, None] * s_stride_n + cols[None, :] * s_stride_k, mask=ok, other=0)
+    t_offsets = rows[:, None] * t_stride_n + teacher_cols[None, :] * t_stride_d
+    t = tl.load(t_ptr + t_offsets, mask=ok, other=0)
+    return s.to(ACC), t.to(ACC)
 
 
 # --------------------------------------------------------------------------------------------- mse
@@ -49,10 +70,7 @@ def _mse_kernel(
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     rows = rows.to(tl.int64)
-    if HAS_MASK:
-        w = tl.load(w_ptr + rows, mask=row_ok, other=0).to(ACC)
-    else:
-        w = row_ok.to(ACC)
+    w = row_weights(w_ptr, rows, row_ok, HAS_MASK, ACC)
     if MEAN:
         if HAS_MASK:
             total_weight = tl.load(weight_sum_ptr).to(ACC)
@@ -68,9 +86,11 @@ def _mse_kernel(
         col_ok = cols < k
         teacher_cols = tl.load(index_ptr + cols, mask=col_ok, other=0)
         ok = row_ok[:, None] & col_ok[None, :]
-        s = tl.load(s_ptr + rows[:, None] * s_stride_n + cols[None, :] * s_stride_k, mask=ok, other=0)
-        t = tl.load(t_ptr + rows[:, None] * t_stride_n + teacher_cols[None, :] * t_stride_d, mask=ok, other=0)
-        diff = s.to(ACC) - t.to(ACC)
+        s, t = _load_tiles(
+            s_ptr, s_stride_n, s_stride_k, t_ptr, t_stride_n, t_stride_d,
+            rows, cols, teacher_cols, ok, ACC,
+        )  # fmt: skip
+        diff = s - t
         row_loss += tl.sum(diff * diff, axis=1)
         grad = grad_weight[:, None] * diff
         out = rows[:, None] * k + cols[None, :]
@@ -138,15 +158,12 @@ def _corr_stats_kernel(
         rows = n0 + tl.arange(0, BLOCK_N)
         row_ok = rows < last_row
         rows = rows.to(tl.int64)
-        if HAS_MASK:
-            w = tl.load(w_ptr + rows, mask=row_ok, other=0).to(ACC)
-        else:
-            w = row_ok.to(ACC)
+        w = row_weights(w_ptr, rows, row_ok, HAS_MASK, ACC)
         ok = row_ok[:, None] & col_ok[None, :]
-        s = tl.load(s_ptr + rows[:, None] * s_stride_n + cols[None, :] * s_stride_k, mask=ok, other=0)
-        t = tl.load(t_ptr + rows[:, None] * t_stride_n + teacher_cols[None, :] * t_stride_d, mask=ok, other=0)
-        s = s.to(ACC)
-        t = t.to(ACC)
+        s, t = _load_tiles(
+            s_ptr, s_stride_n, s_stride_k, t_ptr, t_stride_n, t_stride_d,
+            rows, cols, teacher_cols, ok, ACC,
+        )  # fmt: skip
         # This tile's own statistics, centred on its own means ...
         tile_weight = tl.sum(w, axis=0)
         inv_tile_weight = tl.where(tile_weight > 0, 1.0 / tile_weight, 0.0)
@@ -220,14 +237,13 @@ def _corr_grad_kernel(
     mean_s = tl.load(coef_ptr + 0 * k + cols, mask=col_ok, other=0)
     mean_t = tl.load(coef_ptr + 1 * k + cols, mask=col_ok, other=0)
     coef = tl.load(coef_ptr + 2 * k + cols, mask=col_ok, other=0)
-    if HAS_MASK:
-        w = tl.load(w_ptr + rows, mask=row_ok, other=0).to(ACC)
-    else:
-        w = row_ok.to(ACC)
-    s = tl.load(s_ptr + rows[:, None] * s_stride_n + cols[None, :] * s_stride_k, mask=ok, other=0)
-    t = tl.load(t_ptr + rows[:, None] * t_stride_n + teacher_cols[None, :] * t_stride_d, mask=ok, other=0)
-    a = s.to(ACC) - mean_s[None, :]
-    b = t.to(ACC) - mean_t[None, :]
+    w = row_weights(w_ptr, rows, row_ok, HAS_MASK, ACC)
+    s, t = _load_tiles(
+        s_ptr, s_stride_n, s_stride_k, t_ptr, t_stride_n, t_stride_d,
+        rows, cols, teacher_cols, ok, ACC,
+    )  # fmt: skip
+    a = s - mean_s[None, :]
+    b = t - mean_t[None, :]
     scale = w[:, None] * coef[None, :]
     out = rows[:, None] * k + cols[None, :]
     if WRITE_GRAD_S:
@@ -238,7 +254,9 @@ def _corr_grad_kernel(
         store_as(grad_t_ptr, out, scale * (a - beta[None, :] * b), ok)
 
 
-def _zero_unless_enough_rows(mask: torch.Tensor | None, n: int, value: torch.Tensor) -> torch.Tensor:
+def _zero_unless_enough_rows(
+    mask: torch.Tensor | None, n: int, value: torch.Tensor
+) -> torch.Tensor:
     """``value``, or zeros when fewer than two rows have positive weight (decided on the device
     when there is a mask, so no host sync)."""
     if mask is None:
@@ -315,7 +333,9 @@ def feature_loss_fwd_triton(
             f"student and teacher must be [N,k] and [N,D], got {tuple(student.shape)} and {tuple(teacher.shape)}"
         )
     if index.dtype != torch.int64 or index.shape != (student.shape[1],):
-        raise ValueError(f"index must be int64 [{student.shape[1]}], got {index.dtype} {tuple(index.shape)}")
+        raise ValueError(
+            f"index must be int64 [{student.shape[1]}], got {index.dtype} {tuple(index.shape)}"
+        )
     acc = accumulation_dtype(student, teacher)
     index = index.contiguous()
     if mask is not None:

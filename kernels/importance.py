@@ -15,7 +15,7 @@ import triton.language as tl
 
 from flexkd.ops.reference import STATS
 
-from ._common import accumulation_dtype, launch, num_warps, tile_shape, tl_dtype
+from ._common import accumulation_dtype, launch, num_warps, row_weights, tile_shape, tl_dtype
 
 # Columns per program (wide enough for coalesced loads, narrow enough to leave rows for the tile),
 # and how many programs the first stage aims for before it splits rows over more chunks.
@@ -47,17 +47,21 @@ def _column_sums_kernel(
         row_ok = rows < last_row
         rows = rows.to(tl.int64)
         ok = row_ok[:, None] & col_ok[None, :]
-        g = tl.load(g_ptr + rows[:, None] * g_stride_n + cols[None, :] * g_stride_d, mask=ok, other=0)
+        g = tl.load(
+            g_ptr + rows[:, None] * g_stride_n + cols[None, :] * g_stride_d, mask=ok, other=0
+        )
         g = g.to(ACC)
         if STAT == "grad_x_act":
-            h = tl.load(h_ptr + rows[:, None] * h_stride_n + cols[None, :] * h_stride_d, mask=ok, other=0)
+            h = tl.load(
+                h_ptr + rows[:, None] * h_stride_n + cols[None, :] * h_stride_d, mask=ok, other=0
+            )
             value = tl.abs(h.to(ACC) * g)
         elif STAT == "grad":
             value = tl.abs(g)
         else:
             value = g * g
         if HAS_MASK:
-            value *= tl.load(w_ptr + rows, mask=row_ok, other=0).to(ACC)[:, None]
+            value *= row_weights(w_ptr, rows, row_ok, HAS_MASK, ACC)[:, None]
         total += value
     column_sums = tl.sum(total, axis=0)
     if ADD_INTO_DEST:
@@ -89,7 +93,11 @@ def _row_chunks(n: int, d: int, block_n: int, block_d: int) -> int:
 
 @torch.library.triton_op("flexkd::importance_scores_acc_triton", mutates_args={"out"})
 def importance_scores_acc_triton(
-    hidden: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None, stat: str, out: torch.Tensor
+    hidden: torch.Tensor,
+    grad: torch.Tensor,
+    mask: torch.Tensor | None,
+    stat: str,
+    out: torch.Tensor,
 ) -> None:
     if stat not in STATS:
         raise ValueError(f"stat must be one of {STATS}, got {stat!r}")
@@ -99,7 +107,9 @@ def importance_scores_acc_triton(
         )
     n, d = hidden.shape
     if out.dtype != torch.float32 or out.shape != (d,) or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous fp32 [{d}] tensor, got {out.dtype} {tuple(out.shape)}")
+        raise ValueError(
+            f"out must be a contiguous fp32 [{d}] tensor, got {out.dtype} {tuple(out.shape)}"
+        )
     if n == 0 or d == 0:
         return
     acc = accumulation_dtype(hidden, grad)

@@ -46,8 +46,7 @@ def import_kernels():
 
 def kernels_interpreted() -> bool:
     """Whether the imported kernels run under the Triton interpreter (CPU tensors)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
     from flexkd.kernels import feature_loss
+    from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(feature_loss._mse_kernel, InterpretedFunction)
