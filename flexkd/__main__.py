@@ -1,0 +1,3 @@
+from flexkd.cli import main
+
+raise SystemExit(main())

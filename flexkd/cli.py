@@ -1,0 +1,42 @@
+"""The ``flexkd`` command. Each subcommand lives in its own module exposing
+``add_arguments(parser)`` and ``run(args) -> int``, imported only when it is used."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "info": ("flexkd.info", "versions, compiled kernels and the backend each op resolves to"),
+    "score": ("flexkd.commands.score", "score teacher dimensions and write a selection file"),
+    "distill": ("flexkd.commands.distill", "distil a student from a YAML config"),
+    "eval": ("flexkd.commands.eval", "evaluate a student from a YAML config"),
+    "demo": ("flexkd.commands.demo", "the end-to-end demo on the bundled data"),
+    "bench": ("flexkd.commands.bench", "kernel microbenchmarks"),
+    "study": ("flexkd.commands.study", "the quality study (all methods, seeds and ablations)"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """A parser listing every subcommand that imports only the module of the one being run."""
+    parser = argparse.ArgumentParser(prog="flexkd", description="Flex-KD feature distillation")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub)
+            sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
