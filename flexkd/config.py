@@ -1,0 +1,273 @@
+"""The YAML run configuration, validated up front with pydantic.
+
+One file drives ``flexkd score``, ``flexkd distill`` and ``flexkd eval``::
+
+    model:
+      teacher: path/to/teacher            # an HF path or id, a config dict, or "task:NAME"
+      student: {config: {model_type: bert, hidden_size: 96, num_hidden_layers: 2, ...}}
+    data: {task: sequence, train: data/train.jsonl, validation: data/val.jsonl}
+    selection: {layers: [-1]}             # k defaults to the student's hidden size
+    distill: {feature: flex, weights: {task: 1.0, logit: 0.5, feature: 1.0}}
+    train: {output_dir: runs/flex, lr: 5.0e-4, batch_size: 16, max_steps: 500, checkpoint_every: 100}
+
+Relative paths (data files, ``output_dir``, ``selection.path``, local model folders) are
+resolved against the YAML file's folder. Every error names the offending field
+(``ConfigError: train.lr: Input should be greater than 0``). ``overrides`` such as
+``["train.max_steps=10"]`` patch the YAML before validation (the CLI's ``--set``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+TaskName = Literal["causal_lm", "sequence", "seq2seq", "token"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelFromConfig(_Section):
+    """A randomly initialised model built with ``from_config`` (seeded by ``train.seed``)."""
+
+    config: dict[str, Any]
+
+    @field_validator("config")
+    @classmethod
+    def _has_model_type(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(value.get("model_type"), str):
+            raise ValueError("needs a 'model_type' entry (e.g. gpt2, llama, bert, bart)")
+        return value
+
+
+ModelSpec = str | ModelFromConfig
+
+
+class ModelSection(_Section):
+    teacher: ModelSpec
+    student: ModelSpec
+    tokenizer: str | None = Field(None, description="tokenizer path; default: the teacher's when it is a path")
+
+    @field_validator("teacher", "student")
+    @classmethod
+    def _non_empty(cls, value: ModelSpec) -> ModelSpec:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must be an HF path or id, a {config: {...}} mapping, or 'task:NAME'")
+        return value
+
+
+class DataSection(_Section):
+    task: TaskName
+    train: str | None = None
+    validation: str | None = None
+    test: str | None = None
+    factory: str | None = Field(None, description="'task:NAME' or 'module:function' returning the splits")
+    text_field: str = "text"
+    text_pair_field: str | None = None
+    label_field: str = "label"
+    target_field: str = "target"
+    max_length: PositiveInt = 128
+    target_max_length: PositiveInt = 64
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSection:
+        if (self.train is None) == (self.factory is None):
+            raise ValueError("give exactly one of 'train' (a data file or folder) and 'factory'")
+        return self
+
+
+class SelectionSection(_Section):
+    path: str | None = Field(None, description="default: <train.output_dir>/selection.safetensors")
+    layers: list[int] | None = Field(None, description="default: the teacher layers of distill.layer_pairs")
+    k: PositiveInt | None = Field(None, description="default: the student's hidden size")
+    stat: Literal["grad_x_act", "grad", "grad_sq"] = "grad_x_act"
+    which: Literal["top", "bottom", "random"] = "top"
+    order: Literal["index", "score"] = "index"
+    split: Literal["train", "validation", "test"] = "train"
+    batch_size: PositiveInt = 8
+    max_batches: PositiveInt | None = None
+
+
+class LossWeights(_Section):
+    task: NonNegativeFloat = 1.0
+    logit: NonNegativeFloat = 0.0
+    feature: NonNegativeFloat = 1.0
+
+
+class DistillSection(_Section):
+    feature: Literal["flex", "projector", "cka", "none"] = "flex"
+    feature_loss: Literal["mse", "corr"] = "mse"
+    layer_pairs: Literal["last"] | list[tuple[int, int]] = "last"
+    weights: LossWeights = LossWeights()
+    logit_kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    temperature: PositiveFloat = 1.0
+    beta: float = Field(0.5, gt=0.0, lt=1.0)
+    projector_direction: Literal["student_to_teacher", "teacher_to_student"] = "student_to_teacher"
+    side: Literal["encoder", "decoder"] | None = None
+
+    @field_validator("layer_pairs")
+    @classmethod
+    def _non_empty_pairs(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("must be 'last' or a non-empty list of [student_layer, teacher_layer] pairs")
+        return value
+
+
+class TrainSection(_Section):
+    output_dir: str
+    lr: PositiveFloat = 5e-4
+    weight_decay: NonNegativeFloat = 0.0
+    batch_size: PositiveInt = 8
+    grad_accum: PositiveInt = 1
+    max_steps: PositiveInt | None = None
+    epochs: PositiveFloat | None = None
+    warmup_steps: NonNegativeInt = 0
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: PositiveFloat | None = 1.0
+    seed: int = 0
+    checkpoint_every: PositiveInt | None = None
+    keep_checkpoints: PositiveInt = 2
+    resume: bool = True
+    log_every: PositiveInt = 1
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainSection:
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of 'max_steps' and 'epochs'")
+        return self
+
+
+class EvalSection(_Section):
+    split: Literal["train", "validation", "test"] = "validation"
+    batch_size: PositiveInt = 16
+    models: list[Literal["student", "teacher"]] = Field(default_factory=lambda: ["student"], min_length=1)
+    student_path: str | None = Field(None, description="default: <train.output_dir>/student")
+    output: str | None = Field(None, description="default: <train.output_dir>/eval.json")
+
+
+class Config(_Section):
+    model: ModelSection
+    data: DataSection
+    selection: SelectionSection = SelectionSection()
+    distill: DistillSection = DistillSection()
+    train: TrainSection
+    eval: EvalSection = EvalSection()
+    base_dir: str = Field(".", description="folder relative paths are resolved against (set by load_config)")
+
+    def path(self, value: str | os.PathLike) -> Path:
+        """``value`` resolved against ``base_dir`` (absolute paths unchanged)."""
+        return (Path(self.base_dir) / Path(value)).resolve()
+
+    @property
+    def output_dir(self) -> Path:
+        return self.path(self.train.output_dir)
+
+    @property
+    def selection_path(self) -> Path:
+        return self.path(self.selection.path) if self.selection.path else self.output_dir / "selection.safetensors"
+
+    @property
+    def student_path(self) -> Path:
+        return self.path(self.eval.student_path) if self.eval.student_path else self.output_dir / "student"
+
+    @property
+    def eval_output(self) -> Path:
+        return self.path(self.eval.output) if self.eval.output else self.output_dir / "eval.json"
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "tuple"})
+
+
+def _field_name(loc: tuple) -> str:
+    """Dotted field path of a pydantic error location, without union-member tags."""
+    parts = []
+    for part in loc:
+        text = str(part)
+        is_tag = isinstance(part, str) and (
+            not text.isidentifier() or text[0].isupper() or text in _TYPE_TAGS
+        )
+        if not is_tag:
+            parts.append(text)
+    return ".".join(parts) or "<top level>"
+
+
+def _format_error(error: ValidationError, source: str) -> str:
+    messages: dict[str, list[str]] = {}
+    for item in error.errors():
+        field = _field_name(item["loc"])
+        if item["type"] == "extra_forbidden":
+            text = "unknown field"
+        elif item["type"] == "missing":
+            text = "field required"
+        else:
+            text = f"{item['msg']} (got {item['input']!r})"
+        messages.setdefault(field, []).append(text)
+    lines = [f"{field}: " + "; or ".join(dict.fromkeys(texts)) for field, texts in messages.items()]
+    return f"{source}: invalid configuration\n  " + "\n  ".join(lines)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Patch ``raw`` with ``"dotted.key=value"`` items; values are parsed as YAML scalars/lists."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected 'section.field=value'")
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(text)
+    return raw
+
+
+def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str = "<config>") -> Config:
+    """Validate a mapping (as read from YAML) into a :class:`Config`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the configuration must be a mapping of sections, got {type(raw).__name__}")
+    if "base_dir" in raw:
+        raise ConfigError(f"{source}: base_dir: unknown field (it is set from the file's location)")
+    try:
+        return Config.model_validate({**raw, "base_dir": str(base_dir)})
+    except ValidationError as error:
+        raise ConfigError(_format_error(error, source)) from None
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Read, patch and validate a YAML config; relative paths in it resolve against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: no file at {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    raw = raw if raw is not None else {}
+    if not isinstance(raw, dict):
+        return parse_config(raw, source=str(path))
+    raw = apply_overrides(raw, list(overrides or []))
+    return parse_config(raw, base_dir=path.parent.resolve(), source=str(path))
