@@ -195,6 +195,8 @@ def _resolve_columns(
         key = adapter.resolve_layer(check_layer_number(layer, "columns key"))
         if key not in layers:
             raise ValueError(f"columns has layer {layer}, which is not among the tapped layers {layers}")
+        if key in resolved:
+            raise ValueError(f"columns names layer {key} twice (as {layer} and as another number)")
         if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.is_floating_point() or index.is_complex():
             raise TypeError(f"columns[{layer}] must be a 1-D integer tensor")
         width = adapter.layer_width(key)
