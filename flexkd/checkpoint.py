@@ -1,0 +1,165 @@
+"""Atomic training checkpoints that resume a run exactly.
+
+A checkpoint is a folder ``<root>/step-000100/``::
+
+    student/                      save_pretrained of the student (usable on its own)
+    feature_losses.safetensors    projector parameters (absent when there are none)
+    optimizer.pt, scheduler.pt    their state_dicts
+    state.json                    step, data-order state (epoch, position, seed), world size
+    rng/rank-<r>.pt               python, numpy, torch CPU and CUDA generator states of each rank
+
+It is written into ``<root>/.step-000100.tmp`` and renamed into place with ``os.replace``
+only when every rank has written its part, so a crash never leaves a half-written
+checkpoint where ``latest_checkpoint`` would find it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+_NAME = re.compile(r"^step-(\d{6,})$")
+
+
+@dataclass
+class RunState:
+    """Where a run is: optimizer steps taken and the data order's position.
+
+    ``epoch`` and ``position`` (micro-batches of this rank's shard already consumed in that
+    epoch) plus ``seed`` fix the rest of the data order; see ``flexkd.train.ShardedOrder``.
+    """
+
+    step: int
+    epoch: int
+    position: int
+    seed: int
+    world_size: int
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def capture_rng() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _no_barrier() -> None:
+    return None
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    *,
+    state: RunState,
+    student: nn.Module,
+    feature_losses: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rank: int = 0,
+    barrier: Callable[[], None] = _no_barrier,
+) -> Path:
+    """Write the checkpoint for ``state.step`` (collective: every rank must call it)."""
+    root = Path(root)
+    final = root / checkpoint_name(state.step)
+    tmp = root / f".{final.name}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+        student.save_pretrained(tmp / "student")
+        feature_state = {k: v.detach().cpu().contiguous() for k, v in feature_losses.state_dict().items()}
+        if feature_state:
+            save_file(feature_state, str(tmp / "feature_losses.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
+    barrier()
+    torch.save(capture_rng(), tmp / "rng" / f"rank-{rank}.pt")
+    barrier()
+    if rank == 0:
+        if final.exists():
+            stale = root / f".{final.name}.old"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
+            shutil.rmtree(stale)
+        os.replace(tmp, final)
+    barrier()
+    return final
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(root: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints."""
+    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    student: nn.Module,
+    feature_losses: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rank: int = 0,
+    world_size: int = 1,
+) -> RunState:
+    """Restore everything ``save_checkpoint`` wrote into the live objects; returns the run state."""
+    path = Path(path)
+    state = RunState(**json.loads((path / "state.json").read_text()))
+    if state.world_size != world_size:
+        raise ValueError(
+            f"checkpoint: {path} was written by {state.world_size} processes, this run has {world_size}; "
+            "resume with the same number of processes (the data order is sharded per process)"
+        )
+    saved = type(student).from_pretrained(path / "student", dtype=next(student.parameters()).dtype)
+    student.load_state_dict(saved.state_dict())
+    del saved
+    feature_file = path / "feature_losses.safetensors"
+    if feature_file.exists():
+        feature_losses.load_state_dict(load_file(str(feature_file)))
+    device = next(student.parameters()).device
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    restore_rng(torch.load(path / "rng" / f"rank-{rank}.pt", weights_only=False))
+    return state
