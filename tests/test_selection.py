@@ -1,0 +1,160 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import _tiny_hf as tiny
+from flexkd import DimensionSelection
+from flexkd.adapters import TeacherIdentity
+
+D = tiny.HIDDEN
+
+
+def _random_scores(layers=(1, 3)):
+    return {layer: torch.rand(D) for layer in layers}
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return tiny.build("gpt2")
+
+
+def test_round_trip_keeps_everything(tmp_path, teacher):
+    sel = DimensionSelection.from_scores(
+        _random_scores(), 8, teacher=teacher, stat="grad", tokens_seen=123, data_fingerprint="abc"
+    )
+    path = sel.save(tmp_path / "sub" / "sel.safetensors")
+    assert [p.name for p in path.parent.iterdir()] == ["sel.safetensors"]  # no temp file left behind
+    loaded = DimensionSelection.load(path, teacher)
+    assert loaded.metadata() == sel.metadata()
+    assert loaded.metadata()["flexkd_version"] == __import__("flexkd").__version__
+    for layer in sel.layers:
+        assert torch.equal(loaded.scores(layer), sel.scores(layer))
+        assert torch.equal(loaded.index(layer), sel.index(layer))
+    assert loaded.index(-1).equal(sel.index(3))
+    assert DimensionSelection.load(path).teacher == sel.teacher
+
+
+def test_top_bottom_random_and_order():
+    scores = torch.randperm(D).float()
+    top = DimensionSelection.from_scores({2: scores}, 5)
+    assert top.index(2).tolist() == sorted(torch.topk(scores, 5).indices.tolist())
+    by_score = DimensionSelection.from_scores({2: scores}, 5, order="score")
+    assert by_score.index(2).tolist() == torch.topk(scores, 5).indices.tolist()
+    bottom = DimensionSelection.from_scores({2: scores}, 5, which="bottom", order="score")
+    assert bottom.index(2).tolist() == torch.topk(scores, 5, largest=False).indices.flip(0).tolist()
+    seed = int(torch.randint(0, 2**31, ()))
+    rand = DimensionSelection.from_scores({2: scores}, 5, which="random", seed=seed)
+    again = DimensionSelection.from_scores({2: scores}, 5, which="random", seed=seed)
+    assert rand.index(2).equal(again.index(2)) and rand.index(2).unique().numel() == 5
+    assert (rand.index(2).diff() > 0).all() and rand.seed == seed
+
+
+def test_mass_in_top_k():
+    scores = torch.rand(D)
+    sel = DimensionSelection.from_scores({1: scores}, 4)
+    expected = torch.topk(scores, 4).values.sum() / scores.sum()
+    assert sel.mass_in_top_k(1) == pytest.approx(float(expected), rel=1e-6)
+    assert DimensionSelection.from_scores({1: torch.zeros(D)}, 4).mass_in_top_k(1) == 0.0
+
+
+def test_plot_writes_a_png(tmp_path):
+    sel = DimensionSelection.from_scores(_random_scores(), 8)
+    for layer in (None, 3):
+        path = sel.plot(tmp_path / f"plot_{layer}.png", layer=layer)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_k_and_layer_errors(teacher):
+    with pytest.raises(ValueError, match=r"k must be in \[1, 32\]"):
+        DimensionSelection.from_scores(_random_scores(), D + 1)
+    with pytest.raises(ValueError, match="k must be in"):
+        DimensionSelection.from_scores(_random_scores(), 0)
+    with pytest.raises(TypeError, match="k must be an int"):
+        DimensionSelection.from_scores(_random_scores(), 2.5)
+    with pytest.raises(ValueError, match="negative layers need the teacher"):
+        DimensionSelection.from_scores({-1: torch.rand(D)}, 2)
+    with pytest.raises(ValueError, match="layer 5 is out of range"):
+        DimensionSelection.from_scores({5: torch.rand(D)}, 2, teacher=teacher)
+    with pytest.raises(ValueError, match="names layer 3 twice"):
+        DimensionSelection.from_scores({3: torch.rand(D), -1: torch.rand(D)}, 2, teacher=teacher)
+    with pytest.raises(TypeError, match="must be a float tensor"):
+        DimensionSelection.from_scores({1: torch.arange(D)}, 2)
+    with pytest.raises(ValueError, match="which must be one of"):
+        DimensionSelection.from_scores({1: torch.rand(D)}, 2, which="middle")
+    with pytest.raises(ValueError, match="stat must be one of"):
+        DimensionSelection.from_scores({1: torch.rand(D)}, 2, stat="act")
+    with pytest.raises(KeyError, match="holds layers"):
+        DimensionSelection.from_scores({1: torch.rand(D)}, 2).index(2)
+
+
+def _saved(tmp_path, teacher, name="sel.safetensors"):
+    sel = DimensionSelection.from_scores(_random_scores(), 8, teacher=teacher)
+    return sel.save(tmp_path / name)
+
+
+def test_mismatched_teachers_fail_naming_the_mismatch(tmp_path, teacher):
+    path = _saved(tmp_path, teacher)
+    cases = {
+        "hidden_size": tiny.tf.GPT2LMHeadModel(tiny.tf.GPT2Config(vocab_size=tiny.VOCAB, n_embd=48, n_layer=3, n_head=4, n_positions=64)),
+        "num_layers": tiny.tf.GPT2LMHeadModel(tiny.tf.GPT2Config(vocab_size=tiny.VOCAB, n_embd=D, n_layer=4, n_head=4, n_positions=64)),
+        "model_type": tiny.build("llama"),
+        "config": tiny.tf.GPT2LMHeadModel(tiny.tf.GPT2Config(vocab_size=tiny.VOCAB, n_embd=D, n_layer=3, n_head=2, n_positions=64)),
+        "weights": tiny.build("gpt2"),
+    }
+    for field, other in cases.items():
+        with pytest.raises(ValueError, match=rf"does not match this teacher:(.|\n)*{field}"):
+            DimensionSelection.load(path, other)
+    # a fresh init of the same config differs only in weights, which can be waived
+    DimensionSelection.load(path, cases["weights"], check_weights=False)
+
+
+def test_side_mismatch_and_named_teachers(tmp_path):
+    bart = tiny.build("bart")
+    scores = {1: torch.rand(D)}
+    path = DimensionSelection.from_scores(scores, 4, teacher=bart, side="decoder").save(tmp_path / "dec.safetensors")
+    DimensionSelection.load(path, bart)
+    encoder_identity = TeacherIdentity.of(bart, side="encoder")
+    decoder_identity = TeacherIdentity.of(bart, side="decoder")
+    assert any("side" in problem for problem in decoder_identity.mismatches(encoder_identity))
+    # the same name with a changed config only warns; a different name and config fails
+    renamed = TeacherIdentity(**{**decoder_identity.to_dict(), "name": "org/bart", "config_hash": "0" * 64})
+    same_name = TeacherIdentity(**{**renamed.to_dict(), "config_hash": "1" * 64})
+    assert renamed.mismatches(same_name) == []
+    other_name = TeacherIdentity(**{**same_name.to_dict(), "name": "org/other"})
+    assert any("config" in problem for problem in renamed.mismatches(other_name))
+
+
+def test_bad_files_fail_loudly(tmp_path, teacher):
+    with pytest.raises(FileNotFoundError, match="no selection file"):
+        DimensionSelection.load(tmp_path / "missing.safetensors")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(os.urandom(64))
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        DimensionSelection.load(garbage)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(2)}, plain)
+    with pytest.raises(ValueError, match="without flexkd selection metadata"):
+        DimensionSelection.load(plain)
+    good = DimensionSelection.from_scores(_random_scores(), 8, teacher=teacher)
+    meta = good.metadata()
+    tensors = {"scores/1": good.scores(1), "index/1": good.index(1), "scores/3": good.scores(3)}
+    save_file(tensors, tmp_path / "partial.safetensors", metadata={"flexkd": json.dumps(meta)})
+    with pytest.raises(ValueError, match=r"lacks tensors \['index/3'\]"):
+        DimensionSelection.load(tmp_path / "partial.safetensors")
+    future = dict(meta, format_version=99)
+    tensors["index/3"] = good.index(3)
+    save_file(tensors, tmp_path / "future.safetensors", metadata={"flexkd": json.dumps(future)})
+    with pytest.raises(ValueError, match="version 99"):
+        DimensionSelection.load(tmp_path / "future.safetensors")
+    tensors["index/3"] = torch.zeros(8, dtype=torch.int64)
+    save_file(tensors, tmp_path / "repeated.safetensors", metadata={"flexkd": json.dumps(meta)})
+    with pytest.raises(ValueError, match="8 distinct dims"):
+        DimensionSelection.load(tmp_path / "repeated.safetensors")
+
+
+def test_unscored_selection_cannot_be_validated(teacher):
+    with pytest.raises(ValueError, match="records no teacher identity"):
+        DimensionSelection.from_scores({1: torch.rand(D)}, 2).validate(teacher)
