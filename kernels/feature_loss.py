@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from flexkd.ops import _registration
+from flexkd.ops.reference import LOSSES, REDUCTIONS
 
 from ._common import (
     accumulation_dtype,
@@ -307,17 +308,14 @@ def _corr(student, teacher, index, mask, reduction, eps, grad_s, grad_t, acc):
 # ---------------------------------------------------------------------------------------- the op
 
 
-def _empty_result(student, teacher, loss, reduction, grad_s, grad_t, acc):
-    k = student.shape[1]
+def _zero_rows_loss(student, loss, reduction, acc) -> torch.Tensor:
+    """The loss over N == 0 rows: 0, an empty per-row vector (mse none) or k zeros (corr none)."""
     if reduction != "none":
-        value = student.new_zeros((), dtype=acc)
-    else:
-        value = student.new_zeros((0,) if loss == "mse" else (k,), dtype=acc)
-    return value, grad_s, grad_t
+        return student.new_zeros((), dtype=acc)
+    return student.new_zeros((0,) if loss == "mse" else (student.shape[1],), dtype=acc)
 
 
-@torch.library.triton_op("flexkd::feature_loss_fwd_triton", mutates_args=())
-def feature_loss_fwd_triton(
+def feature_loss_fwd(
     student: torch.Tensor,
     teacher: torch.Tensor,
     index: torch.Tensor,
@@ -328,6 +326,8 @@ def feature_loss_fwd_triton(
     student_grad: bool,
     teacher_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The body of ``flexkd::feature_loss_fwd_triton``: ``(loss, grad_student, grad_teacher_columns)``
+    for ``grad_output == 1``, an empty ``[0]`` gradient where one was not asked for."""
     if student.dim() != 2 or teacher.dim() != 2 or student.shape[0] != teacher.shape[0]:
         raise ValueError(
             f"student and teacher must be [N,k] and [N,D], got {tuple(student.shape)} and {tuple(teacher.shape)}"
@@ -336,6 +336,10 @@ def feature_loss_fwd_triton(
         raise ValueError(
             f"index must be int64 [{student.shape[1]}], got {index.dtype} {tuple(index.shape)}"
         )
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     acc = accumulation_dtype(student, teacher)
     index = index.contiguous()
     if mask is not None:
@@ -344,15 +348,16 @@ def feature_loss_fwd_triton(
     grad_s = student.new_empty((n, k) if student_grad else (0,))
     grad_t = teacher.new_empty((n, k) if teacher_grad else (0,))
     if n == 0:
-        return _empty_result(student, teacher, loss, reduction, grad_s, grad_t, acc)
+        return _zero_rows_loss(student, loss, reduction, acc), grad_s, grad_t
     if loss == "mse":
         value = _mse(student, teacher, index, mask, reduction, grad_s, grad_t, acc)
-    elif loss == "corr":
-        value = _corr(student, teacher, index, mask, reduction, eps, grad_s, grad_t, acc)
     else:
-        raise ValueError(f"loss must be 'mse' or 'corr', got {loss!r}")
+        value = _corr(student, teacher, index, mask, reduction, eps, grad_s, grad_t, acc)
     return value, grad_s, grad_t
 
 
+feature_loss_fwd_triton = torch.library.triton_op(
+    "flexkd::feature_loss_fwd_triton", feature_loss_fwd, mutates_args=()
+)
 feature_loss_fwd_triton.register_fake(_registration.feature_loss_fake)
 _registration.register_feature_loss_autograd("flexkd::feature_loss_fwd_triton")

@@ -91,14 +91,14 @@ def _row_chunks(n: int, d: int, block_n: int, block_d: int) -> int:
     return max(1, min(wanted, triton.cdiv(n, block_n)))
 
 
-@torch.library.triton_op("flexkd::importance_scores_acc_triton", mutates_args={"out"})
-def importance_scores_acc_triton(
+def importance_scores_acc(
     hidden: torch.Tensor,
     grad: torch.Tensor,
     mask: torch.Tensor | None,
     stat: str,
     out: torch.Tensor,
 ) -> None:
+    """The body of ``flexkd::importance_scores_acc_triton``: ``out += Σ_n w_n f(hidden_n, grad_n)``."""
     if stat not in STATS:
         raise ValueError(f"stat must be one of {STATS}, got {stat!r}")
     if hidden.dim() != 2 or hidden.shape != grad.shape:
@@ -137,6 +137,11 @@ def importance_scores_acc_triton(
         )
 
 
+importance_scores_acc_triton = torch.library.triton_op(
+    "flexkd::importance_scores_acc_triton", importance_scores_acc, mutates_args={"out"}
+)
+
+
 @importance_scores_acc_triton.register_fake
-def _(hidden, grad, mask, stat, out):
+def _(hidden, grad, mask, stat, out) -> None:
     return None
