@@ -18,6 +18,7 @@ resolved against the YAML file's folder. Every error names the offending field
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -271,3 +272,20 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         return parse_config(raw, source=str(path))
     raw = apply_overrides(raw, list(overrides or []))
     return parse_config(raw, base_dir=path.parent.resolve(), source=str(path))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments every config-driven command takes: the YAML path and ``--set`` overrides."""
+    parser.add_argument("config", help="YAML run configuration")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one config field (repeatable), e.g. --set train.max_steps=10",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)

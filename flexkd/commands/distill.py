@@ -1,0 +1,29 @@
+"""``flexkd distill cfg.yaml``: distil the student (scoring the teacher first when the selection is missing).
+
+Resumes from the latest checkpoint under ``<output_dir>/checkpoints`` unless
+``train.resume`` is false; the same command runs under ``torchrun``/``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from flexkd.config import add_config_arguments, config_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from flexkd.train import train
+
+    try:
+        result = train(config_from_args(args))
+    except (ValueError, FileNotFoundError) as error:
+        print(f"flexkd distill: error: {error}", file=sys.stderr)
+        return 2
+    if result.is_main_process:
+        print(f"student after {result.steps} steps: {result.student_dir} (metrics: {result.metrics_path})")
+    return 0

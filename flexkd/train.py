@@ -1,0 +1,595 @@
+"""The distillation training loop, from a validated :class:`~flexkd.config.Config` to a saved student.
+
+Runs unchanged on one CPU, one GPU, or several processes (``accelerate launch`` /
+``torchrun``): ``accelerate`` places the models and wraps the distiller in DDP; the data
+order is our own (``ShardedOrder``), so resuming continues exactly where a run stopped.
+
+One optimizer step (``grad_accum`` micro-batches per process):
+  1. count every term's units (valid tokens, sequences, ...) over the whole window and all
+     processes, before any forward;
+  2. for each micro-batch: ``loss = Σ_t w_t · sum_t / units_t`` and backward (DDP averages
+     over processes, so the loss is scaled by the world size);
+  3. clip, step, log every term to ``metrics.jsonl``, checkpoint every N steps.
+The result is "sum of token losses / valid tokens in the window", never a mean of means.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from flexkd.checkpoint import (
+    RunState,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from flexkd.config import Config, ModelFromConfig
+
+IGNORE_INDEX = -100
+_AUTO_CLASS_NAMES = {
+    "causal_lm": "AutoModelForCausalLM",
+    "sequence": "AutoModelForSequenceClassification",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+    "token": "AutoModelForTokenClassification",
+}
+_DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+# --------------------------------------------------------------------------------------------------
+# Named factories: "task:NAME" in a config refers to one of these (or to "task:module:function").
+
+MODEL_FACTORIES: dict[str, Callable[[str, Config], nn.Module]] = {}
+DATA_FACTORIES: dict[str, Callable[[Config, Any], Mapping[str, Sequence[Mapping[str, Any]]]]] = {}
+
+
+def register_model_factory(name: str):
+    """Decorator: ``factory(role, config) -> model`` for ``model.teacher/student: "task:<name>"``."""
+
+    def register(factory):
+        MODEL_FACTORIES[name] = factory
+        return factory
+
+    return register
+
+
+def register_data_factory(name: str):
+    """Decorator: ``factory(config, tokenizer) -> {split: rows}`` for ``data.factory: "task:<name>"``.
+
+    Rows are tokenized dicts: ``input_ids`` (list of ints), optional ``attention_mask``,
+    ``token_type_ids`` and ``labels`` (an int for sequence tasks, a list otherwise).
+    """
+
+    def register(factory):
+        DATA_FACTORIES[name] = factory
+        return factory
+
+    return register
+
+
+def _resolve_factory(spec: str, registry: Mapping[str, Callable], field: str) -> Callable:
+    name = spec.removeprefix("task:")
+    if name in registry:
+        return registry[name]
+    module_name, sep, attr = name.partition(":")
+    if sep:
+        try:
+            return getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"{field}: cannot import factory {name!r} ({error})") from None
+    raise ValueError(
+        f"{field}: no factory named {name!r}; registered: {sorted(registry)} "
+        "(or use 'task:package.module:function')"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Building models, tokenizer and data from a config.
+
+
+def auto_class(task: str):
+    import transformers
+
+    return getattr(transformers, _AUTO_CLASS_NAMES[task])
+
+
+def build_model(cfg: Config, role: str, *, num_labels: int | None = None) -> nn.Module:
+    """The ``role`` ("teacher" or "student") model of ``cfg``; random inits are seeded by ``train.seed``."""
+    spec = getattr(cfg.model, role)
+    field = f"model.{role}"
+    if isinstance(spec, ModelFromConfig):
+        from transformers import AutoConfig
+
+        options = dict(spec.config)
+        model_config = AutoConfig.for_model(options.pop("model_type"), **options)
+        if cfg.data.task in ("sequence", "token") and num_labels and "num_labels" not in spec.config:
+            model_config.num_labels = num_labels
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed + (0 if role == "teacher" else 1))
+            return auto_class(cfg.data.task).from_config(model_config)
+    if spec.startswith("task:"):
+        return _resolve_factory(spec, MODEL_FACTORIES, field)(role, cfg)
+    local = cfg.path(spec)
+    source = str(local) if local.exists() else spec
+    try:
+        return auto_class(cfg.data.task).from_pretrained(source)
+    except OSError as error:
+        raise ValueError(f"{field}: cannot load {spec!r} ({error})") from None
+
+
+def build_tokenizer(cfg: Config):
+    """The tokenizer of ``model.tokenizer``, else of the teacher when it is a path; None if neither."""
+    source = cfg.model.tokenizer
+    if source is None and isinstance(cfg.model.teacher, str) and not cfg.model.teacher.startswith("task:"):
+        source = cfg.model.teacher
+    if source is None:
+        return None
+    from transformers import AutoTokenizer
+
+    local = cfg.path(source)
+    return AutoTokenizer.from_pretrained(str(local) if local.exists() else source)
+
+
+@dataclass
+class Splits:
+    """Tokenized rows per split, and the number of classes for classification tasks."""
+
+    rows: dict[str, Sequence[Mapping[str, Any]]]
+    num_labels: int | None = None
+
+    def get(self, split: str) -> Sequence[Mapping[str, Any]]:
+        if split not in self.rows:
+            raise ValueError(f"data.{split}: this config has no {split!r} split (it has {sorted(self.rows)})")
+        return self.rows[split]
+
+
+def build_splits(cfg: Config, tokenizer) -> Splits:
+    if cfg.data.factory is not None:
+        rows = dict(_resolve_factory(cfg.data.factory, DATA_FACTORIES, "data.factory")(cfg, tokenizer))
+        return Splits(rows, _count_labels(cfg, rows.get("train", ())))
+    raw = {
+        split: _load_table(cfg, split)
+        for split in ("train", "validation", "test")
+        if getattr(cfg.data, split) is not None
+    }
+    label_names = _label_names(cfg, raw["train"])
+    rows = {split: _tokenize(cfg, table, tokenizer, label_names, split) for split, table in raw.items()}
+    num_labels = len(label_names) if label_names is not None else _count_labels(cfg, rows["train"])
+    return Splits(rows, num_labels)
+
+
+def _load_table(cfg: Config, split: str):
+    import datasets
+
+    path = cfg.path(getattr(cfg.data, split))
+    if path.is_dir():
+        return datasets.load_from_disk(str(path))
+    if not path.is_file():
+        raise ValueError(f"data.{split}: no file or folder at {path}")
+    if path.suffix not in _DATA_SUFFIXES:
+        raise ValueError(f"data.{split}: {path.name} is not one of {sorted(_DATA_SUFFIXES)} (or a saved dataset folder)")
+    return datasets.load_dataset(_DATA_SUFFIXES[path.suffix], data_files=str(path), split="train")
+
+
+def _label_names(cfg: Config, table) -> list[str] | None:
+    """Sorted class names when a sequence task has string labels (ids follow this order)."""
+    if cfg.data.task != "sequence" or "input_ids" in table.column_names:
+        return None
+    if cfg.data.label_field not in table.column_names:
+        raise ValueError(f"data.label_field: column {cfg.data.label_field!r} is not in the train data")
+    values = table[cfg.data.label_field]
+    return sorted({str(v) for v in values}) if values and isinstance(values[0], str) else None
+
+
+def _count_labels(cfg: Config, rows: Sequence[Mapping[str, Any]]) -> int | None:
+    if cfg.data.task not in ("sequence", "token") or len(rows) == 0:
+        return None
+    labels = (row["labels"] for row in rows if "labels" in row)
+    flat = [v for value in labels for v in (value if isinstance(value, list) else [value]) if v != IGNORE_INDEX]
+    return max(flat) + 1 if flat else None
+
+
+def _tokenize(cfg: Config, table, tokenizer, label_names: list[str] | None, split: str):
+    data = cfg.data
+    if "input_ids" in table.column_names:
+        keep = [c for c in ("input_ids", "attention_mask", "token_type_ids", "labels") if c in table.column_names]
+        return table.select_columns(keep)
+    if tokenizer is None:
+        raise ValueError(
+            f"model.tokenizer: data.{split} holds raw text, so a tokenizer is needed "
+            "(set model.tokenizer, or give pre-tokenized input_ids)"
+        )
+    if data.task == "token":
+        raise ValueError("data.task: token classification data must be pre-tokenized (input_ids and labels)")
+    for column in [data.text_field] + [c for c in (data.text_pair_field,) if c]:
+        if column not in table.column_names:
+            raise ValueError(f"data.text_field: column {column!r} is not in data.{split}")
+    label_ids = {name: i for i, name in enumerate(label_names)} if label_names else None
+
+    def encode(batch):
+        pairs = batch[data.text_pair_field] if data.text_pair_field else None
+        encoded = tokenizer(batch[data.text_field], pairs, truncation=True, max_length=data.max_length)
+        if data.task == "causal_lm":
+            encoded["labels"] = [list(ids) for ids in encoded["input_ids"]]
+        elif data.task == "sequence":
+            labels = batch[data.label_field]
+            encoded["labels"] = [label_ids[str(v)] for v in labels] if label_ids else [int(v) for v in labels]
+        else:
+            targets = tokenizer(text_target=batch[data.target_field], truncation=True, max_length=data.target_max_length)
+            encoded["labels"] = targets["input_ids"]
+        return encoded
+
+    return table.map(encode, batched=True, remove_columns=table.column_names, desc=f"tokenize {split}")
+
+
+class Collator:
+    """Right-pads tokenized rows into a batch of tensors (labels padded with -100).
+
+    Causal-LM rows without labels get ``labels = input_ids`` (padding ignored).
+    """
+
+    def __init__(self, task: str, pad_token_id: int) -> None:
+        self.task = task
+        self.pad_token_id = int(pad_token_id)
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not rows:
+            raise ValueError("rows: cannot collate an empty batch")
+        lengths = [len(row["input_ids"]) for row in rows]
+        width = max(lengths)
+        batch = {
+            "input_ids": self._pad([row["input_ids"] for row in rows], width, self.pad_token_id),
+            "attention_mask": self._pad(
+                [row.get("attention_mask") or [1] * n for row, n in zip(rows, lengths)], width, 0
+            ),
+        }
+        if "token_type_ids" in rows[0]:
+            batch["token_type_ids"] = self._pad([row["token_type_ids"] for row in rows], width, 0)
+        if "labels" in rows[0]:
+            labels = [row["labels"] for row in rows]
+            if isinstance(labels[0], list):
+                batch["labels"] = self._pad(labels, max(len(x) for x in labels), IGNORE_INDEX)
+            else:
+                batch["labels"] = torch.tensor(labels, dtype=torch.long)
+        elif self.task == "causal_lm":
+            batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+        return batch
+
+    @staticmethod
+    def _pad(seqs: Sequence[Sequence[int]], width: int, value: int) -> torch.Tensor:
+        out = torch.full((len(seqs), width), value, dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            out[i, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+        return out
+
+
+def pad_token_id(tokenizer, model: nn.Module) -> int:
+    """The id padding uses: the tokenizer's or model's pad (else eos) token, if inside the vocabulary.
+
+    Padded positions are masked out everywhere, so any in-vocabulary id is correct; 0 is the fallback.
+    """
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    for source in (tokenizer, getattr(model, "config", None)):
+        for attr in ("pad_token_id", "eos_token_id"):
+            value = getattr(source, attr, None) if source is not None else None
+            if isinstance(value, int) and value >= 0 and (vocab is None or value < vocab):
+                return value
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Data order: a seeded permutation per epoch, sharded over processes, resumable at any micro-batch.
+
+
+class ShardedOrder:
+    """Micro-batches of row indices for one process: epoch ``e`` shuffles with ``seed + e``.
+
+    Each process takes every ``world_size``-th row of the permutation (the tail that does not
+    fill a micro-batch on every process is dropped), so all processes run the same number of
+    micro-batches per epoch. ``batches(epoch, position)`` resumes at micro-batch ``position``.
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.per_epoch = num_rows // (world_size * batch_size)
+        if self.per_epoch == 0:
+            raise ValueError(
+                f"data: {num_rows} rows cannot fill one micro-batch of {batch_size} on each of "
+                f"{world_size} processes; lower train.batch_size or add data"
+            )
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        permutation = torch.randperm(self.num_rows, generator=generator).tolist()
+        mine = permutation[self.rank :: self.world_size][: self.per_epoch * self.batch_size]
+        return [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+
+    def batches(self, epoch: int, position: int) -> Iterator[tuple[int, int, list[int]]]:
+        """Yields ``(epoch, position after this batch, row indices)`` forever."""
+        while True:
+            for i, rows in enumerate(self.epoch_batches(epoch)[position:], start=position):
+                yield epoch, i + 1, rows
+            epoch, position = epoch + 1, 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Selection: load it when the file exists, else score the teacher on the configured split.
+
+
+def default_selection_layers(cfg: Config) -> list[int]:
+    pairs = cfg.distill.layer_pairs
+    return [-1] if pairs == "last" else sorted({t for _, t in pairs})
+
+
+def default_k(cfg: Config, student: nn.Module) -> int:
+    from flexkd.adapters import get_adapter
+
+    adapter = get_adapter(student, side=cfg.distill.side)
+    pairs = [(-1, -1)] if cfg.distill.layer_pairs == "last" else cfg.distill.layer_pairs
+    return adapter.layer_width(pairs[0][0])
+
+
+def score_selection(cfg: Config, teacher: nn.Module, k: int, rows, collate, *, rank: int = 0, world_size: int = 1):
+    """Score ``teacher`` on this process's shard of ``rows``; scores are summed over processes."""
+    import flexkd
+    from flexkd.selection import DimensionSelection
+
+    order = ShardedOrder(len(rows), cfg.selection.batch_size, seed=cfg.train.seed, rank=rank, world_size=world_size)
+    batches = (collate([rows[i] for i in idx]) for idx in order.epoch_batches(0))
+    selection = flexkd.score(
+        teacher,
+        batches,
+        layers=cfg.selection.layers or default_selection_layers(cfg),
+        k=k,
+        stat=cfg.selection.stat,
+        max_batches=cfg.selection.max_batches,
+        side=cfg.distill.side,
+        order=cfg.selection.order,
+        progress=cfg.train.progress and rank == 0,
+    )
+    if cfg.selection.which == "top":
+        return selection
+    return DimensionSelection.from_scores(
+        {layer: selection.scores(layer) for layer in selection.layers},
+        k,
+        which=cfg.selection.which,
+        order=cfg.selection.order,
+        seed=cfg.train.seed,
+        stat=selection.stat,
+        tokens_seen=selection.tokens_seen,
+        teacher=selection.teacher,
+        data_fingerprint=selection.data_fingerprint,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop.
+
+
+@dataclass
+class TrainResult:
+    student_dir: Path
+    steps: int
+    metrics_path: Path
+    is_main_process: bool = True
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metric lines of steps <= ``step`` (the ones a resumed run will not repeat)."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        _write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train(cfg: Config) -> TrainResult:
+    """Distil the student of ``cfg`` (resuming from its latest checkpoint); returns where it was saved."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    from flexkd.distill import Distiller
+    from flexkd.selection import DimensionSelection
+
+    tc = cfg.train
+    needs_logits = cfg.distill.weights.task > 0 or cfg.distill.weights.logit > 0
+    accelerator = Accelerator(
+        mixed_precision=tc.mixed_precision,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not needs_logits)],
+    )
+    rank, world = accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    output_dir = cfg.output_dir
+    checkpoints = output_dir / "checkpoints"
+    metrics_path = output_dir / "metrics.jsonl"
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if not tc.resume:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+            metrics_path.unlink(missing_ok=True)
+    set_seed(tc.seed + rank)
+
+    tokenizer = build_tokenizer(cfg)
+    splits = build_splits(cfg, tokenizer)
+    teacher = build_model(cfg, "teacher", num_labels=splits.num_labels).to(accelerator.device)
+    student = build_model(cfg, "student", num_labels=splits.num_labels)
+    collate = Collator(cfg.data.task, pad_token_id(tokenizer, teacher))
+    train_rows = splits.get("train")
+
+    selection = None
+    if cfg.distill.feature == "flex" and cfg.distill.weights.feature > 0:
+        path = cfg.selection_path
+        if path.exists():
+            selection = DimensionSelection.load(path, teacher)
+        else:
+            k = cfg.selection.k or default_k(cfg, student)
+            selection = score_selection(
+                cfg, teacher, k, splits.get(cfg.selection.split), collate, rank=rank, world_size=world
+            )
+            if main:
+                selection.save(path)
+    distiller = Distiller(
+        teacher,
+        student,
+        selection=selection,
+        feature=cfg.distill.feature,
+        feature_loss=cfg.distill.feature_loss,
+        layer_pairs=cfg.distill.layer_pairs,
+        weights=cfg.distill.weights.model_dump(),
+        logit_kind=cfg.distill.logit_kind,
+        temperature=cfg.distill.temperature,
+        beta=cfg.distill.beta,
+        projector_direction=cfg.distill.projector_direction,
+        side=cfg.distill.side,
+    )
+    order = ShardedOrder(len(train_rows), tc.batch_size, seed=tc.seed, rank=rank, world_size=world)
+    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * order.per_epoch / tc.grad_accum))
+    optimizer = torch.optim.AdamW(distiller.trainable_parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = get_scheduler(
+        tc.scheduler if tc.scheduler != "constant" else "constant_with_warmup",
+        optimizer,
+        num_warmup_steps=tc.warmup_steps,
+        num_training_steps=total_steps,
+    )
+    model, optimizer = accelerator.prepare(distiller, optimizer)
+
+    state = RunState(step=0, epoch=0, position=0, seed=tc.seed, world_size=world)
+    resume_from = latest_checkpoint(checkpoints) if tc.resume else None
+    if resume_from is not None:
+        state = load_checkpoint(
+            resume_from,
+            student=distiller.student,
+            feature_losses=distiller.feature_losses,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            rank=rank,
+            world_size=world,
+        )
+        if main:
+            _truncate_metrics(metrics_path, state.step)
+    accelerator.wait_for_everyone()
+
+    batches = order.batches(state.epoch, state.position)
+    bar = tqdm(total=total_steps, initial=state.step, desc="flexkd distill", unit="step", disable=not (main and tc.progress))
+    started = time.perf_counter()
+    model.train()
+    while state.step < total_steps:
+        window = []
+        for _ in range(tc.grad_accum):
+            state.epoch, state.position, rows = next(batches)
+            window.append(_to_device(collate([train_rows[i] for i in rows]), accelerator.device))
+        units = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+        for batch in window:
+            counted = distiller.count_units(batch)
+            units += torch.tensor([counted[t] for t in ("task", "logit", "feature")], dtype=torch.float64, device=units.device)
+        units = accelerator.reduce(units, reduction="sum")
+        normalizers = dict(zip(("task", "logit", "feature"), units.tolist()))
+
+        logged = {"task": 0.0, "logit": 0.0, "feature": 0.0, "total": 0.0}
+        for i, batch in enumerate(window):
+            sync = contextlib.nullcontext() if i == len(window) - 1 else accelerator.no_sync(model)
+            with sync:
+                loss, terms = model(batch, normalizers=normalizers)
+                accelerator.backward(loss * world)
+            for name in logged:
+                logged[name] += terms[name]
+        grad_norm = None
+        if tc.max_grad_norm is not None:
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+
+        totals = accelerator.reduce(torch.tensor(list(logged.values()), device=accelerator.device), reduction="sum")
+        logged = dict(zip(logged, totals.tolist()))
+        if main and (state.step % tc.log_every == 0 or state.step == total_steps):
+            record = {
+                "step": state.step,
+                "epoch": state.epoch,
+                "lr": scheduler.get_last_lr()[0],
+                **logged,
+                "grad_norm": grad_norm,
+                **{f"units_{name}": value for name, value in normalizers.items()},
+                "elapsed_s": round(time.perf_counter() - started, 3),
+            }
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        bar.set_postfix(loss=f"{logged['total']:.4f}")
+        bar.update(1)
+        if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
+            save_checkpoint(
+                checkpoints,
+                state=state,
+                student=distiller.student,
+                feature_losses=distiller.feature_losses,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                rank=rank,
+                barrier=accelerator.wait_for_everyone,
+            )
+            if main:
+                prune_checkpoints(checkpoints, tc.keep_checkpoints)
+    bar.close()
+
+    student_dir = output_dir / "student"
+    if main:
+        _save_student(distiller.student, tokenizer, student_dir)
+    accelerator.wait_for_everyone()
+    return TrainResult(student_dir=student_dir, steps=state.step, metrics_path=metrics_path, is_main_process=main)
+
+
+def _save_student(student: nn.Module, tokenizer, target: Path) -> None:
+    """``save_pretrained`` into a temporary folder, then swap it into ``target`` atomically."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        shutil.rmtree(old)
+    os.replace(tmp, target)
+
+
+__all__ = [
+    "Collator",
+    "ShardedOrder",
+    "Splits",
+    "TrainResult",
+    "build_model",
+    "build_splits",
+    "build_tokenizer",
+    "list_checkpoints",
+    "register_data_factory",
+    "register_model_factory",
+    "score_selection",
+    "train",
+]
