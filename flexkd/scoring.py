@@ -66,7 +66,9 @@ def score(
         raise ValueError(f"stat must be one of {STATS}, got {stat!r}")
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError("loss_fn must be callable as loss_fn(outputs, batch)")
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    ):
         raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
     tap = LayerTap(teacher, layers, side=side, grad_leaf=True)
     adapter = tap.adapter
@@ -75,26 +77,42 @@ def score(
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if not 1 <= k <= min(widths.values()):
-        raise ValueError(f"k must be in [1, {min(widths.values())}] (the teacher's hidden size), got {k}")
+        raise ValueError(
+            f"k must be in [1, {min(widths.values())}] (the teacher's hidden size), got {k}"
+        )
 
     device = _device_of(teacher)
-    totals = {layer: torch.zeros(width, dtype=torch.float32, device=device) for layer, width in widths.items()}
+    totals = {
+        layer: torch.zeros(width, dtype=torch.float32, device=device)
+        for layer, width in widths.items()
+    }
     tokens = torch.zeros((), dtype=torch.float64, device=device)
     digests: list[str] = []
     batch_iter = _limited(batches, max_batches)
-    bar = tqdm(batch_iter, total=_length(batches, max_batches), desc="flexkd score", unit="batch", disable=not progress)
+    bar = tqdm(
+        batch_iter,
+        total=_length(batches, max_batches),
+        desc="flexkd score",
+        unit="batch",
+        disable=not progress,
+    )
     with _scoring_mode(teacher), tap, torch.enable_grad():
         for batch in bar:
             if not isinstance(batch, Mapping):
-                raise TypeError(f"batches must yield dicts of model inputs, got {type(batch).__name__}")
+                raise TypeError(
+                    f"batches must yield dicts of model inputs, got {type(batch).__name__}"
+                )
             batch = _to_device(batch, device)
             outputs = tap.run(**batch)
             loss = _loss_of(outputs, batch, loss_fn)
             hidden = [tap.hidden[layer] for layer in tap.layers]
             grads = torch.autograd.grad(loss, hidden, allow_unused=True)
-            weights = token_weights(batch, task=task, side=adapter.side, shape=tuple(hidden[0].shape[:2]), device=device)
-            for layer, h, g in zip(tap.layers, hidden, grads):
-                if g is None:  # the loss does not depend on this layer (e.g. a classifier reading another one)
+            weights = token_weights(
+                batch, task=task, side=adapter.side, shape=tuple(hidden[0].shape[:2]), device=device
+            )
+            for layer, h, g in zip(tap.layers, hidden, grads, strict=True):
+                # g is None when the loss does not depend on the layer (a head reading a lower one)
+                if g is None:
                     continue
                 importance_scores(h.detach(), g, weights, stat=stat, out=totals[layer])
             tokens += weights.sum()
@@ -109,7 +127,9 @@ def score(
         digests = list(itertools.chain.from_iterable(gathered))
     tokens_seen = int(tokens.item())
     if tokens_seen == 0:
-        raise ValueError("batches: no token was scored (no batches, or every position masked or ignored)")
+        raise ValueError(
+            "batches: no token was scored (no batches, or every position masked or ignored)"
+        )
     return DimensionSelection.from_scores(
         {layer: total / tokens_seen for layer, total in totals.items()},
         k,
@@ -153,7 +173,9 @@ def _loss_of(outputs, batch: Mapping[str, object], loss_fn: LossFn | None) -> to
 
 def _limited(batches: Iterable, max_batches: int | None) -> Iterable:
     if not isinstance(batches, Iterable) or isinstance(batches, Mapping):
-        raise TypeError("batches must be an iterable of dicts (e.g. a list or a DataLoader), not a single batch")
+        raise TypeError(
+            "batches must be an iterable of dicts (e.g. a list or a DataLoader), not a single batch"
+        )
     return batches if max_batches is None else itertools.islice(batches, max_batches)
 
 
@@ -171,7 +193,10 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def _to_device(batch: Mapping[str, object], device: torch.device) -> dict[str, object]:
-    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+    return {
+        key: value.to(device) if isinstance(value, torch.Tensor) else value
+        for key, value in batch.items()
+    }
 
 
 def _batch_digest(batch: Mapping[str, object]) -> str:
@@ -179,7 +204,11 @@ def _batch_digest(batch: Mapping[str, object]) -> str:
     digest = hashlib.sha256()
     for key in sorted(batch):
         value = batch[key]
-        if isinstance(value, torch.Tensor) and not value.is_floating_point() and value.dtype != torch.bool:
+        if (
+            isinstance(value, torch.Tensor)
+            and not value.is_floating_point()
+            and value.dtype != torch.bool
+        ):
             digest.update(f"{key}:{tuple(value.shape)}".encode())
             digest.update(value.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
     return digest.hexdigest()

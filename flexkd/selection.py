@@ -55,14 +55,20 @@ class DimensionSelection:
         self.tokens_seen = int(tokens_seen)
         self.teacher = teacher
         self.hidden_size = int(hidden_size)
-        self.num_layers = num_layers if num_layers is not None else (teacher.num_layers if teacher else None)
+        self.num_layers = (
+            num_layers if num_layers is not None else (teacher.num_layers if teacher else None)
+        )
         self.which = which
         self.order = order
         self.seed = seed
         self.data_fingerprint = data_fingerprint
         self.flexkd_version = flexkd_version
-        self._scores = {layer: scores[layer].detach().to("cpu", torch.float32) for layer in self.layers}
-        self._indices = {layer: indices[layer].detach().to("cpu", torch.int64) for layer in self.layers}
+        self._scores = {
+            layer: scores[layer].detach().to("cpu", torch.float32) for layer in self.layers
+        }
+        self._indices = {
+            layer: indices[layer].detach().to("cpu", torch.int64) for layer in self.layers
+        }
         self._check_consistent()
 
     # ----------------------------------------------------------------------------------------- building
@@ -93,7 +99,9 @@ class DimensionSelection:
         _check_choice("which", which, WHICH)
         _check_choice("order", order, ORDERS)
         _check_choice("stat", stat, STATS)
-        identity = TeacherIdentity.of(teacher, side=side) if isinstance(teacher, nn.Module) else teacher
+        identity = (
+            TeacherIdentity.of(teacher, side=side) if isinstance(teacher, nn.Module) else teacher
+        )
         resolved: dict[int, torch.Tensor] = {}
         for layer, layer_scores in scores.items():
             key = _resolve(layer, identity.num_layers if identity else None)
@@ -107,7 +115,9 @@ class DimensionSelection:
         width = min(s.numel() for s in resolved.values())
         _check_k(k, width)
         indices = {layer: _choose(s, k, which, order, seed) for layer, s in resolved.items()}
-        hidden_size = identity.hidden_size if identity else max(s.numel() for s in resolved.values())
+        hidden_size = (
+            identity.hidden_size if identity else max(s.numel() for s in resolved.values())
+        )
         return cls(
             scores=resolved,
             indices=indices,
@@ -188,7 +198,11 @@ class DimensionSelection:
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, teacher: nn.Module | None = None, *, check_weights: bool = True
+        cls,
+        path: str | os.PathLike,
+        teacher: nn.Module | None = None,
+        *,
+        check_weights: bool = True,
     ) -> DimensionSelection:
         """Read a selection; with ``teacher``, raise ``ValueError`` naming every way it does not match it."""
         from safetensors import safe_open
@@ -201,9 +215,13 @@ class DimensionSelection:
                 header = f.metadata() or {}
                 tensors = {key: f.get_tensor(key) for key in f.keys()}
         except Exception as error:  # safetensors raises its own error types for corrupt files
-            raise ValueError(f"path: {path} is not a readable safetensors file ({error})") from error
+            raise ValueError(
+                f"path: {path} is not a readable safetensors file ({error})"
+            ) from error
         if "flexkd" not in header:
-            raise ValueError(f"path: {path} is a safetensors file without flexkd selection metadata")
+            raise ValueError(
+                f"path: {path} is a safetensors file without flexkd selection metadata"
+            )
         meta = json.loads(header["flexkd"])
         if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(
@@ -211,7 +229,12 @@ class DimensionSelection:
                 f"this flexkd reads {FORMAT!r} version {FORMAT_VERSION}"
             )
         layers = [int(layer) for layer in meta["layers"]]
-        missing = [f"{kind}/{layer}" for layer in layers for kind in ("scores", "index") if f"{kind}/{layer}" not in tensors]
+        missing = [
+            f"{kind}/{layer}"
+            for layer in layers
+            for kind in ("scores", "index")
+            if f"{kind}/{layer}" not in tensors
+        ]
         if missing:
             raise ValueError(f"path: {path} lacks tensors {missing}")
         selection = cls(
@@ -236,7 +259,9 @@ class DimensionSelection:
     def validate(self, teacher: nn.Module, *, check_weights: bool = True) -> None:
         """Raise ``ValueError`` naming every mismatch between this selection and ``teacher``."""
         if self.teacher is None:
-            raise ValueError("teacher: this selection records no teacher identity, so it cannot be validated")
+            raise ValueError(
+                "teacher: this selection records no teacher identity, so it cannot be validated"
+            )
         current = TeacherIdentity.of(teacher, side=self.teacher.side)
         problems = self.teacher.mismatches(current, check_weights=check_weights)
         if problems:
@@ -261,7 +286,7 @@ class DimensionSelection:
 
         layers = self.layers if layer is None else [self._key(layer)]
         fig, axes = plt.subplots(len(layers), 1, figsize=(7, 3 * len(layers)), squeeze=False)
-        for ax, key in zip(axes[:, 0], layers):
+        for ax, key in zip(axes[:, 0], layers, strict=True):
             ordered = torch.sort(self._scores[key], descending=True).values.numpy()
             ax.plot(range(1, len(ordered) + 1), ordered, lw=1.2)
             ax.axvline(self.k, color="tab:red", ls="--", lw=1, label=f"k = {self.k}")
@@ -295,13 +320,23 @@ class DimensionSelection:
         _check_choice("order", self.order, ORDERS)
         for layer in self.layers:
             if self.num_layers is not None and not 0 <= layer <= self.num_layers:
-                raise ValueError(f"layer {layer} is out of range for a teacher with {self.num_layers} layers")
+                raise ValueError(
+                    f"layer {layer} is out of range for a teacher with {self.num_layers} layers"
+                )
             scores, index = self._scores[layer], self._indices[layer]
             _check_k(self.k, scores.numel())
             if index.shape != (self.k,):
-                raise ValueError(f"index of layer {layer} has shape {tuple(index.shape)}, expected ({self.k},)")
-            if int(index.min()) < 0 or int(index.max()) >= scores.numel() or index.unique().numel() != self.k:
-                raise ValueError(f"index of layer {layer} must hold {self.k} distinct dims in [0, {scores.numel()})")
+                raise ValueError(
+                    f"index of layer {layer} has shape {tuple(index.shape)}, expected ({self.k},)"
+                )
+            if (
+                int(index.min()) < 0
+                or int(index.max()) >= scores.numel()
+                or index.unique().numel() != self.k
+            ):
+                raise ValueError(
+                    f"index of layer {layer} must hold {self.k} distinct dims in [0, {scores.numel()})"
+                )
 
 
 def _choose(scores: torch.Tensor, k: int, which: str, order: str, seed: int) -> torch.Tensor:
@@ -321,10 +356,14 @@ def _resolve(layer: int, num_layers: int | None) -> int:
     layer = check_layer_number(layer)
     if layer >= 0:
         if num_layers is not None and layer > num_layers:
-            raise ValueError(f"layer {layer} is out of range for a teacher with {num_layers} layers")
+            raise ValueError(
+                f"layer {layer} is out of range for a teacher with {num_layers} layers"
+            )
         return layer
     if num_layers is None:
-        raise ValueError(f"layer {layer}: negative layers need the teacher's layer count (pass teacher=)")
+        raise ValueError(
+            f"layer {layer}: negative layers need the teacher's layer count (pass teacher=)"
+        )
     if layer < -(num_layers + 1):
         raise ValueError(f"layer {layer} is out of range for a teacher with {num_layers} layers")
     return layer % (num_layers + 1)

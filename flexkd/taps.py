@@ -30,7 +30,9 @@ class CapturedLayers(dict):
     def __getitem__(self, layer: int) -> torch.Tensor:
         resolved = self._adapter.resolve_layer(layer)
         if not super().__contains__(resolved):
-            raise KeyError(f"layer {layer} was not captured: it is not tapped, or run() has not been called")
+            raise KeyError(
+                f"layer {layer} was not captured: it is not tapped, or run() has not been called"
+            )
         return super().__getitem__(resolved)
 
     def __contains__(self, layer: object) -> bool:
@@ -108,7 +110,9 @@ class LayerTap:
             return None
         missing = [layer for layer in self.layers if layer not in self.hidden]
         if missing:
-            raise RuntimeError(f"the forward pass did not reach layers {missing} of the {self.side}")
+            raise RuntimeError(
+                f"the forward pass did not reach layers {missing} of the {self.side}"
+            )
         return outputs
 
     def _remove(self) -> None:
@@ -160,7 +164,9 @@ def _hidden_of(output) -> torch.Tensor:
         return output.last_hidden_state
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise TypeError(f"cannot find the hidden state in a module output of type {type(output).__name__}")
+    raise TypeError(
+        f"cannot find the hidden state in a module output of type {type(output).__name__}"
+    )
 
 
 def _with_hidden(output, hidden: torch.Tensor):
@@ -189,18 +195,29 @@ def _resolve_columns(
     if columns is None:
         return {}
     if not isinstance(columns, Mapping):
-        raise TypeError(f"columns must be a mapping from layer to index tensor, got {type(columns).__name__}")
+        raise TypeError(
+            f"columns must be a mapping from layer to index tensor, got {type(columns).__name__}"
+        )
     resolved = {}
     for layer, index in columns.items():
         key = adapter.resolve_layer(check_layer_number(layer, "columns key"))
         if key not in layers:
-            raise ValueError(f"columns has layer {layer}, which is not among the tapped layers {layers}")
+            raise ValueError(
+                f"columns has layer {layer}, which is not among the tapped layers {layers}"
+            )
         if key in resolved:
             raise ValueError(f"columns names layer {key} twice (as {layer} and as another number)")
-        if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.is_floating_point() or index.is_complex():
+        if (
+            not isinstance(index, torch.Tensor)
+            or index.dim() != 1
+            or index.is_floating_point()
+            or index.is_complex()
+        ):
             raise TypeError(f"columns[{layer}] must be a 1-D integer tensor")
         width = adapter.layer_width(key)
         if index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= width:
-            raise ValueError(f"columns[{layer}] must be non-empty with values in [0, {width}), the layer's width")
+            raise ValueError(
+                f"columns[{layer}] must be non-empty with values in [0, {width}), the layer's width"
+            )
         resolved[key] = index.to(torch.int64)
     return resolved

@@ -73,7 +73,15 @@ def _opt_kwargs(**extra):
 
 BUILDERS = {
     "gpt2": lambda: tf.GPT2LMHeadModel(
-        tf.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)
+        tf.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=HIDDEN,
+            n_layer=LAYERS,
+            n_head=4,
+            n_positions=64,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
     ),
     "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**_decoder_kwargs())),
     "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**_decoder_kwargs())),
@@ -90,8 +98,14 @@ BUILDERS = {
     # no registered family: exercises the generic fallback
     "gpt_neox": lambda: tf.GPTNeoXForCausalLM(
         tf.GPTNeoXConfig(
-            vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
-            intermediate_size=64, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+            vocab_size=VOCAB,
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            bos_token_id=1,
+            eos_token_id=2,
         )
     ),
 }
@@ -103,7 +117,9 @@ def build(name: str) -> torch.nn.Module:
     return BUILDERS[name]().eval()
 
 
-def padded_batch(batch_size: int = 3, length: int = 9, *, seq2seq: bool = False, generator=None) -> dict:
+def padded_batch(
+    batch_size: int = 3, length: int = 9, *, seq2seq: bool = False, generator=None
+) -> dict:
     """Random token ids, right padding of random length in every row but the first, labels = ids (-100 on pads)."""
     ids = torch.randint(3, VOCAB, (batch_size, length), generator=generator)
     mask = torch.ones(batch_size, length, dtype=torch.long)

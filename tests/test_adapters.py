@@ -1,8 +1,8 @@
+import _tiny_hf as tiny
 import pytest
 import torch
 from torch import nn
 
-import _tiny_hf as tiny
 from flexkd.adapters import (
     FamilySpec,
     StackSpec,
@@ -38,7 +38,9 @@ def test_family_and_layer_count(name):
 
 
 def test_supported_families_are_registered():
-    assert {"gpt2", "llama", "qwen2", "mistral", "opt", "bert", "roberta", "bart"} <= set(registered_model_types())
+    assert {"gpt2", "llama", "qwen2", "mistral", "opt", "bert", "roberta", "bart"} <= set(
+        registered_model_types()
+    )
 
 
 @pytest.mark.parametrize("name", tiny.SEQ2SEQ)
@@ -54,7 +56,9 @@ def test_seq2seq_sides(name):
 def test_opt_project_out_changes_the_last_width_only():
     adapter = get_adapter(tiny.build("opt_project_out"))
     assert adapter.layer_width(-1) == adapter.layer_width(tiny.LAYERS) == 16
-    assert [adapter.layer_width(layer) for layer in range(tiny.LAYERS)] == [tiny.HIDDEN] * tiny.LAYERS
+    assert [adapter.layer_width(layer) for layer in range(tiny.LAYERS)] == [
+        tiny.HIDDEN
+    ] * tiny.LAYERS
 
 
 def test_final_norm_is_the_last_site():
@@ -68,7 +72,9 @@ def test_final_norm_is_the_last_site():
 def test_resolve_layer():
     adapter = get_adapter(tiny.build("gpt2"))
     n = tiny.LAYERS
-    assert [adapter.resolve_layer(layer) for layer in range(-(n + 1), n + 1)] == list(range(n + 1)) * 2
+    assert [adapter.resolve_layer(layer) for layer in range(-(n + 1), n + 1)] == list(
+        range(n + 1)
+    ) * 2
     assert adapter.resolve_layer(torch.tensor(1)) == 1
     for bad in (n + 1, -(n + 2)):
         with pytest.raises(ValueError, match="layer"):
@@ -104,7 +110,10 @@ def test_unsupported_models_fail_clearly():
         get_adapter("gpt2")
     with pytest.raises(ValueError, match="config.model_type"):
         get_adapter(nn.Linear(3, 3))
-    with pytest.raises(ValueError, match=r"no adapter for model_type 'toy'.*Registered families.*ModuleList of 2 blocks"):
+    with pytest.raises(
+        ValueError,
+        match=r"no adapter for model_type 'toy'.*Registered families.*ModuleList of 2 blocks",
+    ):
         get_adapter(_TwoStacks())
 
 
@@ -133,12 +142,20 @@ def test_token_weights_by_task():
     batch = {"attention_mask": attention, "labels": labels}
     token = token_weights(batch, task="token", side="encoder", shape=(2, 3))
     assert token.tolist() == [[False, True, False], [True, False, True]]
-    seq = token_weights({"attention_mask": attention, "labels": torch.tensor([0, 1])}, task="sequence", side="encoder", shape=(2, 3))
+    seq = token_weights(
+        {"attention_mask": attention, "labels": torch.tensor([0, 1])},
+        task="sequence",
+        side="encoder",
+        shape=(2, 3),
+    )
     assert seq.tolist() == (attention == 1).tolist()
     # seq2seq: the encoder uses attention_mask, the decoder its (unshifted) labels
     s2s = {"attention_mask": attention, "labels": torch.tensor([[3, -100], [4, 5]])}
     assert token_weights(s2s, task="seq2seq", side="encoder", shape=(2, 3)).tolist() == seq.tolist()
-    assert token_weights(s2s, task="seq2seq", side="decoder", shape=(2, 2)).tolist() == [[True, False], [True, True]]
+    assert token_weights(s2s, task="seq2seq", side="decoder", shape=(2, 2)).tolist() == [
+        [True, False],
+        [True, True],
+    ]
     assert token_weights({}, task=None, side="encoder", shape=(2, 2)).all()
 
 
@@ -146,6 +163,11 @@ def test_token_weights_errors():
     with pytest.raises(ValueError, match="task must be one of"):
         token_weights({}, task="classify", side="encoder", shape=(1, 2))
     with pytest.raises(ValueError, match="labels has shape"):
-        token_weights({"labels": torch.zeros(2, 5, dtype=torch.long)}, task="causal_lm", side="decoder", shape=(2, 4))
+        token_weights(
+            {"labels": torch.zeros(2, 5, dtype=torch.long)},
+            task="causal_lm",
+            side="decoder",
+            shape=(2, 4),
+        )
     with pytest.raises(TypeError, match="attention_mask"):
         token_weights({"attention_mask": [[1, 1]]}, task=None, side="encoder", shape=(1, 2))

@@ -1,8 +1,8 @@
+import _tiny_hf as tiny
 import pytest
 import torch
 import torch.nn.functional as F
 
-import _tiny_hf as tiny
 import flexkd
 from flexkd.adapters import get_adapter
 from flexkd.ops import select_top_k
@@ -40,7 +40,11 @@ def _naive_scores(model, batches, layers, name, side, stat="grad_x_act", use_mas
         for layer in layers:
             hidden[layer].retain_grad()
         out.loss.backward()
-        weights = _naive_weights(name, batch, side) if use_mask else torch.ones(hidden[0].shape[:2], dtype=torch.bool)
+        weights = (
+            _naive_weights(name, batch, side)
+            if use_mask
+            else torch.ones(hidden[0].shape[:2], dtype=torch.bool)
+        )
         for layer in layers:
             h, g = hidden[layer].detach(), hidden[layer].grad
             per_element = {"grad_x_act": (h * g).abs(), "grad": g.abs(), "grad_sq": g * g}[stat]
@@ -109,19 +113,34 @@ def test_loss_fn_and_max_batches():
 
     def shifted_ce(outputs, batch):
         logits = outputs.logits[:, :-1]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1))
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1)
+        )
 
     default = flexkd.score(model, batches[:2], k=4, progress=False)
-    custom = flexkd.score(model, iter(batches), k=4, loss_fn=shifted_ce, max_batches=2, progress=False)
+    custom = flexkd.score(
+        model, iter(batches), k=4, loss_fn=shifted_ce, max_batches=2, progress=False
+    )
     torch.testing.assert_close(custom.scores(-1), default.scores(-1), rtol=1e-5, atol=1e-8)
     assert custom.tokens_seen == default.tokens_seen
     assert custom.data_fingerprint == default.data_fingerprint
-    assert flexkd.score(model, batches, k=4, progress=False).data_fingerprint != default.data_fingerprint
+    assert (
+        flexkd.score(model, batches, k=4, progress=False).data_fingerprint
+        != default.data_fingerprint
+    )
 
 
 def test_selection_records_the_teacher():
     model = tiny.build("bart")
-    sel = flexkd.score(model, _batches("bart", count=1), layers=[-1], k=5, side="decoder", order="score", progress=False)
+    sel = flexkd.score(
+        model,
+        _batches("bart", count=1),
+        layers=[-1],
+        k=5,
+        side="decoder",
+        order="score",
+        progress=False,
+    )
     assert sel.side == "decoder" and sel.num_layers == 2 and sel.hidden_size == tiny.HIDDEN
     scores = sel.scores(-1)
     assert (scores[sel.index(-1)].diff() <= 0).all()
@@ -150,4 +169,6 @@ def test_scoring_errors():
         flexkd.score(model, [], k=4, progress=False)
     all_ignored = dict(batch, labels=torch.full_like(batch["labels"], -100))
     with pytest.raises(ValueError, match="no token was scored"):
-        flexkd.score(model, [all_ignored], k=4, loss_fn=lambda out, b: out.logits.sum(), progress=False)
+        flexkd.score(
+            model, [all_ignored], k=4, loss_fn=lambda out, b: out.logits.sum(), progress=False
+        )

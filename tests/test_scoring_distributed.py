@@ -3,10 +3,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _tiny_hf as tiny
 import pytest
 import torch
 
-import _tiny_hf as tiny
 import flexkd
 
 pytestmark = pytest.mark.distributed
@@ -19,11 +19,26 @@ def test_two_gloo_processes_give_the_same_selection_as_one(tmp_path):
     batches = [tiny.batch_for("llama") for _ in range(5)]  # uneven split: 3 and 2 batches
     torch.save(batches, tmp_path / "batches.pt")
     out = tmp_path / "two.safetensors"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path))
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path)
+    )
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-         str(tmp_path / "teacher"), str(tmp_path / "batches.pt"), str(out)],
-        env=env, capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(WORKER),
+            str(tmp_path / "teacher"),
+            str(tmp_path / "batches.pt"),
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 

@@ -1,11 +1,11 @@
 import json
 import os
 
+import _tiny_hf as tiny
 import pytest
 import torch
 from safetensors.torch import save_file
 
-import _tiny_hf as tiny
 from flexkd import DimensionSelection
 from flexkd.adapters import TeacherIdentity
 
@@ -26,7 +26,9 @@ def test_round_trip_keeps_everything(tmp_path, teacher):
         _random_scores(), 8, teacher=teacher, stat="grad", tokens_seen=123, data_fingerprint="abc"
     )
     path = sel.save(tmp_path / "sub" / "sel.safetensors")
-    assert [p.name for p in path.parent.iterdir()] == ["sel.safetensors"]  # no temp file left behind
+    assert [p.name for p in path.parent.iterdir()] == [
+        "sel.safetensors"
+    ]  # no temp file left behind
     loaded = DimensionSelection.load(path, teacher)
     assert loaded.metadata() == sel.metadata()
     assert loaded.metadata()["flexkd_version"] == __import__("flexkd").__version__
@@ -98,10 +100,18 @@ def _saved(tmp_path, teacher, name="sel.safetensors"):
 def test_mismatched_teachers_fail_naming_the_mismatch(tmp_path, teacher):
     path = _saved(tmp_path, teacher)
     cases = {
-        "hidden_size": tiny.tf.GPT2LMHeadModel(tiny.tf.GPT2Config(vocab_size=tiny.VOCAB, n_embd=48, n_layer=3, n_head=4, n_positions=64)),
-        "num_layers": tiny.tf.GPT2LMHeadModel(tiny.tf.GPT2Config(vocab_size=tiny.VOCAB, n_embd=D, n_layer=4, n_head=4, n_positions=64)),
+        "hidden_size": tiny.tf.GPT2LMHeadModel(
+            tiny.tf.GPT2Config(
+                vocab_size=tiny.VOCAB, n_embd=48, n_layer=3, n_head=4, n_positions=64
+            )
+        ),
+        "num_layers": tiny.tf.GPT2LMHeadModel(
+            tiny.tf.GPT2Config(vocab_size=tiny.VOCAB, n_embd=D, n_layer=4, n_head=4, n_positions=64)
+        ),
         "model_type": tiny.build("llama"),
-        "config": tiny.tf.GPT2LMHeadModel(tiny.tf.GPT2Config(vocab_size=tiny.VOCAB, n_embd=D, n_layer=3, n_head=2, n_positions=64)),
+        "config": tiny.tf.GPT2LMHeadModel(
+            tiny.tf.GPT2Config(vocab_size=tiny.VOCAB, n_embd=D, n_layer=3, n_head=2, n_positions=64)
+        ),
         "weights": tiny.build("gpt2"),
     }
     for field, other in cases.items():
@@ -114,13 +124,17 @@ def test_mismatched_teachers_fail_naming_the_mismatch(tmp_path, teacher):
 def test_side_mismatch_and_named_teachers(tmp_path):
     bart = tiny.build("bart")
     scores = {1: torch.rand(D)}
-    path = DimensionSelection.from_scores(scores, 4, teacher=bart, side="decoder").save(tmp_path / "dec.safetensors")
+    path = DimensionSelection.from_scores(scores, 4, teacher=bart, side="decoder").save(
+        tmp_path / "dec.safetensors"
+    )
     DimensionSelection.load(path, bart)
     encoder_identity = TeacherIdentity.of(bart, side="encoder")
     decoder_identity = TeacherIdentity.of(bart, side="decoder")
     assert any("side" in problem for problem in decoder_identity.mismatches(encoder_identity))
     # the same name with a changed config only warns; a different name and config fails
-    renamed = TeacherIdentity(**{**decoder_identity.to_dict(), "name": "org/bart", "config_hash": "0" * 64})
+    renamed = TeacherIdentity(
+        **{**decoder_identity.to_dict(), "name": "org/bart", "config_hash": "0" * 64}
+    )
     same_name = TeacherIdentity(**{**renamed.to_dict(), "config_hash": "1" * 64})
     assert renamed.mismatches(same_name) == []
     other_name = TeacherIdentity(**{**same_name.to_dict(), "name": "org/other"})

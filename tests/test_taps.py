@@ -1,7 +1,7 @@
+import _tiny_hf as tiny
 import pytest
 import torch
 
-import _tiny_hf as tiny
 from flexkd.adapters import get_adapter
 from flexkd.taps import LayerTap
 
@@ -51,10 +51,13 @@ def test_early_exit_gives_the_same_values_and_skips_the_rest(built, name, side):
     for deepest in range(n + 1):
         calls = []
         later = adapter.blocks[deepest:] if deepest < n else []
-        handles = [block.register_forward_hook(lambda *_: calls.append(1)) for block in later]
+        handles = [block.register_forward_hook(lambda *_, c=calls: c.append(1)) for block in later]
         try:
             layers = sorted({0, deepest // 2, deepest})
-            with LayerTap(model, layers, side=side, stop_after_deepest=True) as tap, torch.no_grad():
+            with (
+                LayerTap(model, layers, side=side, stop_after_deepest=True) as tap,
+                torch.no_grad(),
+            ):
                 assert tap.run(**batch) is None
         finally:
             for handle in handles:
@@ -68,14 +71,16 @@ def test_early_exit_gives_the_same_values_and_skips_the_rest(built, name, side):
 def test_columns_keep_the_index_select_of_the_full_hidden(built, name, side):
     model, batch = built(name)
     reference = _reference(model, batch, side)
-    n = len(reference) - 1
     adapter = get_adapter(model, side=side)
     layers = [0, 1, -1]
     columns = {}
     for layer in layers:
         width = adapter.layer_width(layer)
         columns[layer] = torch.randperm(width)[: int(torch.randint(1, width + 1, ()))]
-    with LayerTap(model, layers, columns=columns, side=side, stop_after_deepest=True) as tap, torch.no_grad():
+    with (
+        LayerTap(model, layers, columns=columns, side=side, stop_after_deepest=True) as tap,
+        torch.no_grad(),
+    ):
         tap.run(**batch)
     for layer, index in columns.items():
         assert torch.equal(tap.hidden[layer], reference[layer].index_select(-1, index))

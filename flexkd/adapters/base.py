@@ -67,7 +67,9 @@ class ModelAdapter:
         family: str = "generic",
     ) -> None:
         if not blocks:
-            raise ValueError(f"model: found no transformer blocks in the {side} of {type(model).__name__}")
+            raise ValueError(
+                f"model: found no transformer blocks in the {side} of {type(model).__name__}"
+            )
         self.model = model
         self.model_type = model_type
         self.side = side
@@ -97,7 +99,9 @@ class ModelAdapter:
 
     def layer_width(self, layer: int) -> int:
         """Width of layer ``layer``'s hidden state (the last layer may be projected, as in OPT-350m)."""
-        return self.final_width if self.resolve_layer(layer) == self.num_layers else self.hidden_size
+        return (
+            self.final_width if self.resolve_layer(layer) == self.num_layers else self.hidden_size
+        )
 
     def site(self, layer: int) -> HookSite:
         """Where layer ``layer``'s hidden state can be captured with a hook."""

@@ -78,7 +78,9 @@ class TeacherIdentity:
         for field in ("model_type", "side", "hidden_size", "num_layers"):
             mine, theirs = getattr(self, field), getattr(other, field)
             if mine != theirs:
-                problems.append(f"{field}: the selection was scored with {mine!r}, the teacher has {theirs!r}")
+                problems.append(
+                    f"{field}: the selection was scored with {mine!r}, the teacher has {theirs!r}"
+                )
         same_name = bool(self.name) and self.name == other.name
         if self.config_hash != other.config_hash and not same_name:
             problems.append(
@@ -96,7 +98,9 @@ class TeacherIdentity:
 
 def config_hash(config) -> str:
     """sha256 of the config's architecture-defining entries (run-time and bookkeeping entries dropped)."""
-    data = {key: value for key, value in config.to_dict().items() if key not in _VOLATILE_CONFIG_KEYS}
+    data = {
+        key: value for key, value in config.to_dict().items() if key not in _VOLATILE_CONFIG_KEYS
+    }
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -109,6 +113,8 @@ def weights_fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, param in chosen:
         digest.update(f"{name}:{tuple(param.shape)}".encode())
-        head = param.detach().reshape(-1)[:_FINGERPRINT_ELEMENTS].to(device="cpu", dtype=torch.float32)
+        head = (
+            param.detach().reshape(-1)[:_FINGERPRINT_ELEMENTS].to(device="cpu", dtype=torch.float32)
+        )
         digest.update(head.numpy().tobytes())
     return digest.hexdigest()

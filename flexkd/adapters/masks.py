@@ -94,4 +94,6 @@ def _as_mask(mask: object, name: str, shape: tuple[int, int], device) -> torch.T
 
 def _check_shape(t: torch.Tensor, name: str, shape: tuple[int, int]) -> None:
     if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} has shape {tuple(t.shape)}, but the hidden state has (batch, tokens) {tuple(shape)}")
+        raise ValueError(
+            f"{name} has shape {tuple(t.shape)}, but the hidden state has (batch, tokens) {tuple(shape)}"
+        )

@@ -62,9 +62,13 @@ register_family(
 # state down to word_embed_proj_dim with project_out, which HF's hidden_states[-1] includes.
 register_family(
     "opt",
-    FamilySpec("opt", {"decoder": StackSpec("decoder", "layers", ("final_layer_norm", "project_out"))}),
+    FamilySpec(
+        "opt", {"decoder": StackSpec("decoder", "layers", ("final_layer_norm", "project_out"))}
+    ),
 )
-register_family(("bert", "roberta"), FamilySpec("bert", {"encoder": StackSpec("", "encoder.layer")}))
+register_family(
+    ("bert", "roberta"), FamilySpec("bert", {"encoder": StackSpec("", "encoder.layer")})
+)
 # BART has no norm after either stack; mBART has layer_norm after both.
 register_family(
     ("bart", "mbart"),
@@ -114,7 +118,9 @@ def get_adapter(model: nn.Module, side: str | None = None) -> ModelAdapter:
         family_name = "generic"
     hidden_size = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
     if hidden_size is None:
-        raise ValueError(f"model: config of {model_type!r} has no hidden_size (looked for hidden_size, d_model)")
+        raise ValueError(
+            f"model: config of {model_type!r} has no hidden_size (looked for hidden_size, d_model)"
+        )
     final_width = getattr(final, "out_features", None) if isinstance(final, nn.Linear) else None
     return ModelAdapter(
         model=model,
@@ -178,7 +184,9 @@ def _generic_blocks(root: nn.Module, config, side: str, model_type: str) -> list
         if blocks and (expected is None or len(blocks) == expected):
             return blocks
     candidates = [
-        m for m in root.modules() if isinstance(m, nn.ModuleList) and expected is not None and len(m) == expected
+        m
+        for m in root.modules()
+        if isinstance(m, nn.ModuleList) and expected is not None and len(m) == expected
     ]
     if len(candidates) == 1:
         return list(candidates[0])
