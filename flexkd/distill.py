@@ -22,6 +22,7 @@ token when the batch has no labels; the feature term uses the same positions sco
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from collections.abc import Mapping, Sequence
@@ -30,7 +31,6 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers import Trainer
 
 from flexkd.adapters import get_adapter
 from flexkd.adapters.masks import detect_task, token_weights
@@ -220,6 +220,11 @@ class Distiller(nn.Module):
     def _selected_indices(self, selection: Any) -> list[Tensor]:
         if selection is None:
             raise ValueError("selection: feature='flex' needs a DimensionSelection (see flexkd.score)")
+        if getattr(selection, "teacher", None) is not None:
+            try:
+                selection.validate(self.teacher)
+            except ValueError as err:
+                raise ValueError(f"selection: {err}") from None
         selected_layers = {self._teacher_adapter.resolve_layer(layer) for layer in selection.layers}
         indices = []
         for s_layer, t_layer in self.layer_pairs:
@@ -394,80 +399,95 @@ class Distiller(nn.Module):
         return logits[:, :-1] if self.task == "causal_lm" else logits
 
 
-class FlexKDTrainer(Trainer):
-    """A Hugging Face ``Trainer`` whose loss is a :class:`Distiller`'s.
+def __getattr__(name: str):
+    # FlexKDTrainer subclasses transformers.Trainer, whose import takes seconds; build it on first use.
+    if name == "FlexKDTrainer":
+        return _flexkd_trainer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    ``model`` is the distiller, so the optimizer gets the student's and the projector's
-    parameters and DDP wraps both. Every term is logged (averaged over the logging
-    interval) as ``distill/<term>``. Saving writes the student alone with
-    ``save_pretrained`` (loadable with ``from_pretrained``) plus the feature-loss
-    parameters in ``flexkd_feature_losses.safetensors``, which resuming restores.
-    Gradient accumulation follows the ``Trainer``'s rule (mean of micro-batch means); the
-    ``flexkd distill`` loop normalises by the valid tokens of the whole window instead.
 
-        trainer = FlexKDTrainer(distiller, args=TrainingArguments(...), train_dataset=ds, data_collator=collate)
-        trainer.train()
-    """
+@functools.cache
+def _flexkd_trainer_class() -> type:
+    from transformers import Trainer
 
-    FEATURE_LOSSES_FILE = "flexkd_feature_losses.safetensors"
+    class FlexKDTrainer(Trainer):
+        """A Hugging Face ``Trainer`` whose loss is a :class:`Distiller`'s.
 
-    def __init__(self, distiller: Distiller, *args: Any, **kwargs: Any) -> None:
-        if not isinstance(distiller, Distiller):
-            raise TypeError(f"distiller must be a flexkd Distiller, got {type(distiller).__name__}")
-        if "model" in kwargs:
-            raise TypeError("pass the Distiller as the first argument, not model=")
-        super().__init__(distiller, *args, **kwargs)
-        self._term_sums: dict[str, float] = {}
-        self._term_calls = 0
+        ``model`` is the distiller, so the optimizer gets the student's and the projector's
+        parameters and DDP wraps both. Every term is logged (averaged over the logging
+        interval) as ``distill/<term>``. Saving writes the student alone with
+        ``save_pretrained`` (loadable with ``from_pretrained``) plus the feature-loss
+        parameters in ``flexkd_feature_losses.safetensors``, which resuming restores.
+        Gradient accumulation follows the ``Trainer``'s rule (mean of micro-batch means); the
+        ``flexkd distill`` loop normalises by the valid tokens of the whole window instead.
 
-    @property
-    def distiller(self) -> Distiller:
-        return self.accelerator.unwrap_model(self.model)
+            trainer = FlexKDTrainer(distiller, args=TrainingArguments(...), train_dataset=ds, data_collator=collate)
+            trainer.train()
+        """
 
-    def _set_signature_columns_if_needed(self) -> None:
-        if self._signature_columns is None:
-            student_inputs = inspect.signature(self.distiller.student.forward).parameters
-            self._signature_columns = list(dict.fromkeys([*student_inputs, "labels", "label", "label_ids"]))
+        FEATURE_LOSSES_FILE = "flexkd_feature_losses.safetensors"
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, terms = model(inputs)
-        if model.training:
-            for name, value in terms.items():
-                self._term_sums[name] = self._term_sums.get(name, 0.0) + value
-            self._term_calls += 1
-        return (loss, {"terms": terms}) if return_outputs else loss
+        def __init__(self, distiller: Distiller, *args: Any, **kwargs: Any) -> None:
+            if not isinstance(distiller, Distiller):
+                raise TypeError(f"distiller must be a flexkd Distiller, got {type(distiller).__name__}")
+            if "model" in kwargs:
+                raise TypeError("pass the Distiller as the first argument, not model=")
+            super().__init__(distiller, *args, **kwargs)
+            self._term_sums: dict[str, float] = {}
+            self._term_calls = 0
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
-            loss, _ = model(inputs)
-        return loss.detach(), None, None
+        @property
+        def distiller(self) -> Distiller:
+            return self.accelerator.unwrap_model(self.model)
 
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if "loss" in logs and self._term_calls:
-            for name, total in self._term_sums.items():
-                logs[f"distill/{name}"] = total / self._term_calls
-            self._term_sums, self._term_calls = {}, 0
-        super().log(logs, *args, **kwargs)
+        def _set_signature_columns_if_needed(self) -> None:
+            if self._signature_columns is None:
+                student_inputs = inspect.signature(self.distiller.student.forward).parameters
+                self._signature_columns = list(dict.fromkeys([*student_inputs, "labels", "label", "label_ids"]))
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        distiller = self.distiller
-        distiller.student.save_pretrained(output_dir)
-        feature_state = {k: v.detach().cpu().contiguous() for k, v in distiller.feature_losses.state_dict().items()}
-        if feature_state:
-            save_file(feature_state, os.path.join(output_dir, self.FEATURE_LOSSES_FILE))
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, terms = model(inputs)
+            if model.training:
+                for name, value in terms.items():
+                    self._term_sums[name] = self._term_sums.get(name, 0.0) + value
+                self._term_calls += 1
+            return (loss, {"terms": terms}) if return_outputs else loss
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        distiller = self.accelerator.unwrap_model(model if model is not None else self.model)
-        saved = type(distiller.student).from_pretrained(resume_from_checkpoint)
-        distiller.student.load_state_dict(saved.state_dict())
-        feature_file = os.path.join(resume_from_checkpoint, self.FEATURE_LOSSES_FILE)
-        if os.path.exists(feature_file):
-            distiller.feature_losses.load_state_dict(load_file(feature_file))
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad():
+                loss, _ = model(inputs)
+            return loss.detach(), None, None
+
+        def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+            if "loss" in logs and self._term_calls:
+                for name, total in self._term_sums.items():
+                    logs[f"distill/{name}"] = total / self._term_calls
+                self._term_sums, self._term_calls = {}, 0
+            super().log(logs, *args, **kwargs)
+
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            if not self.args.should_save:
+                return
+            os.makedirs(output_dir, exist_ok=True)
+            distiller = self.distiller
+            distiller.student.save_pretrained(output_dir)
+            feature_state = {k: v.detach().cpu().contiguous() for k, v in distiller.feature_losses.state_dict().items()}
+            if feature_state:
+                save_file(feature_state, os.path.join(output_dir, self.FEATURE_LOSSES_FILE))
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+            distiller = self.accelerator.unwrap_model(model if model is not None else self.model)
+            saved = type(distiller.student).from_pretrained(resume_from_checkpoint)
+            distiller.student.load_state_dict(saved.state_dict())
+            feature_file = os.path.join(resume_from_checkpoint, self.FEATURE_LOSSES_FILE)
+            if os.path.exists(feature_file):
+                distiller.feature_losses.load_state_dict(load_file(feature_file))
+
+    FlexKDTrainer.__qualname__ = "FlexKDTrainer"
+    FlexKDTrainer.__module__ = __name__
+    return FlexKDTrainer
