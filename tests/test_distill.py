@@ -1,0 +1,196 @@
+"""Distiller: every term, the weighted total, the window normalisation, the baselines' parameters, fail-fast errors."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _train_helpers import (
+    STUDENT_HIDDEN,
+    TEACHER_HIDDEN,
+    bart_config,
+    bert_config,
+    build,
+    causal_batch,
+    gpt2_config,
+)
+
+from flexkd.adapters import token_weights
+from flexkd.distill import Distiller
+from flexkd.ops import reference
+from flexkd.selection import DimensionSelection
+
+
+@pytest.fixture
+def pair():
+    teacher = build(gpt2_config(TEACHER_HIDDEN, 2)).eval()
+    student = build(gpt2_config(STUDENT_HIDDEN, 1)).eval()
+    return teacher, student
+
+
+def _selection(teacher, layers=(-1,), k=STUDENT_HIDDEN):
+    return DimensionSelection.from_scores({layer: torch.rand(TEACHER_HIDDEN) for layer in layers}, k, teacher=teacher)
+
+
+@pytest.mark.parametrize("feature", ["flex", "projector", "cka", "none"])
+def test_terms_are_complete_and_total_is_the_weighted_sum(pair, feature):
+    teacher, student = pair
+    weights = {"task": 0.7, "logit": 0.4, "feature": 1.3}
+    distiller = Distiller(
+        teacher, student, selection=_selection(teacher), feature=feature, weights=weights, logit_kind="jsd", temperature=2.0
+    )
+    distiller.eval()
+    loss, terms = distiller(causal_batch())
+    assert set(terms) == {"task", "logit", "feature", "total"}
+    assert all(isinstance(v, float) for v in terms.values())
+    assert terms["task"] > 0 and terms["logit"] > 0
+    assert (terms["feature"] > 0) == (feature != "none")
+    want = sum(weights[name] * terms[name] for name in ("task", "logit", "feature"))
+    assert terms["total"] == pytest.approx(want, rel=1e-5)
+    assert loss.item() == pytest.approx(terms["total"], rel=1e-6)
+    loss.backward()
+    assert all(p.grad is not None for p in distiller.trainable_parameters())
+
+
+def test_task_term_equals_the_models_own_loss(pair):
+    teacher, student = pair
+    batch = causal_batch()
+    distiller = Distiller(teacher, student, feature="none")
+    distiller.eval()
+    _, terms = distiller(batch)
+    assert terms["task"] == pytest.approx(student(**batch).loss.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["mse", "corr"])
+def test_flex_term_equals_reference_on_selected_columns_of_hidden_states(pair, loss):
+    teacher, student = pair
+    layer_pairs = [(1, 1), (-1, -1)]
+    selection = _selection(teacher, layers=(1, 2))
+    distiller = Distiller(
+        teacher, student, selection=selection, feature_loss=loss, layer_pairs=layer_pairs,
+        weights={"task": 0.0, "logit": 0.0, "feature": 1.0},
+    )
+    distiller.eval()
+    batch = causal_batch(4, 9)
+    _, terms = distiller(batch)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        t_hidden = teacher(**inputs, output_hidden_states=True).hidden_states
+        s_hidden = student(**inputs, output_hidden_states=True).hidden_states
+    mask = token_weights(batch, task="causal_lm", side="decoder", shape=tuple(batch["input_ids"].shape))
+    per_pair = [
+        reference.flex_feature_loss(s_hidden[s], t_hidden[t], selection.index(t), mask, loss=loss)
+        for s, t in [(1, 1), (1, 2)]
+    ]
+    assert terms["feature"] == pytest.approx(sum(per_pair).item() / 2, rel=1e-5)
+
+
+def test_projector_params_live_outside_the_student_and_are_trained(pair):
+    teacher, student = pair
+    for direction in ("student_to_teacher", "teacher_to_student"):
+        distiller = Distiller(teacher, student, feature="projector", projector_direction=direction)
+        projector = distiller.feature_losses[0].projector
+        assert not any("projector" in name for name in student.state_dict())
+        assert any("projector" in name for name in distiller.state_dict())
+        assert not any(name.startswith("teacher") for name in distiller.state_dict())
+        params = distiller.trainable_parameters()
+        assert any(p is projector.weight for p in params)
+        optimizer = torch.optim.SGD(params, lr=0.1)
+        before = projector.weight.detach().clone()
+        loss, _ = distiller(causal_batch())
+        loss.backward()
+        optimizer.step()
+        assert not torch.equal(before, projector.weight)
+
+
+def test_window_normaliser_gives_the_loss_of_the_concatenated_batch(pair):
+    teacher, student = pair
+    distiller = Distiller(teacher, student, selection=_selection(teacher), weights={"task": 1.0, "logit": 0.5, "feature": 2.0})
+    distiller.eval()
+    first, second = causal_batch(2, 10), causal_batch(3, 10)
+    second["attention_mask"][:, 4:] = 0  # very different token counts: a mean of means would be wrong
+    second["labels"] = second["input_ids"].masked_fill(second["attention_mask"] == 0, -100)
+    units = {k: distiller.count_units(first)[k] + distiller.count_units(second)[k] for k in ("task", "logit", "feature")}
+    window = sum(distiller(batch, normalizers=units)[0] for batch in (first, second))
+    whole = distiller({k: torch.cat([first[k], second[k]]) for k in first})[0]
+    assert window.item() == pytest.approx(whole.item(), rel=1e-5)
+    mean_of_means = (distiller(first)[0] + distiller(second)[0]) / 2
+    assert mean_of_means.item() != pytest.approx(whole.item(), rel=1e-3)
+
+
+def test_sequence_classification_terms():
+    teacher = build(bert_config(TEACHER_HIDDEN, 2)).eval()
+    student = build(bert_config(STUDENT_HIDDEN, 1)).eval()
+    batch = causal_batch(4, 8)
+    batch["labels"] = torch.randint(0, 3, (4,))
+    distiller = Distiller(teacher, student, selection=_selection(teacher), weights={"task": 1, "logit": 1, "feature": 1})
+    distiller.eval()
+    _, terms = distiller(batch)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    want_task = F.cross_entropy(student(**inputs).logits, batch["labels"]).item()
+    assert terms["task"] == pytest.approx(want_task, rel=1e-5)
+    assert distiller.count_units(batch)["task"] == 4
+    assert distiller.count_units(batch)["feature"] == batch["attention_mask"].sum()
+
+
+def test_seq2seq_task_term_equals_the_models_own_loss():
+    teacher = build(bart_config(TEACHER_HIDDEN, 2)).eval()
+    student = build(bart_config(STUDENT_HIDDEN, 1)).eval()
+    batch = causal_batch(3, 8)
+    batch["labels"] = torch.randint(3, 64, (3, 6))
+    batch["labels"][1, 4:] = -100
+    distiller = Distiller(teacher, student, selection=_selection(teacher), weights={"task": 1, "logit": 1, "feature": 1})
+    distiller.eval()
+    loss, terms = distiller(batch)
+    assert terms["task"] == pytest.approx(student(**batch).loss.item(), rel=1e-5)
+    assert terms["feature"] > 0 and terms["logit"] > 0
+
+
+def test_fail_fast(pair):
+    teacher, student = pair
+    selection = _selection(teacher)
+    with pytest.raises(ValueError, match="vocabulary"):
+        Distiller(teacher, build(gpt2_config(STUDENT_HIDDEN, 1, vocab=80)), feature="none", weights={"logit": 1.0})
+    with pytest.raises(ValueError, match=r"layer_pairs\[0\].*out of range"):
+        Distiller(teacher, student, selection=selection, layer_pairs=[(5, -1)])
+    with pytest.raises(ValueError, match=r"layer_pairs\[1\].*out of range"):
+        Distiller(teacher, student, feature="cka", layer_pairs=[(1, 1), (1, -4)])
+    other_teacher = build(gpt2_config(TEACHER_HIDDEN, 2)).eval()
+    with pytest.raises(ValueError, match="selection.*does not match"):
+        Distiller(other_teacher, student, selection=selection)
+    too_wide = SimpleNamespace(layers=[2], k=40, hidden_size=TEACHER_HIDDEN, teacher=None, index=lambda layer: torch.arange(40))
+    with pytest.raises(ValueError, match="k=40 is larger than the teacher's hidden size 32"):
+        Distiller(teacher, student, selection=too_wide)
+    with pytest.raises(ValueError, match="must equal the student's hidden size 16"):
+        Distiller(teacher, student, selection=_selection(teacher, k=8))
+    with pytest.raises(ValueError, match="selection: feature='flex' needs"):
+        Distiller(teacher, student)
+    with pytest.raises(ValueError, match="no dimensions for teacher layer 1"):
+        Distiller(teacher, student, selection=selection, layer_pairs=[(1, 1)])
+    with pytest.raises(ValueError, match="weights: unknown term"):
+        Distiller(teacher, student, feature="none", weights={"feature_kd": 1.0})
+    with pytest.raises(ValueError, match="feature must be one of"):
+        Distiller(teacher, student, feature="pca")
+
+
+def test_flexkd_trainer_logs_every_term_and_saves_the_student_only(pair, tmp_path):
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from flexkd.distill import FlexKDTrainer
+
+    teacher, student = pair
+    distiller = Distiller(teacher, student, feature="projector", weights={"task": 1.0, "logit": 0.5, "feature": 1.0})
+    rows = [{k: v[0] for k, v in causal_batch(1, 8).items()} for _ in range(8)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, logging_steps=1,
+        save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True,
+    )
+    trainer = FlexKDTrainer(distiller, args=args, train_dataset=rows, data_collator=lambda b: {k: torch.stack([r[k] for r in b]) for k in b[0]})
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2
+    assert all({"distill/task", "distill/logit", "distill/feature", "distill/total"} <= set(e) for e in logged)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-2")
+    for name, value in student.state_dict().items():
+        assert torch.equal(saved.state_dict()[name], value), name
+    assert (tmp_path / "checkpoint-2" / FlexKDTrainer.FEATURE_LOSSES_FILE).exists()
