@@ -1,0 +1,239 @@
+"""The Triton backend on CPU tensors under ``TRITON_INTERPRET=1``, against the torch reference.
+
+Two parts: the op suites every CPU backend runs (``test_ops_feature_loss.py``, ``test_ops_importance.py``)
+re-targeted at ``backend="triton"`` -- the same cases and checks, collected here once more -- and tests of
+what is specific to the Triton launchers (multi-program merges, determinism, the registered ops).
+
+The interpreter has to be chosen before ``flexkd.kernels`` is imported (``@triton.jit`` reads it), so
+this module sets it at import on machines without a GPU. With a GPU, the kernels are JIT-compiled and
+these tests skip: ``test_triton_cuda.py`` covers them there.
+"""
+
+import inspect
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import test_ops_feature_loss as feature_loss_suite  # noqa: E402
+import test_ops_importance as importance_suite  # noqa: E402
+import triton_env  # noqa: E402
+from _cases import make_mask, random_index  # noqa: E402
+from _tolerances import assert_grad_close, assert_loss_close  # noqa: E402
+
+from flexkd.ops import flex_feature_loss, importance_scores, reference  # noqa: E402
+
+pytest.importorskip("triton")
+triton_env.import_kernels()
+
+if not triton_env.kernels_interpreted() and not torch.cuda.is_available():
+    raise RuntimeError(
+        "flexkd.kernels was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on "
+        "CPU tensors; set TRITON_INTERPRET=1 before the test session starts (tests/conftest.py)"
+    )
+
+pytestmark = pytest.mark.skipif(
+    not triton_env.kernels_interpreted(),
+    reason="Triton kernels are JIT-compiled (a GPU is present)",
+)
+
+from flexkd.kernels import feature_loss as triton_feature_loss  # noqa: E402
+from flexkd.kernels import importance as triton_importance  # noqa: E402
+
+# ------------------------------------------------------------------ the shared suites, for "triton"
+
+
+def _is_backend_parametrize(mark) -> bool:
+    return mark.name == "parametrize" and mark.args and mark.args[0] == "backend"
+
+
+def _for_triton(test):
+    """``test`` from a backend suite with ``backend`` fixed to ``"triton"``: same parametrisation
+    otherwise, so pytest collects the same cases under this module."""
+
+    def run(**kwargs):
+        test(backend="triton", **kwargs)
+
+    parameters = [p for p in inspect.signature(test).parameters.values() if p.name != "backend"]
+    run.__signature__ = inspect.Signature(parameters)
+    run.__name__ = run.__qualname__ = test.__name__
+    run.__doc__ = test.__doc__
+    run.pytestmark = [m for m in getattr(test, "pytestmark", []) if not _is_backend_parametrize(m)]
+    return run
+
+
+def _backend_tests(suite):
+    for name, test in vars(suite).items():
+        if name.startswith("test_") and any(
+            map(_is_backend_parametrize, getattr(test, "pytestmark", []))
+        ):
+            yield name, test
+
+
+for _suite, _prefix in ((feature_loss_suite, "feature_loss"), (importance_suite, "importance")):
+    for _name, _test in _backend_tests(_suite):
+        globals()[f"test_{_prefix}_suite_{_name.removeprefix('test_')}"] = _for_triton(_test)
+
+
+def test_suites_were_retargeted():
+    names = [name for name in globals() if "_suite_" in name]
+    assert sum("feature_loss_suite_" in n for n in names) >= 10
+    assert sum("importance_suite_" in n for n in names) >= 5
+
+
+# ------------------------------------------------------------------- what the launchers add
+
+
+def test_corr_merges_row_programs_stably():
+    """More rows than one statistics program takes, columns far from zero: the pairwise merge of the
+    per-program moments must keep fp32 close to an fp64 reference."""
+    n = triton_feature_loss._CORR_ROWS_PER_PROGRAM * 2 + 37
+    base = torch.randn(n, 3, dtype=torch.float64)
+    student = (1000.0 + base + 0.3 * torch.randn(n, 3, dtype=torch.float64)).float()
+    teacher = torch.cat([torch.randn(n, 2, dtype=torch.float64), -500.0 + base * 2], dim=1).float()
+    index = torch.tensor([2, 4, 3])
+    mask = make_mask("float", (n,))
+    s = student.requires_grad_()
+    value = flex_feature_loss(
+        s, teacher, index, mask, loss="corr", reduction="none", backend="triton"
+    )
+    upstream = torch.randn(3)
+    (value * upstream).sum().backward()
+    s64 = student.detach().double().requires_grad_()
+    expected = reference.flex_feature_loss(
+        s64, teacher.double(), index, mask.double(), loss="corr", reduction="none"
+    )
+    (expected * upstream.double()).sum().backward()
+    torch.testing.assert_close(value.double(), expected.detach(), rtol=0, atol=2e-4)
+    torch.testing.assert_close(
+        s.grad.double(), s64.grad, rtol=1e-3, atol=1e-3 * s64.grad.abs().max().item()
+    )
+
+
+@pytest.mark.parametrize("loss", ["mse", "corr"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_feature_loss_is_bitwise_deterministic(loss, reduction):
+    student, teacher = torch.randn(1500, 21), torch.randn(1500, 40)
+    index, mask = random_index(21, 40), torch.rand(1500)
+
+    def run():
+        return torch.ops.flexkd.feature_loss_fwd_triton(
+            student, teacher, index, mask, loss, reduction, 1e-6, True, True
+        )
+
+    first = run()
+    for again in (run(), run()):
+        for a, b in zip(first, again, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n", [5, 300, 2100], ids=["one-chunk", "chunks", "many-chunks"])
+def test_importance_chunked_reduction(n):
+    """One row chunk adds straight into ``out``; several go through the ordered second stage."""
+    hidden, grad = torch.randn(n, 70), torch.randn(n, 70)
+    mask = torch.rand(n)
+    start = torch.randn(70)
+    out = start.clone()
+    returned = importance_scores(hidden, grad, mask, out=out, backend="triton")
+    assert returned is out
+    expected = start + reference.importance_scores(hidden, grad, mask)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+    again = start.clone()
+    importance_scores(hidden, grad, mask, out=again, backend="triton")
+    assert torch.equal(out, again)
+
+
+def test_importance_mixed_fp64_accumulates_in_fp64():
+    hidden = torch.randn(64, 9, dtype=torch.float64) * 1e4
+    grad = torch.randn(64, 9, dtype=torch.float16)
+    actual = importance_scores(hidden, grad, backend="triton")
+    torch.testing.assert_close(actual, reference.importance_scores(hidden, grad), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("student_dtype", [torch.bfloat16, torch.float16])
+def test_mixed_dtypes_against_fp64_teacher(student_dtype):
+    """An fp64 teacher makes fp64 the accumulation dtype; the student grad is stored as bf16/fp16."""
+    student = torch.randn(23, 6).to(student_dtype)
+    teacher = torch.randn(23, 15, dtype=torch.float64)
+    index = random_index(6, 15)
+    for loss in ("mse", "corr"):
+        s = student.clone().requires_grad_()
+        value = flex_feature_loss(s, teacher, index, loss=loss, backend="triton")
+        value.backward()
+        s_ref = student.clone().requires_grad_()
+        expected = reference.flex_feature_loss(s_ref, teacher, index, loss=loss)
+        expected.backward()
+        assert value.dtype == torch.float64
+        assert_loss_close(value, expected.detach(), torch.float64)
+        assert_grad_close(s.grad, s_ref.grad, student_dtype)
+
+
+def test_op_returns_empty_grads_when_not_asked():
+    student, teacher, index = torch.randn(8, 3), torch.randn(8, 5), random_index(3, 5)
+    for loss in ("mse", "corr"):
+        value, grad_s, grad_t = torch.ops.flexkd.feature_loss_fwd_triton(
+            student, teacher, index, None, loss, "sum", 1e-6, False, False
+        )
+        assert grad_s.shape == (0,) and grad_t.shape == (0,)
+        expected = reference.feature_loss_fwd(
+            student, teacher, index, None, loss, "sum", 1e-6, False, False
+        )
+        torch.testing.assert_close(value, expected[0])
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda s, t, i: (s, t, i, None, "l1", "mean"), "loss must be one of"),
+        (lambda s, t, i: (s, t, i, None, "mse", "max"), "reduction must be one of"),
+        (lambda s, t, i: (s, t, i.int(), None, "mse", "mean"), "index must be int64"),
+        (lambda s, t, i: (s[:3], t, i, None, "mse", "mean"), "student and teacher must be"),
+    ],
+    ids=["loss", "reduction", "index-dtype", "rows"],
+)
+def test_op_rejects_bad_arguments(call, message):
+    args = call(torch.randn(4, 2), torch.randn(4, 6), random_index(2, 6))
+    with pytest.raises(ValueError, match=message):
+        torch.ops.flexkd.feature_loss_fwd_triton(*args, 1e-6, True, False)
+
+
+def test_importance_op_rejects_bad_arguments():
+    hidden = torch.randn(4, 6)
+    with pytest.raises(ValueError, match="stat must be one of"):
+        torch.ops.flexkd.importance_scores_acc_triton(hidden, hidden, None, "act", torch.zeros(6))
+    with pytest.raises(ValueError, match="out must be a contiguous fp32"):
+        torch.ops.flexkd.importance_scores_acc_triton(
+            hidden, hidden, None, "grad", torch.zeros(6, dtype=torch.float64)
+        )
+
+
+def test_opcheck_schema_fake_and_autograd_registration():
+    """What opcheck can test without compiling (aot_dispatch traces into the kernels, which needs a GPU)."""
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    student = torch.randn(9, 3, requires_grad=True)
+    teacher = torch.randn(9, 7, requires_grad=True)
+    index, mask = random_index(3, 7), torch.rand(9)
+    for loss, reduction in (("mse", "mean"), ("mse", "none"), ("corr", "sum"), ("corr", "none")):
+        torch.library.opcheck(
+            torch.ops.flexkd.feature_loss_fwd_triton.default,
+            (student, teacher, index, mask, loss, reduction, 1e-6, True, True),
+            test_utils=utils,
+        )
+    torch.library.opcheck(
+        torch.ops.flexkd.importance_scores_acc_triton.default,
+        (torch.randn(9, 7), torch.randn(9, 7), mask, "grad_x_act", torch.zeros(7)),
+        test_utils=utils,
+    )
+
+
+def test_tile_heuristic_bounds():
+    import triton
+
+    assert triton_importance._row_chunks(1, 10, 16, 256) == 1
+    for n, k in [(1, 1), (7, 4099), (16384, 2048), (3, 1)]:
+        rows, cols = triton_feature_loss.tile_shape(n, k)
+        assert cols <= 1024 and rows * cols <= max(4096, cols)
+        assert rows <= triton.next_power_of_2(n)
