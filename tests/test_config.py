@@ -1,0 +1,111 @@
+"""YAML configs: validated up front, every error names its field; overrides; relative paths."""
+
+import copy
+
+import pytest
+import yaml
+
+from flexkd.config import ConfigError, load_config, parse_config
+
+VALID = {
+    "model": {"teacher": "teachers/minilm", "student": {"config": {"model_type": "bert", "hidden_size": 16}}},
+    "data": {"task": "sequence", "train": "data/train.jsonl"},
+    "train": {"output_dir": "runs/a", "max_steps": 10},
+}
+
+
+def _write(tmp_path, data, name="cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def _patched(path_value_pairs):
+    data = copy.deepcopy(VALID)
+    for dotted, value in path_value_pairs:
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value is _DELETE:
+            node.pop(leaf)
+        else:
+            node[leaf] = value
+    return data
+
+
+_DELETE = object()
+
+
+def test_valid_config_defaults_and_paths_relative_to_the_file(tmp_path):
+    cfg = load_config(_write(tmp_path, VALID))
+    assert cfg.distill.feature == "flex" and cfg.distill.layer_pairs == "last"
+    assert cfg.distill.weights.task == 1.0 and cfg.distill.weights.logit == 0.0
+    assert cfg.output_dir == (tmp_path / "runs/a").resolve()
+    assert cfg.selection_path == (tmp_path / "runs/a/selection.safetensors").resolve()
+    assert cfg.student_path == (tmp_path / "runs/a/student").resolve()
+    assert cfg.path("data/train.jsonl") == (tmp_path / "data/train.jsonl").resolve()
+
+
+@pytest.mark.parametrize(
+    ("patch", "field", "message"),
+    [
+        ([("train.lr", -1)], "train.lr", "greater than 0"),
+        ([("train.batch_size", 0)], "train.batch_size", "greater than 0"),
+        ([("train.output_dir", _DELETE)], "train.output_dir", "field required"),
+        ([("train.epochs", 2)], "train", "exactly one of 'max_steps' and 'epochs'"),
+        ([("distill.fature", "flex")], "distill.fature", "unknown field"),
+        ([("distill.feature", "pca")], "distill.feature", "'flex', 'projector', 'cka' or 'none'"),
+        ([("distill.layer_pairs", [[1, 2, 3]])], "distill.layer_pairs.0", "at most 2 items"),
+        ([("distill.layer_pairs", [])], "distill.layer_pairs", "non-empty"),
+        ([("distill.beta", 1.5)], "distill.beta", "less than 1"),
+        ([("distill.weights", {"logit": -0.5})], "distill.weights.logit", "greater than or equal to 0"),
+        ([("distill.weights", {"kd": 1})], "distill.weights.kd", "unknown field"),
+        ([("model.student", {"config": {"hidden_size": 16}})], "model.student.config", "model_type"),
+        ([("model.teacher", "")], "model.teacher", "HF path"),
+        ([("data.train", _DELETE)], "data", "exactly one of 'train'"),
+        ([("data.task", "regression")], "data.task", "causal_lm"),
+        ([("selection.stat", "act")], "selection.stat", "grad_x_act"),
+        ([("eval.models", [])], "eval.models", "at least 1"),
+        ([("training", {})], "training", "unknown field"),
+    ],
+)
+def test_bad_config_error_names_the_field(tmp_path, patch, field, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(_write(tmp_path, _patched(patch)))
+    text = str(caught.value)
+    assert str(tmp_path / "cfg.yaml") in text
+    line = next((line.strip() for line in text.splitlines() if line.strip().startswith(f"{field}:")), None)
+    assert line is not None, text
+    assert message in line, text
+
+
+def test_yaml_syntax_error_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "model: [unclosed\n"))
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(_write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="no file"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="base_dir"):
+        parse_config({**VALID, "base_dir": "/"})
+
+
+def test_overrides_patch_before_validation(tmp_path):
+    path = _write(tmp_path, VALID)
+    cfg = load_config(path, ["train.max_steps=3", "distill.layer_pairs=[[1, 2]]", "distill.weights.logit=0.5"])
+    assert cfg.train.max_steps == 3 and cfg.distill.layer_pairs == [(1, 2)] and cfg.distill.weights.logit == 0.5
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(path, ["train.lr=-3"])
+    with pytest.raises(ConfigError, match="expected 'section.field=value'"):
+        load_config(path, ["train.lr"])
+
+
+@pytest.mark.parametrize("command", ["score", "distill", "eval"])
+def test_cli_reports_the_bad_field_and_exits_2(tmp_path, capsys, command):
+    from flexkd.cli import main
+
+    path = _write(tmp_path, _patched([("train.lr", 0)]))
+    assert main([command, str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"flexkd {command}: error" in err and "train.lr: Input should be greater than 0" in err
