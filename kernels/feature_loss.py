@@ -41,6 +41,12 @@ _CORR_ROWS_PER_PROGRAM = 1024
 
 
 @triton.jit
+def _nonzero(x):
+    """``x`` with zeros replaced by 1: a divisor whose zero case the caller masks out anyway."""
+    return tl.where(x != 0, x, 1.0)
+
+
+@triton.jit
 def _load_tiles(
     s_ptr, s_stride_n, s_stride_k, t_ptr, t_stride_n, t_stride_d,
     rows, cols, teacher_cols, ok, ACC: tl.constexpr,
@@ -77,7 +83,7 @@ def _mse_kernel(
             total_weight = tl.load(weight_sum_ptr).to(ACC)
         else:
             total_weight = n_rows.to(ACC)
-        scale = tl.where(total_weight > 0, 1.0 / (k * total_weight), 0.0).to(ACC)
+        scale = tl.where(total_weight > 0, 1.0 / (k * _nonzero(total_weight)), 0.0).to(ACC)
     else:
         scale = tl.full((), 1.0, ACC)
     grad_weight = (2 * scale) * w
@@ -167,7 +173,7 @@ def _corr_stats_kernel(
         )  # fmt: skip
         # This tile's own statistics, centred on its own means ...
         tile_weight = tl.sum(w, axis=0)
-        inv_tile_weight = tl.where(tile_weight > 0, 1.0 / tile_weight, 0.0)
+        inv_tile_weight = tl.where(tile_weight > 0, 1.0 / _nonzero(tile_weight), 0.0)
         w2 = w[:, None]
         tile_mean_s = tl.sum(w2 * s, axis=0) * inv_tile_weight
         tile_mean_t = tl.sum(w2 * t, axis=0) * inv_tile_weight
@@ -175,7 +181,7 @@ def _corr_stats_kernel(
         b = t - tile_mean_t[None, :]
         # ... merged into the running ones (Chan, Golub & LeVeque's pairwise update).
         merged_weight = weight + tile_weight
-        frac = tl.where(merged_weight > 0, tile_weight / merged_weight, 0.0)
+        frac = tl.where(merged_weight > 0, tile_weight / _nonzero(merged_weight), 0.0)
         delta_s = tile_mean_s - mean_s
         delta_t = tile_mean_t - mean_t
         m2_s += tl.sum(w2 * a * a, axis=0) + delta_s * delta_s * weight * frac
