@@ -1,0 +1,81 @@
+// The CPU kernels, compiled once per instruction set. A kernels_<isa>.cpp includes prelude.h, switches
+// the target ISA, defines FLEXKD_CPU_ISA and includes this header, which puts everything in
+// flexkd::cpu::FLEXKD_CPU_ISA. No include guard on purpose: it is instantiated once per ISA.
+
+#ifndef FLEXKD_CPU_ISA
+#error "define FLEXKD_CPU_ISA (the namespace for this instruction set) before including engine.h"
+#endif
+
+namespace flexkd::cpu::FLEXKD_CPU_ISA {
+
+#include "cpu/engine/numeric.h"
+#include "cpu/engine/parallel.h"
+#include "cpu/engine/feature_loss_common.h"
+#include "cpu/engine/feature_loss_mse.h"
+#include "cpu/engine/feature_loss_corr.h"
+#include "cpu/engine/importance.h"
+
+// Calls body(std::type_identity<StorageType>{}) for a runtime dtype.
+template <class Body>
+inline void with_storage_type(DType dtype, Body&& body) {
+  switch (dtype) {
+    case DType::kFloat32: return body(std::type_identity<float>{});
+    case DType::kFloat64: return body(std::type_identity<double>{});
+    case DType::kBFloat16: return body(std::type_identity<BFloat16>{});
+    case DType::kFloat16: return body(std::type_identity<Float16>{});
+  }
+}
+
+// Calls body(std::bool_constant<flag>{}) so a runtime flag becomes a template parameter.
+template <class Body>
+inline void with_flag(bool flag, Body&& body) {
+  if (flag) {
+    body(std::true_type{});
+  } else {
+    body(std::false_type{});
+  }
+}
+
+inline void feature_loss(const FeatureLossArgs& a) {
+  with_storage_type(a.student.dtype, [&](auto student_type) {
+    with_storage_type(a.teacher.dtype, [&](auto teacher_type) {
+      using S = typename decltype(student_type)::type;
+      using T = typename decltype(teacher_type)::type;
+      with_flag(a.student.col_stride == 1, [&](auto unit) {
+        with_flag(a.grad_student != nullptr, [&](auto grad_s) {
+          with_flag(a.grad_teacher != nullptr, [&](auto grad_t) {
+            constexpr bool kUnit = decltype(unit)::value;
+            constexpr bool kGradS = decltype(grad_s)::value;
+            constexpr bool kGradT = decltype(grad_t)::value;
+            if (a.loss == Loss::kMse) {
+              mse_loss<S, T, kUnit, kGradS, kGradT>(a);
+            } else {
+              corr_loss<S, T, kUnit, kGradS, kGradT>(a);
+            }
+          });
+        });
+      });
+    });
+  });
+}
+
+inline void importance(const ImportanceArgs& a) {
+  with_storage_type(a.hidden.dtype, [&](auto hidden_type) {
+    with_storage_type(a.grad.dtype, [&](auto grad_type) {
+      using H = typename decltype(hidden_type)::type;
+      using G = typename decltype(grad_type)::type;
+      with_flag(a.hidden.col_stride == 1 && a.grad.col_stride == 1, [&](auto unit) {
+        constexpr bool kUnit = decltype(unit)::value;
+        switch (a.stat) {
+          case Stat::kGradXAct: return importance_scores<H, G, kUnit, Stat::kGradXAct>(a);
+          case Stat::kGrad: return importance_scores<H, G, kUnit, Stat::kGrad>(a);
+          case Stat::kGradSq: return importance_scores<H, G, kUnit, Stat::kGradSq>(a);
+        }
+      });
+    });
+  });
+}
+
+inline const KernelTable table{FLEXKD_CPU_ISA_NAME, &feature_loss, &importance};
+
+}  // namespace flexkd::cpu::FLEXKD_CPU_ISA
