@@ -4,7 +4,17 @@
 ``datasets.Dataset``; ``label_names("debian-sections")`` the class names. Rebuild the
 snapshot with ``python -m flexkd.data.build_debian`` (see debian/PROVENANCE.md)."""
 
-from .loaders import SNAPSHOT_DIR, SPLITS, TASKS, label_names, load_task, read_rows, snapshot_meta, task_spec
+from .loaders import (
+    SNAPSHOT_DIR,
+    SPLITS,
+    TASKS,
+    label_names,
+    load_task,
+    read_rows,
+    snapshot_meta,
+    synopsis_tokenizer_file,
+    task_spec,
+)
 
 __all__ = [
     "SNAPSHOT_DIR",
@@ -14,5 +24,6 @@ __all__ = [
     "load_task",
     "read_rows",
     "snapshot_meta",
+    "synopsis_tokenizer_file",
     "task_spec",
 ]

@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from . import apt_lists
+from .bpe import train_bpe
 from .near_dup import near_duplicate_clusters
 from .text import mask_names, names_to_mask, normalise_for_dedup, split_description, truncate_words
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "debian")
 SPLITS = ("train", "validation", "test")
 SPLIT_SALT = "flexkd-debian-v1"
+SYNOPSIS_TOKENIZER = "synopsis-tokenizer.json"
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class BuildConfig:
     max_chars: int = 1000
     max_per_source: int = 4
     near_dup_threshold: float = 0.8
+    bpe_vocab_size: int = 8192
 
 
 @dataclass
@@ -169,10 +172,12 @@ def water_fill_cap(counts: dict[str, int], total: int) -> int:
 
 def sections_task(entries: list[Description], config: BuildConfig) -> tuple[dict, list[str]]:
     sizes = Counter(e.section for e in entries)
-    labels = sorted(s for s, _ in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))[: config.num_sections])
+    labels = sorted(
+        s for s, _ in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))[: config.num_sections]
+    )
     label_set = set(labels)
     rows: dict[str, list[dict]] = {}
-    for split, target in zip(SPLITS, config.sections_sizes):
+    for split, target in zip(SPLITS, config.sections_sizes, strict=True):
         pool = defaultdict(list)
         for e in entries:
             if e.section in label_set and split_of(e.source, config) == split:
@@ -194,9 +199,11 @@ def sections_task(entries: list[Description], config: BuildConfig) -> tuple[dict
 
 def synopsis_task(entries: list[Description], config: BuildConfig) -> dict:
     rows = {}
-    for split, target in zip(SPLITS, config.synopsis_sizes):
+    for split, target in zip(SPLITS, config.synopsis_sizes, strict=True):
         pool = [
-            e for e in entries if split_of(e.source, config) == split and len(e.synopsis.split()) >= 2
+            e
+            for e in entries
+            if split_of(e.source, config) == split and len(e.synopsis.split()) >= 2
         ]
         chosen = sorted(pool, key=lambda d: unit_hash("synopsis:" + d.md5))[:target]
         rows[split] = [
@@ -246,10 +253,21 @@ def build(lists_dir: str, out_dir: str, suite: str, config: BuildConfig) -> dict
     os.makedirs(out_dir, exist_ok=True)
     counts: dict[str, dict] = {"debian-sections": {}, "debian-synopsis": {}}
     for split in SPLITS:
-        atomic_write_bytes(os.path.join(out_dir, f"sections-{split}.jsonl.gz"), jsonl_gz(sections_rows[split]))
-        atomic_write_bytes(os.path.join(out_dir, f"synopsis-{split}.jsonl.gz"), jsonl_gz(synopsis_rows[split]))
-        counts["debian-sections"][split] = dict(sorted(Counter(r["label"] for r in sections_rows[split]).items()))
+        atomic_write_bytes(
+            os.path.join(out_dir, f"sections-{split}.jsonl.gz"), jsonl_gz(sections_rows[split])
+        )
+        atomic_write_bytes(
+            os.path.join(out_dir, f"synopsis-{split}.jsonl.gz"), jsonl_gz(synopsis_rows[split])
+        )
+        counts["debian-sections"][split] = dict(
+            sorted(Counter(r["label"] for r in sections_rows[split]).items())
+        )
         counts["debian-synopsis"][split] = len(synopsis_rows[split])
+    synopsis_texts = (t for r in synopsis_rows["train"] for t in (r["text"], r["summary"]))
+    atomic_write_bytes(
+        os.path.join(out_dir, SYNOPSIS_TOKENIZER),
+        train_bpe(synopsis_texts, config.bpe_vocab_size).encode(),
+    )
     meta = {
         "format": 1,
         "release": apt_lists.release_info(release_path),
@@ -263,7 +281,8 @@ def build(lists_dir: str, out_dir: str, suite: str, config: BuildConfig) -> dict
         "counts": counts,
     }
     atomic_write_bytes(
-        os.path.join(out_dir, "meta.json"), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+        os.path.join(out_dir, "meta.json"),
+        (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode(),
     )
     from .provenance import render_provenance
 
@@ -272,10 +291,15 @@ def build(lists_dir: str, out_dir: str, suite: str, config: BuildConfig) -> dict
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flexkd.data.build_debian", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m flexkd.data.build_debian",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--lists-dir", default=apt_lists.APT_LISTS_DIR)
-    parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: the package's snapshot)")
+    parser.add_argument(
+        "--out", default=DEFAULT_OUT, help="output folder (default: the package's snapshot)"
+    )
     parser.add_argument("--suite", default=None, help="Debian codename (default: this system's)")
     args = parser.parse_args(argv)
     meta = build(args.lists_dir, args.out, args.suite or detect_codename(), BuildConfig())

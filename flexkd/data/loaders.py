@@ -25,6 +25,16 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
+def synopsis_tokenizer_file(data_dir: str = SNAPSHOT_DIR) -> str:
+    """The committed byte-level BPE ``tokenizer.json`` of ``debian-synopsis``."""
+    path = os.path.join(data_dir, "synopsis-tokenizer.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"no synopsis tokenizer at {path}; run `python -m flexkd.data.build_debian`"
+        )
+    return path
+
+
 def task_spec(name: str) -> TaskSpec:
     if name not in TASKS:
         raise ValueError(f"task: expected one of {sorted(TASKS)}, got {name!r}")
@@ -36,7 +46,9 @@ def snapshot_meta(data_dir: str = SNAPSHOT_DIR) -> dict:
     """The snapshot's ``meta.json``: release, input hashes, build config, labels, counts."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no snapshot at {data_dir}; run `python -m flexkd.data.build_debian`")
+        raise FileNotFoundError(
+            f"no snapshot at {data_dir}; run `python -m flexkd.data.build_debian`"
+        )
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -49,7 +61,9 @@ def label_names(task: str, data_dir: str = SNAPSHOT_DIR) -> list[str]:
     return list(snapshot_meta(data_dir)["labels"][task])
 
 
-def read_rows(task: str, split: str, limit: int | None = None, data_dir: str = SNAPSHOT_DIR) -> list[dict]:
+def read_rows(
+    task: str, split: str, limit: int | None = None, data_dir: str = SNAPSHOT_DIR
+) -> list[dict]:
     """The raw rows of one split as dicts (labels still as section names)."""
     spec = task_spec(task)
     if split not in SPLITS:

@@ -23,7 +23,9 @@ def shingles(text: str, n: int = 3) -> set[int]:
     """64-bit hashes of the word ``n``-grams of ``text`` (the whole text when it is shorter)."""
     words = text.split()
     grams = [" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))]
-    return {int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little") for g in grams}
+    return {
+        int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little") for g in grams
+    }
 
 
 class MinHasher:

@@ -54,6 +54,9 @@ records the sha256 of the inputs used here.
 8. `debian-synopsis`: all sections; input is the unmasked long description (cut the same
    way), target is the synopsis.
 9. Rows are stored in a hash order, so the first n rows of a split are a fair sample.
+10. `synopsis-tokenizer.json`: a byte-level BPE tokenizer (vocabulary {bpe_vocab_size}, special
+    tokens `<pad> <s> </s> <sep>`) trained with `tokenizers` on the `debian-synopsis` train
+    split (inputs and targets), used by the summarisation models.
 
 Filtering counts: {filtering}
 
@@ -90,16 +93,20 @@ def render_provenance(meta: dict) -> str:
     counts = meta["counts"]["debian-sections"]
     labels = meta["labels"]["debian-sections"]
     section_rows = "\n".join(
-        f"| {label} | " + " | ".join(str(counts[s].get(label, 0)) for s in ("train", "validation", "test")) + " |"
+        f"| {label} | "
+        + " | ".join(str(counts[s].get(label, 0)) for s in ("train", "validation", "test"))
+        + " |"
         for label in labels
     )
     synopsis = meta["counts"]["debian-synopsis"]
     return _TEMPLATE.format(
         release_line=(
-            f"{release.get('Version', '?')} \"{release.get('Codename', '?')}\" "
+            f'{release.get("Version", "?")} "{release.get("Codename", "?")}" '
             f"(suite `{release.get('Suite', '?')}`, Release file dated {release.get('Date', '?')})"
         ),
-        source_lines="\n".join(f"  - `{name}`: `{digest}`" for name, digest in meta["sources"].items()),
+        source_lines="\n".join(
+            f"  - `{name}`: `{digest}`" for name, digest in meta["sources"].items()
+        ),
         min_words=config["min_words"],
         near_dup_threshold=config["near_dup_threshold"],
         max_per_source=config["max_per_source"],
@@ -108,6 +115,7 @@ def render_provenance(meta: dict) -> str:
         test_pct=round(100 * config["test_fraction"]),
         num_sections=config["num_sections"],
         max_chars=config["max_chars"],
+        bpe_vocab_size=config["bpe_vocab_size"],
         filtering=", ".join(f"{k} {v}" for k, v in meta["filtering"].items()),
         num_labels=len(labels),
         section_rows=section_rows,

@@ -9,15 +9,61 @@ NAME_MASK = "PKG"
 
 # Packaging-convention prefixes and suffixes around an upstream name (checked in order).
 _PREFIXES = (
-    "golang-github-", "golang-gitlab-", "golang-gopkg-", "golang-golang-x-", "golang-",
-    "python3-", "python-", "pypy3-", "r-cran-", "r-bioc-", "r-other-", "librust-", "libghc-",
-    "libjs-", "libjs", "node-", "ruby-", "php-", "lua-", "elpa-", "fonts-", "xfonts-",
-    "texlive-", "gir1.2-", "gnome-shell-extension-", "vim-", "lib",
+    "golang-github-",
+    "golang-gitlab-",
+    "golang-gopkg-",
+    "golang-golang-x-",
+    "golang-",
+    "python3-",
+    "python-",
+    "pypy3-",
+    "r-cran-",
+    "r-bioc-",
+    "r-other-",
+    "librust-",
+    "libghc-",
+    "libjs-",
+    "libjs",
+    "node-",
+    "ruby-",
+    "php-",
+    "lua-",
+    "elpa-",
+    "fonts-",
+    "xfonts-",
+    "texlive-",
+    "gir1.2-",
+    "gnome-shell-extension-",
+    "vim-",
+    "lib",
 )
 _SUFFIXES = (
-    "-dev", "-doc", "-docs", "-common", "-data", "-utils", "-tools", "-bin", "-perl", "-java",
-    "-ocaml", "-dbg", "-examples", "-plugins", "-plugin", "-prof", "-cil", "-tests", "-l10n",
-    "-el", "-runtime", "-headers", "-static", "-modules", "-module", "-extension",
+    "-dev",
+    "-doc",
+    "-docs",
+    "-common",
+    "-data",
+    "-utils",
+    "-tools",
+    "-bin",
+    "-perl",
+    "-java",
+    "-ocaml",
+    "-dbg",
+    "-examples",
+    "-plugins",
+    "-plugin",
+    "-prof",
+    "-cil",
+    "-tests",
+    "-l10n",
+    "-el",
+    "-runtime",
+    "-headers",
+    "-static",
+    "-modules",
+    "-module",
+    "-extension",
 )
 _VERSION_TAIL = re.compile(r"(?:[-.]?\d+(?:\.\d+)*[a-z]?|t64)$")
 # Stems that are packaging words, not names: masking them would blank ordinary text.
@@ -45,9 +91,7 @@ def split_description(description_en: str) -> tuple[str, str]:
             paragraphs[-1].append("\n" + line.strip())
         elif line.strip():
             paragraphs[-1].append(line.strip())
-    body = "\n".join(
-        " ".join(lines).replace(" \n", "\n").strip() for lines in paragraphs if lines
-    )
+    body = "\n".join(" ".join(lines).replace(" \n", "\n").strip() for lines in paragraphs if lines)
     return first.strip(), body
 
 
@@ -56,7 +100,7 @@ def name_stem(package: str) -> str:
     stem = package.lower()
     for prefix in _PREFIXES:
         if stem.startswith(prefix) and len(stem) > len(prefix):
-            stem = stem[len(prefix):]
+            stem = stem[len(prefix) :]
             break
     changed = True
     while changed:
