@@ -141,8 +141,7 @@ void corr(const FeatureLossProblem& p, cudaStream_t stream) {
     launch_reduce_to_scalar(column_loss.const_data_ptr<Acc>(), k, scale, p.loss.mutable_data_ptr<Acc>(), stream);
   }
   if (args.grad_student || args.grad_teacher) {
-    launch_row_pass(args, CorrGradOp<Acc>{params.const_data_ptr<Acc>(), k}, row_pass_blocks(device, rows),
-                    stream);
+    launch_row_pass(args, CorrGradOp<Acc>{params.const_data_ptr<Acc>(), k}, device, stream);
   }
 }
 

@@ -27,15 +27,14 @@ void mse(const FeatureLossProblem& p, cudaStream_t stream) {
   }
 
   auto args = row_pass_args<S, T, Acc>(p);
-  const int blocks = row_pass_blocks(device, rows);
   at::Tensor partials;
   if (p.reduction == Reduction::kNone) {
     args.row_loss = p.loss.mutable_data_ptr<Acc>();
   } else {
-    partials = at::empty({blocks}, acc_options);
+    partials = at::empty({row_pass_max_blocks(device)}, acc_options);
     args.block_loss = partials.mutable_data_ptr<Acc>();
   }
-  launch_row_pass(args, MseOp<Acc>{scale}, blocks, stream);
+  const int blocks = launch_row_pass(args, MseOp<Acc>{scale}, device, stream);
   if (p.reduction != Reduction::kNone) {
     launch_reduce_to_scalar(partials.const_data_ptr<Acc>(), blocks, scale, p.loss.mutable_data_ptr<Acc>(),
                             stream);

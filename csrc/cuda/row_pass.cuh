@@ -17,7 +17,7 @@
 namespace flexkd::cuda {
 
 constexpr int kTileCols = 4096;
-constexpr int kRowPassBlocksPerSm = 8;
+constexpr int kRowPassMaxBlocksPerSm = 8;
 
 template <typename S, typename T, typename Acc>
 struct RowPassArgs {
@@ -178,25 +178,25 @@ __global__ void __launch_bounds__(kBlockThreads) row_pass_kernel(RowPassArgs<S, 
   }
 }
 
-// Blocks of the row pass for `rows` rows (also the number of block_loss partials it writes).
-inline int row_pass_blocks(int device, int64_t rows) {
-  return grid_blocks(device, ceil_div(rows, kWarpsPerBlock), kRowPassBlocksPerSm);
-}
+// Upper bound on the blocks of one row pass: callers size the block_loss buffer with it.
+inline int row_pass_max_blocks(int device) { return sm_count(device) * kRowPassMaxBlocksPerSm; }
 
+// Launches the row pass over `a` with as many blocks as fit on the GPU at once (never more than the
+// rows need) and returns that count, which is also the number of block_loss partials written.
 template <typename S, typename T, typename Acc, typename Op>
-void launch_row_pass(const RowPassArgs<S, T, Acc>& a, const Op& op, int blocks, cudaStream_t stream) {
+int launch_row_pass(const RowPassArgs<S, T, Acc>& a, const Op& op, int device, cudaStream_t stream) {
   constexpr int V = 16 / sizeof(S);
   // Student rows and both gradient outputs move as V-element vectors when alignment allows.
-  const bool vectorize = a.k % V == 0 &&
-                         vector_friendly(a.student, a.s_row, a.s_col, sizeof(S), V);
-  if (vectorize) {
-    row_pass_kernel<V, S, T, Acc, Op>
-        <<<blocks, kBlockThreads, row_pass_smem_bytes<V, Acc>(a.k), stream>>>(a, op);
-  } else {
-    row_pass_kernel<1, S, T, Acc, Op>
-        <<<blocks, kBlockThreads, row_pass_smem_bytes<1, Acc>(a.k), stream>>>(a, op);
-  }
+  const bool vectorize = a.k % V == 0 && vector_friendly(a.student, a.s_row, a.s_col, sizeof(S), V);
+  const auto kernel = vectorize ? row_pass_kernel<V, S, T, Acc, Op> : row_pass_kernel<1, S, T, Acc, Op>;
+  const size_t smem = vectorize ? row_pass_smem_bytes<V, Acc>(a.k) : row_pass_smem_bytes<1, Acc>(a.k);
+  int resident = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kBlockThreads, smem));
+  const int per_sm = std::max(1, std::min(resident, kRowPassMaxBlocksPerSm));
+  const int blocks = grid_blocks(device, ceil_div(a.rows, kWarpsPerBlock), per_sm);
+  kernel<<<blocks, kBlockThreads, smem, stream>>>(a, op);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return blocks;
 }
 
 // Calls f(TypeTag<S>{}, TypeTag<T>{}) for the student and teacher dtypes of `p`.

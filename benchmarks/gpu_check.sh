@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The GPU check, for a machine with an NVIDIA GPU, its own torch with CUDA (and the Triton that ships
+# with it) and possibly no network: builds flexkd._C with the CUDA kernels for this GPU, runs the
+# tests marked `cuda`, then benchmarks flexkd-cuda, flexkd-triton, torch eager and torch.compile at
+# N=16384, D=4096, k=2048 in bf16 and fp32 (bench_gpu.py). Nothing is downloaded. The benchmark table
+# is the last thing printed. Meant to finish in under 8 minutes.
+#
+#   bash benchmarks/gpu_check.sh [results-dir]      # default results-dir: benchmarks/results/gpu
+#
+# Environment: PYTHON (default python3), FLEXKD_CUDA_ARCH_LIST (default: this GPU's capability),
+# MAX_JOBS (default: all cores), GPU_CHECK_TEST_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT (seconds, 240 / 180).
+# Writes build.log, tests.log, bench.json and bench.md into the results directory.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+RESULTS="${1:-$ROOT/benchmarks/results/gpu}"
+PY="${PYTHON:-python3}"
+mkdir -p "$RESULTS"
+cd "$ROOT" || exit 1
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PIP_NO_INDEX=1
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+START=$SECONDS
+step() { printf '\n=== [gpu_check %4ds] %s\n' "$((SECONDS - START))" "$*"; }
+
+step "environment"
+"$PY" - <<'EOF' || { echo "gpu_check: torch cannot see a CUDA GPU here" >&2; exit 1; }
+import torch
+assert torch.cuda.is_available(), "no CUDA device"
+p = torch.cuda.get_device_properties(0)
+print(f"{p.name}: capability {p.major}.{p.minor}, {p.multi_processor_count} SMs, "
+      f"{p.total_memory / 2**30:.0f} GiB; torch {torch.__version__}, CUDA {torch.version.cuda}")
+EOF
+if [[ -z "${FLEXKD_CUDA_ARCH_LIST:-}" ]]; then
+  FLEXKD_CUDA_ARCH_LIST="$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')"
+fi
+export FLEXKD_CUDA_ARCH_LIST MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+if [[ -z "${CUDA_HOME:-}" ]] && command -v nvcc >/dev/null; then
+  # Ask nvcc for its toolkit root: the nvcc on PATH may be a wrapper script or a link.
+  top="$(nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n1)"
+  [[ -n "$top" ]] || top="$(dirname "$(readlink -f "$(command -v nvcc)")")/.."
+  CUDA_HOME="$(cd "$top" && pwd -P)"
+  export CUDA_HOME
+fi
+echo "FLEXKD_CUDA_ARCH_LIST=$FLEXKD_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CUDA_HOME=${CUDA_HOME:-unset}"
+
+step "build flexkd._C with CUDA (log: $RESULTS/build.log)"
+# An editable install maps kernels/ to flexkd.kernels; without pip's help, build in place instead.
+if ! "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . >"$RESULTS/build.log" 2>&1; then
+  echo "pip install -e . failed (tail of the log below); building in place with setup.py"
+  tail -n 15 "$RESULTS/build.log"
+  "$PY" setup.py build_ext --inplace >>"$RESULTS/build.log" 2>&1 || {
+    tail -n 60 "$RESULTS/build.log"
+    echo "gpu_check: the build failed" >&2
+    exit 1
+  }
+fi
+"$PY" - <<'EOF' || { echo "gpu_check: flexkd._C has no CUDA kernels" >&2; exit 1; }
+from flexkd import _native
+info = _native.build_info()
+print({k: info.get(k) for k in ("torch_version", "cuda_kernels", "cuda_version", "cuda_archs")})
+raise SystemExit(0 if info.get("cuda_kernels") else 1)
+EOF
+
+step "tests marked cuda (log: $RESULTS/tests.log)"
+TEST_STATUS="not run"
+if "$PY" -c "import pytest" 2>/dev/null; then
+  timeout "${GPU_CHECK_TEST_TIMEOUT:-240}" "$PY" -m pytest -m cuda -q -x -p no:cacheprovider tests \
+    2>&1 | tee "$RESULTS/tests.log" | tail -n 25
+  status=${PIPESTATUS[0]}
+  TEST_STATUS="exit $status"
+  [[ $status == 124 ]] && TEST_STATUS="timed out after ${GPU_CHECK_TEST_TIMEOUT:-240}s"
+else
+  echo "pytest is not installed here (and cannot be downloaded): cuda tests SKIPPED"
+  TEST_STATUS="skipped (no pytest)"
+fi
+
+step "benchmarks (bench_gpu.py)"
+timeout "${GPU_CHECK_BENCH_TIMEOUT:-180}" "$PY" benchmarks/bench_gpu.py --json "$RESULTS/bench.json" \
+  2>&1 | tee "$RESULTS/bench.log"
+BENCH_STATUS=${PIPESTATUS[0]}
+# The table is the tail of the benchmark's output, starting at its "N=... on <device>" line.
+sed -n '/^N=[0-9]* D=[0-9]* k=[0-9]* on /,$p' "$RESULTS/bench.log" >"$RESULTS/bench.md"
+
+step "done: tests $TEST_STATUS, benchmark exit $BENCH_STATUS"
+cat "$RESULTS/bench.md"
+[[ "$TEST_STATUS" == "exit 0" && $BENCH_STATUS == 0 ]]
