@@ -120,11 +120,13 @@ def _mse(student, teacher, index, mask, reduction, grad_s, grad_t, acc):
     loss = torch.empty(n if per_row else n_programs, dtype=acc, device=student.device)
     has_mask = mask is not None
     mean = reduction == "mean"
-    weight_sum = mask.sum() if has_mask and mean else loss
+    # Pointers a specialisation never reads get a read-only input (never a written buffer, which
+    # would alias an output under torch.compile's functionalisation).
+    weight_sum = mask.sum() if has_mask and mean else index
     launch(_mse_kernel)[(n_programs,)](
         student, student.stride(0), student.stride(1),
         teacher, teacher.stride(0), teacher.stride(1),
-        index, mask if has_mask else loss, weight_sum,
+        index, mask if has_mask else index, weight_sum,
         loss, grad_s, grad_t,
         n, k,
         HAS_MASK=has_mask, MEAN=mean, PER_ROW_LOSS=per_row,
@@ -281,7 +283,7 @@ def _corr(student, teacher, index, mask, reduction, eps, grad_s, grad_t, acc):
     launch(_corr_stats_kernel)[(n_row_programs, triton.cdiv(k, block_k))](
         student, student.stride(0), student.stride(1),
         teacher, teacher.stride(0), teacher.stride(1),
-        index, mask if has_mask else partials, partials,
+        index, mask if has_mask else index, partials,
         n, k, rows_per_program, n_row_programs,
         HAS_MASK=has_mask, ACC=tl_dtype(acc), BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps(block_n, block_k),
@@ -299,7 +301,7 @@ def _corr(student, teacher, index, mask, reduction, eps, grad_s, grad_t, acc):
         launch(_corr_grad_kernel)[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
             student, student.stride(0), student.stride(1),
             teacher, teacher.stride(0), teacher.stride(1),
-            index, mask if has_mask else table, table,
+            index, mask if has_mask else index, table,
             grad_s, grad_t,
             n, k,
             HAS_MASK=has_mask, WRITE_GRAD_S=grad_s.numel() > 0, WRITE_GRAD_T=grad_t.numel() > 0,

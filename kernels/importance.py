@@ -125,7 +125,7 @@ def importance_scores_acc(
     launch(_column_sums_kernel)[(n_chunks, triton.cdiv(d, block_d))](
         hidden, hidden.stride(0), hidden.stride(1),
         grad, grad.stride(0), grad.stride(1),
-        mask if has_mask else dest, dest,
+        mask if has_mask else grad, dest,  # an unread pointer gets a read-only input
         n, d, rows_per_chunk,
         STAT=stat, HAS_MASK=has_mask, ADD_INTO_DEST=single_chunk,
         ACC=tl_dtype(acc), BLOCK_N=block_n, BLOCK_D=block_d,
