@@ -10,6 +10,7 @@ from flexkd.adapters import (
     register_family,
     registered_model_types,
     token_weights,
+    unwrap_model,
 )
 
 FAMILIES = {
@@ -171,3 +172,11 @@ def test_token_weights_errors():
         )
     with pytest.raises(TypeError, match="attention_mask"):
         token_weights({"attention_mask": [[1, 1]]}, task=None, side="encoder", shape=(1, 2))
+
+
+def test_wrapped_models_are_unwrapped():
+    model = tiny.build("gpt2")
+    wrapped = nn.DataParallel(model)
+    adapter = get_adapter(wrapped)
+    assert adapter.model is model and adapter.blocks[0] is model.transformer.h[0]
+    assert unwrap_model(wrapped) is model

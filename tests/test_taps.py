@@ -147,3 +147,12 @@ def test_tap_errors():
     tap = LayerTap(model, [1])
     with pytest.raises(KeyError, match="not captured"):
         tap.hidden[1]
+
+
+def test_taps_fire_through_a_wrapper():
+    model = tiny.build("llama")
+    batch = tiny.batch_for("llama")
+    reference = _reference(model, batch, None)
+    with LayerTap(torch.nn.DataParallel(model), [2]) as tap, torch.no_grad():
+        assert tap.run(**batch) is not None
+    assert torch.equal(tap.hidden[2], reference[2])

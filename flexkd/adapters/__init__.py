@@ -14,6 +14,7 @@ from flexkd.adapters.registry import (
     get_adapter,
     register_family,
     registered_model_types,
+    unwrap_model,
 )
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "get_adapter",
     "register_family",
     "registered_model_types",
+    "unwrap_model",
 ]

@@ -47,8 +47,9 @@ class TeacherIdentity:
 
     @classmethod
     def of(cls, model: nn.Module, side: str | None = None) -> TeacherIdentity:
-        from flexkd.adapters.registry import get_adapter
+        from flexkd.adapters.registry import get_adapter, unwrap_model
 
+        model = unwrap_model(model)
         adapter = get_adapter(model, side=side)
         return cls(
             name=str(getattr(model.config, "_name_or_path", "") or ""),

@@ -90,6 +90,7 @@ def get_adapter(model: nn.Module, side: str | None = None) -> ModelAdapter:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap_model(model)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if config is None or not model_type:
@@ -134,6 +135,17 @@ def get_adapter(model: nn.Module, side: str | None = None) -> ModelAdapter:
         task=detect_task(model),
         family=family_name,
     )
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel / ``torch.compile`` wrappers (hooks on it fire through them)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _choose_side(side: str | None, sides: tuple[str, ...], model_type: str) -> str:
