@@ -94,7 +94,9 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
         student.save_pretrained(tmp / "student")
-        feature_state = {k: v.detach().cpu().contiguous() for k, v in feature_losses.state_dict().items()}
+        feature_state = {
+            k: v.detach().cpu().contiguous() for k, v in feature_losses.state_dict().items()
+        }
         if feature_state:
             save_file(feature_state, str(tmp / "feature_losses.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -119,7 +121,9 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -159,7 +163,9 @@ def load_checkpoint(
     if feature_file.exists():
         feature_losses.load_state_dict(load_file(str(feature_file)))
     device = next(student.parameters()).device
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=False))
+    optimizer.load_state_dict(
+        torch.load(path / "optimizer.pt", map_location=device, weights_only=False)
+    )
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     restore_rng(torch.load(path / "rng" / f"rank-{rank}.pt", weights_only=False))
     return state

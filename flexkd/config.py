@@ -67,7 +67,9 @@ ModelSpec = str | ModelFromConfig
 class ModelSection(_Section):
     teacher: ModelSpec
     student: ModelSpec
-    tokenizer: str | None = Field(None, description="tokenizer path; default: the teacher's when it is a path")
+    tokenizer: str | None = Field(
+        None, description="tokenizer path; default: the teacher's when it is a path"
+    )
 
     @field_validator("teacher", "student")
     @classmethod
@@ -82,7 +84,9 @@ class DataSection(_Section):
     train: str | None = None
     validation: str | None = None
     test: str | None = None
-    factory: str | None = Field(None, description="'task:NAME' or 'module:function' returning the splits")
+    factory: str | None = Field(
+        None, description="'task:NAME' or 'module:function' returning the splits"
+    )
     text_field: str = "text"
     text_pair_field: str | None = None
     label_field: str = "label"
@@ -99,7 +103,9 @@ class DataSection(_Section):
 
 class SelectionSection(_Section):
     path: str | None = Field(None, description="default: <train.output_dir>/selection.safetensors")
-    layers: list[int] | None = Field(None, description="default: the teacher layers of distill.layer_pairs")
+    layers: list[int] | None = Field(
+        None, description="default: the teacher layers of distill.layer_pairs"
+    )
     k: PositiveInt | None = Field(None, description="default: the student's hidden size")
     stat: Literal["grad_x_act", "grad", "grad_sq"] = "grad_x_act"
     which: Literal["top", "bottom", "random"] = "top"
@@ -130,7 +136,9 @@ class DistillSection(_Section):
     @classmethod
     def _non_empty_pairs(cls, value):
         if isinstance(value, list) and not value:
-            raise ValueError("must be 'last' or a non-empty list of [student_layer, teacher_layer] pairs")
+            raise ValueError(
+                "must be 'last' or a non-empty list of [student_layer, teacher_layer] pairs"
+            )
         return value
 
 
@@ -163,7 +171,9 @@ class TrainSection(_Section):
 class EvalSection(_Section):
     split: Literal["train", "validation", "test"] = "validation"
     batch_size: PositiveInt = 16
-    models: list[Literal["student", "teacher"]] = Field(default_factory=lambda: ["student"], min_length=1)
+    models: list[Literal["student", "teacher"]] = Field(
+        default_factory=lambda: ["student"], min_length=1
+    )
     student_path: str | None = Field(None, description="default: <train.output_dir>/student")
     output: str | None = Field(None, description="default: <train.output_dir>/eval.json")
 
@@ -175,7 +185,9 @@ class Config(_Section):
     distill: DistillSection = DistillSection()
     train: TrainSection
     eval: EvalSection = EvalSection()
-    base_dir: str = Field(".", description="folder relative paths are resolved against (set by load_config)")
+    base_dir: str = Field(
+        ".", description="folder relative paths are resolved against (set by load_config)"
+    )
 
     def path(self, value: str | os.PathLike) -> Path:
         """``value`` resolved against ``base_dir`` (absolute paths unchanged)."""
@@ -187,11 +199,19 @@ class Config(_Section):
 
     @property
     def selection_path(self) -> Path:
-        return self.path(self.selection.path) if self.selection.path else self.output_dir / "selection.safetensors"
+        return (
+            self.path(self.selection.path)
+            if self.selection.path
+            else self.output_dir / "selection.safetensors"
+        )
 
     @property
     def student_path(self) -> Path:
-        return self.path(self.eval.student_path) if self.eval.student_path else self.output_dir / "student"
+        return (
+            self.path(self.eval.student_path)
+            if self.eval.student_path
+            else self.output_dir / "student"
+        )
 
     @property
     def eval_output(self) -> Path:
@@ -246,10 +266,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def parse_config(raw: Any, *, base_dir: str | os.PathLike = ".", source: str = "<config>") -> Config:
+def parse_config(
+    raw: Any, *, base_dir: str | os.PathLike = ".", source: str = "<config>"
+) -> Config:
     """Validate a mapping (as read from YAML) into a :class:`Config`."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the configuration must be a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(
+            f"{source}: the configuration must be a mapping of sections, got {type(raw).__name__}"
+        )
     if "base_dir" in raw:
         raise ConfigError(f"{source}: base_dir: unknown field (it is set from the file's location)")
     try:

@@ -56,7 +56,9 @@ def _check_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
     if weights is None:
         return merged
     if not isinstance(weights, Mapping):
-        raise TypeError(f"weights must be a mapping of {TERMS} to floats, got {type(weights).__name__}")
+        raise TypeError(
+            f"weights must be a mapping of {TERMS} to floats, got {type(weights).__name__}"
+        )
     for name, value in weights.items():
         if name not in TERMS:
             raise ValueError(f"weights: unknown term {name!r}; the terms are {TERMS}")
@@ -69,12 +71,16 @@ def _check_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
 def _check_layer_pairs(layer_pairs: str | Sequence[Sequence[int]]) -> list[tuple[int, int]]:
     if isinstance(layer_pairs, str):
         if layer_pairs != "last":
-            raise ValueError(f"layer_pairs must be 'last' or a list of (student, teacher) layers, got {layer_pairs!r}")
+            raise ValueError(
+                f"layer_pairs must be 'last' or a list of (student, teacher) layers, got {layer_pairs!r}"
+            )
         return [(-1, -1)]
     pairs = []
     for i, pair in enumerate(layer_pairs):
         if isinstance(pair, str) or len(pair) != 2:
-            raise ValueError(f"layer_pairs[{i}] must be a (student_layer, teacher_layer) pair, got {pair!r}")
+            raise ValueError(
+                f"layer_pairs[{i}] must be a (student_layer, teacher_layer) pair, got {pair!r}"
+            )
         pairs.append((pair[0], pair[1]))
     if not pairs:
         raise ValueError("layer_pairs must not be empty")
@@ -179,9 +185,14 @@ class Distiller(nn.Module):
                 )
 
         self.layer_pairs = self._resolve_pairs(_check_layer_pairs(layer_pairs))
-        self.feature_losses = self._build_feature_losses(selection, feature_loss, projector_direction)
+        self.feature_losses = self._build_feature_losses(
+            selection, feature_loss, projector_direction
+        )
         self._teacher_columns = (
-            {t: fl.teacher_index for (_, t), fl in zip(self.layer_pairs, self.feature_losses)}
+            {
+                t: fl.teacher_index
+                for (_, t), fl in zip(self.layer_pairs, self.feature_losses, strict=True)
+            }
             if self.feature == "flex"
             else None
         )
@@ -192,13 +203,18 @@ class Distiller(nn.Module):
         for i, (s_layer, t_layer) in enumerate(pairs):
             try:
                 resolved.append(
-                    (self._student_adapter.resolve_layer(s_layer), self._teacher_adapter.resolve_layer(t_layer))
+                    (
+                        self._student_adapter.resolve_layer(s_layer),
+                        self._teacher_adapter.resolve_layer(t_layer),
+                    )
                 )
             except (ValueError, TypeError) as err:
                 raise type(err)(f"layer_pairs[{i}]: {err}") from None
         return resolved
 
-    def _build_feature_losses(self, selection: Any, feature_loss: str, direction: str) -> nn.ModuleList:
+    def _build_feature_losses(
+        self, selection: Any, feature_loss: str, direction: str
+    ) -> nn.ModuleList:
         if self.feature == "none":
             return nn.ModuleList()
         if self.feature == "cka":
@@ -219,7 +235,9 @@ class Distiller(nn.Module):
 
     def _selected_indices(self, selection: Any) -> list[Tensor]:
         if selection is None:
-            raise ValueError("selection: feature='flex' needs a DimensionSelection (see flexkd.score)")
+            raise ValueError(
+                "selection: feature='flex' needs a DimensionSelection (see flexkd.score)"
+            )
         if getattr(selection, "teacher", None) is not None:
             try:
                 selection.validate(self.teacher)
@@ -262,7 +280,11 @@ class Distiller(nn.Module):
         if self.weights["logit"] > 0:
             units["logit"] = float(self._target_weights(batch)[1].sum())
         if self.feature != "none":
-            per_pair = float(self._feature_weights(batch).sum()) if self.feature_losses[0].per_token else 1.0
+            per_pair = (
+                float(self._feature_weights(batch).sum())
+                if self.feature_losses[0].per_token
+                else 1.0
+            )
             units["feature"] = per_pair * len(self.layer_pairs)
         return units
 
@@ -280,7 +302,9 @@ class Distiller(nn.Module):
         key = "decoder_attention_mask" if self.task == "seq2seq" else "attention_mask"
         mask = batch.get(key)
         if mask is None:
-            raise ValueError(f"batch: logit KD without labels needs batch[{key!r}] to know the positions")
+            raise ValueError(
+                f"batch: logit KD without labels needs batch[{key!r}] to know the positions"
+            )
         if self.task == "causal_lm":
             # position t predicts token t + 1: both must be real tokens
             return None, (mask[:, :-1] != 0) & (mask[:, 1:] != 0)
@@ -289,11 +313,18 @@ class Distiller(nn.Module):
     def _feature_weights(self, batch: Mapping[str, Any]) -> Tensor:
         decoder = self.task == "seq2seq" and self.side == "decoder"
         shape_key = next(
-            k for k in (("labels", "decoder_input_ids") if decoder else ("input_ids", "attention_mask", "inputs_embeds"))
+            k
+            for k in (
+                ("labels", "decoder_input_ids")
+                if decoder
+                else ("input_ids", "attention_mask", "inputs_embeds")
+            )
             if batch.get(k) is not None
         )
         shape = tuple(batch[shape_key].shape[:2])
-        return token_weights(batch, task=self.task, side=self.side, shape=shape, ignore_index=self.ignore_index)
+        return token_weights(
+            batch, task=self.task, side=self.side, shape=shape, ignore_index=self.ignore_index
+        )
 
     @staticmethod
     def _batch_size(batch: Mapping[str, Any]) -> int:
@@ -309,8 +340,14 @@ class Distiller(nn.Module):
     def _model_inputs(self, model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
         """The batch minus labels (the distiller computes every loss itself)."""
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        if self.task == "seq2seq" and "decoder_input_ids" not in inputs and batch.get("labels") is not None:
-            inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+        if (
+            self.task == "seq2seq"
+            and "decoder_input_ids" not in inputs
+            and batch.get("labels") is not None
+        ):
+            inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(
+                labels=batch["labels"]
+            )
         return inputs
 
     def _needs_student_logits(self) -> bool:
@@ -335,7 +372,11 @@ class Distiller(nn.Module):
         if teacher_layers or need_teacher_logits:
             with torch.no_grad():
                 teacher_out, teacher_hidden = self._run_tapped(
-                    self.teacher, batch, teacher_layers, self._teacher_columns, not need_teacher_logits
+                    self.teacher,
+                    batch,
+                    teacher_layers,
+                    self._teacher_columns,
+                    not need_teacher_logits,
                 )
         student_out, student_hidden = self._run_tapped(
             self.student, batch, student_layers, None, not need_student_logits
@@ -343,11 +384,15 @@ class Distiller(nn.Module):
 
         device = next(self.student.parameters()).device
         sums: dict[str, Tensor] = {}
-        if student_out is not None and (self.weights["task"] > 0 or batch.get("labels") is not None):
+        if student_out is not None and (
+            self.weights["task"] > 0 or batch.get("labels") is not None
+        ):
             labels, weights = self._target_weights(batch)
             logits = self._align_logits(student_out.logits)
             if labels is not None:
-                sums["task"] = task_loss(logits, labels, ignore_index=self.ignore_index, reduction="sum")
+                sums["task"] = task_loss(
+                    logits, labels, ignore_index=self.ignore_index, reduction="sum"
+                )
             if need_teacher_logits:
                 sums["logit"] = logit_kd(
                     logits,
@@ -363,7 +408,7 @@ class Distiller(nn.Module):
             reduction = "sum" if self.feature_losses[0].per_token else "mean"
             sums["feature"] = sum(
                 loss_fn(student_hidden[s], teacher_hidden[t], mask, reduction=reduction)
-                for (s, t), loss_fn in zip(self.layer_pairs, self.feature_losses)
+                for (s, t), loss_fn in zip(self.layer_pairs, self.feature_losses, strict=True)
             )
 
         total = torch.zeros((), device=device)
@@ -391,7 +436,9 @@ class Distiller(nn.Module):
         inputs = self._model_inputs(model, batch)
         if not layers:
             return model(**inputs), {}
-        with LayerTap(model, layers, columns=columns, stop_after_deepest=stop_early, side=self.side) as tap:
+        with LayerTap(
+            model, layers, columns=columns, stop_after_deepest=stop_early, side=self.side
+        ) as tap:
             outputs = tap.run(**inputs)
             return outputs, dict(tap.hidden)
 
@@ -429,7 +476,9 @@ def _flexkd_trainer_class() -> type:
 
         def __init__(self, distiller: Distiller, *args: Any, **kwargs: Any) -> None:
             if not isinstance(distiller, Distiller):
-                raise TypeError(f"distiller must be a flexkd Distiller, got {type(distiller).__name__}")
+                raise TypeError(
+                    f"distiller must be a flexkd Distiller, got {type(distiller).__name__}"
+                )
             if "model" in kwargs:
                 raise TypeError("pass the Distiller as the first argument, not model=")
             super().__init__(distiller, *args, **kwargs)
@@ -443,7 +492,9 @@ def _flexkd_trainer_class() -> type:
         def _set_signature_columns_if_needed(self) -> None:
             if self._signature_columns is None:
                 student_inputs = inspect.signature(self.distiller.student.forward).parameters
-                self._signature_columns = list(dict.fromkeys([*student_inputs, "labels", "label", "label_ids"]))
+                self._signature_columns = list(
+                    dict.fromkeys([*student_inputs, "labels", "label", "label_ids"])
+                )
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, terms = model(inputs)
@@ -473,14 +524,19 @@ def _flexkd_trainer_class() -> type:
             os.makedirs(output_dir, exist_ok=True)
             distiller = self.distiller
             distiller.student.save_pretrained(output_dir)
-            feature_state = {k: v.detach().cpu().contiguous() for k, v in distiller.feature_losses.state_dict().items()}
+            feature_state = {
+                k: v.detach().cpu().contiguous()
+                for k, v in distiller.feature_losses.state_dict().items()
+            }
             if feature_state:
                 save_file(feature_state, os.path.join(output_dir, self.FEATURE_LOSSES_FILE))
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
-        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        def _load_from_checkpoint(
+            self, resume_from_checkpoint: str, model: nn.Module | None = None
+        ) -> None:
             distiller = self.accelerator.unwrap_model(model if model is not None else self.model)
             saved = type(distiller.student).from_pretrained(resume_from_checkpoint)
             distiller.student.load_state_dict(saved.state_dict())

@@ -129,7 +129,9 @@ def logit_kd(
     _check_reduction(reduction)
     if kind not in LOGIT_KD_KINDS:
         raise ValueError(f"kind must be one of {LOGIT_KD_KINDS}, got {kind!r}")
-    if not (isinstance(temperature, int | float) and temperature > 0 and math.isfinite(temperature)):
+    if not (
+        isinstance(temperature, int | float) and temperature > 0 and math.isfinite(temperature)
+    ):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if kind == "jsd" and not (0.0 < beta < 1.0):
         raise ValueError(f"beta must lie strictly between 0 and 1 for kind='jsd', got {beta!r}")
@@ -239,7 +241,12 @@ class FlexFeatureLoss(nn.Module):
         return int(self.teacher_index.numel())
 
     def forward(
-        self, student: Tensor, teacher_selected: Tensor, mask: Tensor | None = None, *, reduction: str = "mean"
+        self,
+        student: Tensor,
+        teacher_selected: Tensor,
+        mask: Tensor | None = None,
+        *,
+        reduction: str = "mean",
     ) -> Tensor:
         _check_reduction(reduction, ("mean", "sum"))
         if student.shape[-1] != self.k or teacher_selected.shape[-1] != self.k:
@@ -258,7 +265,10 @@ def _mse_or_corr(
 ) -> Tensor:
     """``flex_feature_loss`` with the mse "sum" divided by k, so sum / units == mean."""
     if loss == "mse" and reduction == "sum":
-        return flex_feature_loss(student, teacher, index, mask, loss="mse", reduction="sum") / index.numel()
+        return (
+            flex_feature_loss(student, teacher, index, mask, loss="mse", reduction="sum")
+            / index.numel()
+        )
     return flex_feature_loss(student, teacher, index, mask, loss=loss, reduction="mean")
 
 
@@ -301,7 +311,12 @@ class ProjectorFeatureLoss(nn.Module):
         self.register_buffer("_positions", torch.arange(matched), persistent=False)
 
     def forward(
-        self, student: Tensor, teacher: Tensor, mask: Tensor | None = None, *, reduction: str = "mean"
+        self,
+        student: Tensor,
+        teacher: Tensor,
+        mask: Tensor | None = None,
+        *,
+        reduction: str = "mean",
     ) -> Tensor:
         _check_reduction(reduction, ("mean", "sum"))
         if student.shape[-1] != self.student_dim or teacher.shape[-1] != self.teacher_dim:
@@ -314,7 +329,9 @@ class ProjectorFeatureLoss(nn.Module):
             predicted, target = self.projector(student.to(weight_dtype)), teacher
         else:
             predicted, target = student, self.projector(teacher.to(weight_dtype))
-        return _mse_or_corr(predicted, target.to(predicted.dtype), self._positions, mask, self.loss, reduction)
+        return _mse_or_corr(
+            predicted, target.to(predicted.dtype), self._positions, mask, self.loss, reduction
+        )
 
     def extra_repr(self) -> str:
         return f"direction={self.direction!r}, loss={self.loss!r}"
@@ -335,7 +352,12 @@ class CKAFeatureLoss(nn.Module):
         self.eps = eps
 
     def forward(
-        self, student: Tensor, teacher: Tensor, mask: Tensor | None = None, *, reduction: str = "mean"
+        self,
+        student: Tensor,
+        teacher: Tensor,
+        mask: Tensor | None = None,
+        *,
+        reduction: str = "mean",
     ) -> Tensor:
         _check_reduction(reduction, ("mean", "sum"))
         if int((mask > 0).sum() if mask is not None else student[..., 0].numel()) < 2:

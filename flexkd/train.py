@@ -116,7 +116,11 @@ def build_model(cfg: Config, role: str, *, num_labels: int | None = None) -> nn.
 
         options = dict(spec.config)
         model_config = AutoConfig.for_model(options.pop("model_type"), **options)
-        if cfg.data.task in ("sequence", "token") and num_labels and "num_labels" not in spec.config:
+        if (
+            cfg.data.task in ("sequence", "token")
+            and num_labels
+            and "num_labels" not in spec.config
+        ):
             model_config.num_labels = num_labels
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed + (0 if role == "teacher" else 1))
@@ -134,7 +138,11 @@ def build_model(cfg: Config, role: str, *, num_labels: int | None = None) -> nn.
 def build_tokenizer(cfg: Config):
     """The tokenizer of ``model.tokenizer``, else of the teacher when it is a path; None if neither."""
     source = cfg.model.tokenizer
-    if source is None and isinstance(cfg.model.teacher, str) and not cfg.model.teacher.startswith("task:"):
+    if (
+        source is None
+        and isinstance(cfg.model.teacher, str)
+        and not cfg.model.teacher.startswith("task:")
+    ):
         source = cfg.model.teacher
     if source is None:
         return None
@@ -153,13 +161,17 @@ class Splits:
 
     def get(self, split: str) -> Sequence[Mapping[str, Any]]:
         if split not in self.rows:
-            raise ValueError(f"data.{split}: this config has no {split!r} split (it has {sorted(self.rows)})")
+            raise ValueError(
+                f"data.{split}: this config has no {split!r} split (it has {sorted(self.rows)})"
+            )
         return self.rows[split]
 
 
 def build_splits(cfg: Config, tokenizer) -> Splits:
     if cfg.data.factory is not None:
-        rows = dict(_resolve_factory(cfg.data.factory, DATA_FACTORIES, "data.factory")(cfg, tokenizer))
+        rows = dict(
+            _resolve_factory(cfg.data.factory, DATA_FACTORIES, "data.factory")(cfg, tokenizer)
+        )
         return Splits(rows, _count_labels(cfg, rows.get("train", ())))
     raw = {
         split: _load_table(cfg, split)
@@ -167,7 +179,9 @@ def build_splits(cfg: Config, tokenizer) -> Splits:
         if getattr(cfg.data, split) is not None
     }
     label_names = _label_names(cfg, raw["train"])
-    rows = {split: _tokenize(cfg, table, tokenizer, label_names, split) for split, table in raw.items()}
+    rows = {
+        split: _tokenize(cfg, table, tokenizer, label_names, split) for split, table in raw.items()
+    }
     num_labels = len(label_names) if label_names is not None else _count_labels(cfg, rows["train"])
     return Splits(rows, num_labels)
 
@@ -181,7 +195,9 @@ def _load_table(cfg: Config, split: str):
     if not path.is_file():
         raise ValueError(f"data.{split}: no file or folder at {path}")
     if path.suffix not in _DATA_SUFFIXES:
-        raise ValueError(f"data.{split}: {path.name} is not one of {sorted(_DATA_SUFFIXES)} (or a saved dataset folder)")
+        raise ValueError(
+            f"data.{split}: {path.name} is not one of {sorted(_DATA_SUFFIXES)} (or a saved dataset folder)"
+        )
     return datasets.load_dataset(_DATA_SUFFIXES[path.suffix], data_files=str(path), split="train")
 
 
@@ -190,7 +206,9 @@ def _label_names(cfg: Config, table) -> list[str] | None:
     if cfg.data.task != "sequence" or "input_ids" in table.column_names:
         return None
     if cfg.data.label_field not in table.column_names:
-        raise ValueError(f"data.label_field: column {cfg.data.label_field!r} is not in the train data")
+        raise ValueError(
+            f"data.label_field: column {cfg.data.label_field!r} is not in the train data"
+        )
     values = table[cfg.data.label_field]
     return sorted({str(v) for v in values}) if values and isinstance(values[0], str) else None
 
@@ -199,14 +217,23 @@ def _count_labels(cfg: Config, rows: Sequence[Mapping[str, Any]]) -> int | None:
     if cfg.data.task not in ("sequence", "token") or len(rows) == 0:
         return None
     labels = (row["labels"] for row in rows if "labels" in row)
-    flat = [v for value in labels for v in (value if isinstance(value, list) else [value]) if v != IGNORE_INDEX]
+    flat = [
+        v
+        for value in labels
+        for v in (value if isinstance(value, list) else [value])
+        if v != IGNORE_INDEX
+    ]
     return max(flat) + 1 if flat else None
 
 
 def _tokenize(cfg: Config, table, tokenizer, label_names: list[str] | None, split: str):
     data = cfg.data
     if "input_ids" in table.column_names:
-        keep = [c for c in ("input_ids", "attention_mask", "token_type_ids", "labels") if c in table.column_names]
+        keep = [
+            c
+            for c in ("input_ids", "attention_mask", "token_type_ids", "labels")
+            if c in table.column_names
+        ]
         return table.select_columns(keep)
     if tokenizer is None:
         raise ValueError(
@@ -214,7 +241,9 @@ def _tokenize(cfg: Config, table, tokenizer, label_names: list[str] | None, spli
             "(set model.tokenizer, or give pre-tokenized input_ids)"
         )
     if data.task == "token":
-        raise ValueError("data.task: token classification data must be pre-tokenized (input_ids and labels)")
+        raise ValueError(
+            "data.task: token classification data must be pre-tokenized (input_ids and labels)"
+        )
     for column in [data.text_field] + [c for c in (data.text_pair_field,) if c]:
         if column not in table.column_names:
             raise ValueError(f"data.text_field: column {column!r} is not in data.{split}")
@@ -222,18 +251,28 @@ def _tokenize(cfg: Config, table, tokenizer, label_names: list[str] | None, spli
 
     def encode(batch):
         pairs = batch[data.text_pair_field] if data.text_pair_field else None
-        encoded = tokenizer(batch[data.text_field], pairs, truncation=True, max_length=data.max_length)
+        encoded = tokenizer(
+            batch[data.text_field], pairs, truncation=True, max_length=data.max_length
+        )
         if data.task == "causal_lm":
             encoded["labels"] = [list(ids) for ids in encoded["input_ids"]]
         elif data.task == "sequence":
             labels = batch[data.label_field]
-            encoded["labels"] = [label_ids[str(v)] for v in labels] if label_ids else [int(v) for v in labels]
+            encoded["labels"] = (
+                [label_ids[str(v)] for v in labels] if label_ids else [int(v) for v in labels]
+            )
         else:
-            targets = tokenizer(text_target=batch[data.target_field], truncation=True, max_length=data.target_max_length)
+            targets = tokenizer(
+                text_target=batch[data.target_field],
+                truncation=True,
+                max_length=data.target_max_length,
+            )
             encoded["labels"] = targets["input_ids"]
         return encoded
 
-    return table.map(encode, batched=True, remove_columns=table.column_names, desc=f"tokenize {split}")
+    return table.map(
+        encode, batched=True, remove_columns=table.column_names, desc=f"tokenize {split}"
+    )
 
 
 class Collator:
@@ -254,7 +293,12 @@ class Collator:
         batch = {
             "input_ids": self._pad([row["input_ids"] for row in rows], width, self.pad_token_id),
             "attention_mask": self._pad(
-                [row.get("attention_mask") or [1] * n for row, n in zip(rows, lengths)], width, 0
+                [
+                    row.get("attention_mask") or [1] * n
+                    for row, n in zip(rows, lengths, strict=True)
+                ],
+                width,
+                0,
             ),
         }
         if "token_type_ids" in rows[0]:
@@ -266,7 +310,9 @@ class Collator:
             else:
                 batch["labels"] = torch.tensor(labels, dtype=torch.long)
         elif self.task == "causal_lm":
-            batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+            batch["labels"] = batch["input_ids"].masked_fill(
+                batch["attention_mask"] == 0, IGNORE_INDEX
+            )
         return batch
 
     @staticmethod
@@ -304,7 +350,9 @@ class ShardedOrder:
     micro-batches per epoch. ``batches(epoch, position)`` resumes at micro-batch ``position``.
     """
 
-    def __init__(self, num_rows: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, num_rows: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
         self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.per_epoch = num_rows // (world_size * batch_size)
@@ -345,12 +393,34 @@ def default_k(cfg: Config, student: nn.Module) -> int:
     return adapter.layer_width(pairs[0][0])
 
 
-def score_selection(cfg: Config, teacher: nn.Module, k: int, rows, collate, *, rank: int = 0, world_size: int = 1):
+def summed_task_loss(task: str) -> Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor]:
+    """``loss_fn(outputs, batch)`` for scoring: the task loss *summed* over valid targets.
+
+    With a per-batch mean (a model's own ``.loss``) each token's gradient is scaled by 1 / tokens
+    in its batch, so scores would depend on how the data was split into batches and processes;
+    with the sum they do not.
+    """
+    from flexkd.losses import task_loss
+
+    def loss_fn(outputs, batch):
+        logits, labels = outputs.logits, batch["labels"]
+        if task == "causal_lm":
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        return task_loss(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    return loss_fn
+
+
+def score_selection(
+    cfg: Config, teacher: nn.Module, k: int, rows, collate, *, rank: int = 0, world_size: int = 1
+):
     """Score ``teacher`` on this process's shard of ``rows``; scores are summed over processes."""
     import flexkd
     from flexkd.selection import DimensionSelection
 
-    order = ShardedOrder(len(rows), cfg.selection.batch_size, seed=cfg.train.seed, rank=rank, world_size=world_size)
+    order = ShardedOrder(
+        len(rows), cfg.selection.batch_size, seed=cfg.train.seed, rank=rank, world_size=world_size
+    )
     batches = (collate([rows[i] for i in idx]) for idx in order.epoch_batches(0))
     selection = flexkd.score(
         teacher,
@@ -358,6 +428,7 @@ def score_selection(cfg: Config, teacher: nn.Module, k: int, rows, collate, *, r
         layers=cfg.selection.layers or default_selection_layers(cfg),
         k=k,
         stat=cfg.selection.stat,
+        loss_fn=summed_task_loss(cfg.data.task),
         max_batches=cfg.selection.max_batches,
         side=cfg.distill.side,
         order=cfg.selection.order,
@@ -399,7 +470,11 @@ def _write_atomic(path: Path, text: str) -> None:
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep the metric lines of steps <= ``step`` (the ones a resumed run will not repeat)."""
     if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = [
+            line
+            for line in path.read_text().splitlines()
+            if line and json.loads(line)["step"] <= step
+        ]
         _write_atomic(path, "".join(line + "\n" for line in kept))
 
 
@@ -407,9 +482,19 @@ def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def make_accelerator(**kwargs: Any):
+    """An ``Accelerator`` that also forms a process group on machines without an accelerator.
+
+    (``accelerate`` only sets up multi-process CPU runs, e.g. under ``torchrun``, when told ``cpu=True``.)
+    """
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.accelerator.is_available(), **kwargs)
+
+
 def train(cfg: Config) -> TrainResult:
     """Distil the student of ``cfg`` (resuming from its latest checkpoint); returns where it was saved."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate import DistributedDataParallelKwargs
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
@@ -418,7 +503,7 @@ def train(cfg: Config) -> TrainResult:
 
     tc = cfg.train
     needs_logits = cfg.distill.weights.task > 0 or cfg.distill.weights.logit > 0
-    accelerator = Accelerator(
+    accelerator = make_accelerator(
         mixed_precision=tc.mixed_precision,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not needs_logits)],
     )
@@ -449,7 +534,13 @@ def train(cfg: Config) -> TrainResult:
         else:
             k = cfg.selection.k or default_k(cfg, student)
             selection = score_selection(
-                cfg, teacher, k, splits.get(cfg.selection.split), collate, rank=rank, world_size=world
+                cfg,
+                teacher,
+                k,
+                splits.get(cfg.selection.split),
+                collate,
+                rank=rank,
+                world_size=world,
             )
             if main:
                 selection.save(path)
@@ -469,7 +560,9 @@ def train(cfg: Config) -> TrainResult:
     )
     order = ShardedOrder(len(train_rows), tc.batch_size, seed=tc.seed, rank=rank, world_size=world)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * order.per_epoch / tc.grad_accum))
-    optimizer = torch.optim.AdamW(distiller.trainable_parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = torch.optim.AdamW(
+        distiller.trainable_parameters(), lr=tc.lr, weight_decay=tc.weight_decay
+    )
     scheduler = get_scheduler(
         tc.scheduler if tc.scheduler != "constant" else "constant_with_warmup",
         optimizer,
@@ -495,7 +588,13 @@ def train(cfg: Config) -> TrainResult:
     accelerator.wait_for_everyone()
 
     batches = order.batches(state.epoch, state.position)
-    bar = tqdm(total=total_steps, initial=state.step, desc="flexkd distill", unit="step", disable=not (main and tc.progress))
+    bar = tqdm(
+        total=total_steps,
+        initial=state.step,
+        desc="flexkd distill",
+        unit="step",
+        disable=not (main and tc.progress),
+    )
     started = time.perf_counter()
     model.train()
     while state.step < total_steps:
@@ -506,9 +605,13 @@ def train(cfg: Config) -> TrainResult:
         units = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
         for batch in window:
             counted = distiller.count_units(batch)
-            units += torch.tensor([counted[t] for t in ("task", "logit", "feature")], dtype=torch.float64, device=units.device)
+            units += torch.tensor(
+                [counted[t] for t in ("task", "logit", "feature")],
+                dtype=torch.float64,
+                device=units.device,
+            )
         units = accelerator.reduce(units, reduction="sum")
-        normalizers = dict(zip(("task", "logit", "feature"), units.tolist()))
+        normalizers = dict(zip(("task", "logit", "feature"), units.tolist(), strict=True))
 
         logged = {"task": 0.0, "logit": 0.0, "feature": 0.0, "total": 0.0}
         for i, batch in enumerate(window):
@@ -526,8 +629,10 @@ def train(cfg: Config) -> TrainResult:
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
 
-        totals = accelerator.reduce(torch.tensor(list(logged.values()), device=accelerator.device), reduction="sum")
-        logged = dict(zip(logged, totals.tolist()))
+        totals = accelerator.reduce(
+            torch.tensor(list(logged.values()), device=accelerator.device), reduction="sum"
+        )
+        logged = dict(zip(logged, totals.tolist(), strict=True))
         if main and (state.step % tc.log_every == 0 or state.step == total_steps):
             record = {
                 "step": state.step,
@@ -561,7 +666,9 @@ def train(cfg: Config) -> TrainResult:
     if main:
         _save_student(distiller.student, tokenizer, student_dir)
     accelerator.wait_for_everyone()
-    return TrainResult(student_dir=student_dir, steps=state.step, metrics_path=metrics_path, is_main_process=main)
+    return TrainResult(
+        student_dir=student_dir, steps=state.step, metrics_path=metrics_path, is_main_process=main
+    )
 
 
 def _save_student(student: nn.Module, tokenizer, target: Path) -> None:

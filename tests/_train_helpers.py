@@ -97,7 +97,9 @@ def write_token_rows(path: Path, rows: int, *, min_len: int = 4, max_len: int = 
     with path.open("w") as f:
         for _ in range(rows):
             n = random.randint(min_len, max_len)
-            f.write(json.dumps({"input_ids": [random.randrange(3, VOCAB) for _ in range(n)]}) + "\n")
+            f.write(
+                json.dumps({"input_ids": [random.randrange(3, VOCAB) for _ in range(n)]}) + "\n"
+            )
 
 
 def write_causal_config(
@@ -105,6 +107,7 @@ def write_causal_config(
     *,
     train: dict | None = None,
     distill: dict | None = None,
+    selection: dict | None = None,
     dropout: float = 0.1,
     rows: int = 32,
     name: str = "cfg.yaml",
@@ -119,7 +122,7 @@ def write_causal_config(
             "student": {"config": gpt2_config(STUDENT_HIDDEN, 1, dropout=dropout)},
         },
         "data": {"task": "causal_lm", "train": "train.jsonl", "validation": "val.jsonl"},
-        "selection": {"batch_size": 8},
+        "selection": {"batch_size": 8, **(selection or {})},
         "distill": {"weights": {"task": 1.0, "logit": 0.5, "feature": 1.0}, **(distill or {})},
         "train": {
             "output_dir": "out",

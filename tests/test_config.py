@@ -8,7 +8,10 @@ import yaml
 from flexkd.config import ConfigError, load_config, parse_config
 
 VALID = {
-    "model": {"teacher": "teachers/minilm", "student": {"config": {"model_type": "bert", "hidden_size": 16}}},
+    "model": {
+        "teacher": "teachers/minilm",
+        "student": {"config": {"model_type": "bert", "hidden_size": 16}},
+    },
     "data": {"task": "sequence", "train": "data/train.jsonl"},
     "train": {"output_dir": "runs/a", "max_steps": 10},
 }
@@ -59,9 +62,17 @@ def test_valid_config_defaults_and_paths_relative_to_the_file(tmp_path):
         ([("distill.layer_pairs", [[1, 2, 3]])], "distill.layer_pairs.0", "at most 2 items"),
         ([("distill.layer_pairs", [])], "distill.layer_pairs", "non-empty"),
         ([("distill.beta", 1.5)], "distill.beta", "less than 1"),
-        ([("distill.weights", {"logit": -0.5})], "distill.weights.logit", "greater than or equal to 0"),
+        (
+            [("distill.weights", {"logit": -0.5})],
+            "distill.weights.logit",
+            "greater than or equal to 0",
+        ),
         ([("distill.weights", {"kd": 1})], "distill.weights.kd", "unknown field"),
-        ([("model.student", {"config": {"hidden_size": 16}})], "model.student.config", "model_type"),
+        (
+            [("model.student", {"config": {"hidden_size": 16}})],
+            "model.student.config",
+            "model_type",
+        ),
         ([("model.teacher", "")], "model.teacher", "HF path"),
         ([("data.train", _DELETE)], "data", "exactly one of 'train'"),
         ([("data.task", "regression")], "data.task", "causal_lm"),
@@ -75,7 +86,9 @@ def test_bad_config_error_names_the_field(tmp_path, patch, field, message):
         load_config(_write(tmp_path, _patched(patch)))
     text = str(caught.value)
     assert str(tmp_path / "cfg.yaml") in text
-    line = next((line.strip() for line in text.splitlines() if line.strip().startswith(f"{field}:")), None)
+    line = next(
+        (line.strip() for line in text.splitlines() if line.strip().startswith(f"{field}:")), None
+    )
     assert line is not None, text
     assert message in line, text
 
@@ -93,8 +106,14 @@ def test_yaml_syntax_error_and_non_mapping(tmp_path):
 
 def test_overrides_patch_before_validation(tmp_path):
     path = _write(tmp_path, VALID)
-    cfg = load_config(path, ["train.max_steps=3", "distill.layer_pairs=[[1, 2]]", "distill.weights.logit=0.5"])
-    assert cfg.train.max_steps == 3 and cfg.distill.layer_pairs == [(1, 2)] and cfg.distill.weights.logit == 0.5
+    cfg = load_config(
+        path, ["train.max_steps=3", "distill.layer_pairs=[[1, 2]]", "distill.weights.logit=0.5"]
+    )
+    assert (
+        cfg.train.max_steps == 3
+        and cfg.distill.layer_pairs == [(1, 2)]
+        and cfg.distill.weights.logit == 0.5
+    )
     with pytest.raises(ConfigError, match="train.lr"):
         load_config(path, ["train.lr=-3"])
     with pytest.raises(ConfigError, match="expected 'section.field=value'"):

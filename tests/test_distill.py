@@ -29,7 +29,9 @@ def pair():
 
 
 def _selection(teacher, layers=(-1,), k=STUDENT_HIDDEN):
-    return DimensionSelection.from_scores({layer: torch.rand(TEACHER_HIDDEN) for layer in layers}, k, teacher=teacher)
+    return DimensionSelection.from_scores(
+        {layer: torch.rand(TEACHER_HIDDEN) for layer in layers}, k, teacher=teacher
+    )
 
 
 @pytest.mark.parametrize("feature", ["flex", "projector", "cka", "none"])
@@ -37,7 +39,13 @@ def test_terms_are_complete_and_total_is_the_weighted_sum(pair, feature):
     teacher, student = pair
     weights = {"task": 0.7, "logit": 0.4, "feature": 1.3}
     distiller = Distiller(
-        teacher, student, selection=_selection(teacher), feature=feature, weights=weights, logit_kind="jsd", temperature=2.0
+        teacher,
+        student,
+        selection=_selection(teacher),
+        feature=feature,
+        weights=weights,
+        logit_kind="jsd",
+        temperature=2.0,
     )
     distiller.eval()
     loss, terms = distiller(causal_batch())
@@ -67,7 +75,11 @@ def test_flex_term_equals_reference_on_selected_columns_of_hidden_states(pair, l
     layer_pairs = [(1, 1), (-1, -1)]
     selection = _selection(teacher, layers=(1, 2))
     distiller = Distiller(
-        teacher, student, selection=selection, feature_loss=loss, layer_pairs=layer_pairs,
+        teacher,
+        student,
+        selection=selection,
+        feature_loss=loss,
+        layer_pairs=layer_pairs,
         weights={"task": 0.0, "logit": 0.0, "feature": 1.0},
     )
     distiller.eval()
@@ -77,7 +89,9 @@ def test_flex_term_equals_reference_on_selected_columns_of_hidden_states(pair, l
     with torch.no_grad():
         t_hidden = teacher(**inputs, output_hidden_states=True).hidden_states
         s_hidden = student(**inputs, output_hidden_states=True).hidden_states
-    mask = token_weights(batch, task="causal_lm", side="decoder", shape=tuple(batch["input_ids"].shape))
+    mask = token_weights(
+        batch, task="causal_lm", side="decoder", shape=tuple(batch["input_ids"].shape)
+    )
     per_pair = [
         reference.flex_feature_loss(s_hidden[s], t_hidden[t], selection.index(t), mask, loss=loss)
         for s, t in [(1, 1), (1, 2)]
@@ -105,12 +119,22 @@ def test_projector_params_live_outside_the_student_and_are_trained(pair):
 
 def test_window_normaliser_gives_the_loss_of_the_concatenated_batch(pair):
     teacher, student = pair
-    distiller = Distiller(teacher, student, selection=_selection(teacher), weights={"task": 1.0, "logit": 0.5, "feature": 2.0})
+    distiller = Distiller(
+        teacher,
+        student,
+        selection=_selection(teacher),
+        weights={"task": 1.0, "logit": 0.5, "feature": 2.0},
+    )
     distiller.eval()
     first, second = causal_batch(2, 10), causal_batch(3, 10)
-    second["attention_mask"][:, 4:] = 0  # very different token counts: a mean of means would be wrong
+    second["attention_mask"][:, 4:] = (
+        0  # very different token counts: a mean of means would be wrong
+    )
     second["labels"] = second["input_ids"].masked_fill(second["attention_mask"] == 0, -100)
-    units = {k: distiller.count_units(first)[k] + distiller.count_units(second)[k] for k in ("task", "logit", "feature")}
+    units = {
+        k: distiller.count_units(first)[k] + distiller.count_units(second)[k]
+        for k in ("task", "logit", "feature")
+    }
     window = sum(distiller(batch, normalizers=units)[0] for batch in (first, second))
     whole = distiller({k: torch.cat([first[k], second[k]]) for k in first})[0]
     assert window.item() == pytest.approx(whole.item(), rel=1e-5)
@@ -123,7 +147,12 @@ def test_sequence_classification_terms():
     student = build(bert_config(STUDENT_HIDDEN, 1)).eval()
     batch = causal_batch(4, 8)
     batch["labels"] = torch.randint(0, 3, (4,))
-    distiller = Distiller(teacher, student, selection=_selection(teacher), weights={"task": 1, "logit": 1, "feature": 1})
+    distiller = Distiller(
+        teacher,
+        student,
+        selection=_selection(teacher),
+        weights={"task": 1, "logit": 1, "feature": 1},
+    )
     distiller.eval()
     _, terms = distiller(batch)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -139,7 +168,12 @@ def test_seq2seq_task_term_equals_the_models_own_loss():
     batch = causal_batch(3, 8)
     batch["labels"] = torch.randint(3, 64, (3, 6))
     batch["labels"][1, 4:] = -100
-    distiller = Distiller(teacher, student, selection=_selection(teacher), weights={"task": 1, "logit": 1, "feature": 1})
+    distiller = Distiller(
+        teacher,
+        student,
+        selection=_selection(teacher),
+        weights={"task": 1, "logit": 1, "feature": 1},
+    )
     distiller.eval()
     loss, terms = distiller(batch)
     assert terms["task"] == pytest.approx(student(**batch).loss.item(), rel=1e-5)
@@ -150,7 +184,12 @@ def test_fail_fast(pair):
     teacher, student = pair
     selection = _selection(teacher)
     with pytest.raises(ValueError, match="vocabulary"):
-        Distiller(teacher, build(gpt2_config(STUDENT_HIDDEN, 1, vocab=80)), feature="none", weights={"logit": 1.0})
+        Distiller(
+            teacher,
+            build(gpt2_config(STUDENT_HIDDEN, 1, vocab=80)),
+            feature="none",
+            weights={"logit": 1.0},
+        )
     with pytest.raises(ValueError, match=r"layer_pairs\[0\].*out of range"):
         Distiller(teacher, student, selection=selection, layer_pairs=[(5, -1)])
     with pytest.raises(ValueError, match=r"layer_pairs\[1\].*out of range"):
@@ -158,7 +197,13 @@ def test_fail_fast(pair):
     other_teacher = build(gpt2_config(TEACHER_HIDDEN, 2)).eval()
     with pytest.raises(ValueError, match="selection.*does not match"):
         Distiller(other_teacher, student, selection=selection)
-    too_wide = SimpleNamespace(layers=[2], k=40, hidden_size=TEACHER_HIDDEN, teacher=None, index=lambda layer: torch.arange(40))
+    too_wide = SimpleNamespace(
+        layers=[2],
+        k=40,
+        hidden_size=TEACHER_HIDDEN,
+        teacher=None,
+        index=lambda layer: torch.arange(40),
+    )
     with pytest.raises(ValueError, match="k=40 is larger than the teacher's hidden size 32"):
         Distiller(teacher, student, selection=too_wide)
     with pytest.raises(ValueError, match="must equal the student's hidden size 16"):
@@ -179,17 +224,33 @@ def test_flexkd_trainer_logs_every_term_and_saves_the_student_only(pair, tmp_pat
     from flexkd.distill import FlexKDTrainer
 
     teacher, student = pair
-    distiller = Distiller(teacher, student, feature="projector", weights={"task": 1.0, "logit": 0.5, "feature": 1.0})
+    distiller = Distiller(
+        teacher, student, feature="projector", weights={"task": 1.0, "logit": 0.5, "feature": 1.0}
+    )
     rows = [{k: v[0] for k, v in causal_batch(1, 8).items()} for _ in range(8)]
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, logging_steps=1,
-        save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        logging_steps=1,
+        save_steps=2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
     )
-    trainer = FlexKDTrainer(distiller, args=args, train_dataset=rows, data_collator=lambda b: {k: torch.stack([r[k] for r in b]) for k in b[0]})
+    trainer = FlexKDTrainer(
+        distiller,
+        args=args,
+        train_dataset=rows,
+        data_collator=lambda b: {k: torch.stack([r[k] for r in b]) for k in b[0]},
+    )
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 2
-    assert all({"distill/task", "distill/logit", "distill/feature", "distill/total"} <= set(e) for e in logged)
+    assert all(
+        {"distill/task", "distill/logit", "distill/feature", "distill/total"} <= set(e)
+        for e in logged
+    )
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-2")
     for name, value in student.state_dict().items():
         assert torch.equal(saved.state_dict()[name], value), name

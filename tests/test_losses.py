@@ -26,7 +26,7 @@ def _normalise(rows):
 
 
 def _kl(p, q):
-    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True) if pi > 0)
 
 
 def _hand_kd(student, teacher, kind, temperature, beta, valid):
@@ -34,7 +34,7 @@ def _hand_kd(student, teacher, kind, temperature, beta, valid):
     q_rows = _normalise(_probs(student.reshape(-1, student.shape[-1]), temperature))
     p_rows = _normalise(_probs(teacher.reshape(-1, teacher.shape[-1]), temperature))
     total, count = 0.0, 0
-    for p, q, ok in zip(p_rows, q_rows, valid.reshape(-1).tolist()):
+    for p, q, ok in zip(p_rows, q_rows, valid.reshape(-1).tolist(), strict=True):
         if not ok:
             continue
         if kind == "forward_kl":
@@ -42,7 +42,7 @@ def _hand_kd(student, teacher, kind, temperature, beta, valid):
         elif kind == "reverse_kl":
             value = _kl(q, p)
         else:
-            m = [beta * pi + (1 - beta) * qi for pi, qi in zip(p, q)]
+            m = [beta * pi + (1 - beta) * qi for pi, qi in zip(p, q, strict=True)]
             value = beta * _kl(p, m) + (1 - beta) * _kl(q, m)
         total += value * temperature**2
         count += 1
@@ -77,8 +77,12 @@ def test_logit_kd_sum_and_none_reductions_agree_with_mean():
 
 def test_jsd_is_symmetric_at_half_and_not_otherwise():
     a, b = torch.randn(4, 9), torch.randn(4, 9)
-    assert torch.allclose(logit_kd(a, b, kind="jsd", beta=0.5), logit_kd(b, a, kind="jsd", beta=0.5), atol=1e-6)
-    assert not torch.allclose(logit_kd(a, b, kind="jsd", beta=0.2), logit_kd(b, a, kind="jsd", beta=0.2), atol=1e-6)
+    assert torch.allclose(
+        logit_kd(a, b, kind="jsd", beta=0.5), logit_kd(b, a, kind="jsd", beta=0.5), atol=1e-6
+    )
+    assert not torch.allclose(
+        logit_kd(a, b, kind="jsd", beta=0.2), logit_kd(b, a, kind="jsd", beta=0.2), atol=1e-6
+    )
 
 
 def test_kd_of_identical_logits_is_zero_and_temperature_scales_by_t_squared():
@@ -86,7 +90,10 @@ def test_kd_of_identical_logits_is_zero_and_temperature_scales_by_t_squared():
     for kind in ("forward_kl", "reverse_kl", "jsd"):
         assert logit_kd(logits, logits.clone(), kind=kind).abs().item() < 1e-6
     # for tiny logits, KL(softmax(a/T) || softmax(b/T)) ~ ||a-b||^2 / T^2 up to O(1/T^3), so T^2 * KL is T-invariant
-    a, b = torch.randn(3, 8, dtype=torch.float64) * 1e-3, torch.randn(3, 8, dtype=torch.float64) * 1e-3
+    a, b = (
+        torch.randn(3, 8, dtype=torch.float64) * 1e-3,
+        torch.randn(3, 8, dtype=torch.float64) * 1e-3,
+    )
     low, high = logit_kd(a, b, temperature=1.0), logit_kd(a, b, temperature=4.0)
     assert high.item() == pytest.approx(low.item(), rel=1e-2)
 
@@ -136,7 +143,11 @@ def test_flex_feature_loss_equals_reference_on_selected_columns(loss):
     want = reference.flex_feature_loss(student, teacher, index, mask, loss=loss)
     assert torch.allclose(got, want, atol=1e-6)
     if loss == "mse":  # sum / units recovers the mean, units = valid rows
-        assert torch.allclose(module(student, teacher[..., index], mask, reduction="sum") / mask.sum(), want, atol=1e-6)
+        assert torch.allclose(
+            module(student, teacher[..., index], mask, reduction="sum") / mask.sum(),
+            want,
+            atol=1e-6,
+        )
     assert module.per_token == (loss == "mse")
 
 
@@ -172,8 +183,8 @@ def _hsic_cka(x, y):
     """Gram-matrix CKA: tr(K H L H) / sqrt(tr(K H K H) tr(L H L H)), K = X X^T, L = Y Y^T."""
     n = x.shape[0]
     h = torch.eye(n, dtype=x.dtype) - 1.0 / n
-    k, l = h @ x @ x.T @ h, h @ y @ y.T @ h
-    return (k * l).sum() / torch.sqrt((k * k).sum() * (l * l).sum())
+    gram_x, gram_y = h @ x @ x.T @ h, h @ y @ y.T @ h
+    return (gram_x * gram_y).sum() / torch.sqrt((gram_x * gram_x).sum() * (gram_y * gram_y).sum())
 
 
 def test_linear_cka_matches_gram_formula_and_mask_drops_rows():

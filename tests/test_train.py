@@ -16,7 +16,9 @@ from flexkd.train import train
 
 
 def _metrics(cfg):
-    return [json.loads(line) for line in (cfg.output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [
+        json.loads(line) for line in (cfg.output_dir / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def _student(cfg):
@@ -32,13 +34,17 @@ def test_run_crashed_mid_step_resumes_to_identical_weights(tmp_path, monkeypatch
     distill = {"feature": "projector", "weights": {"task": 1.0, "logit": 0.5, "feature": 1.0}}
     whole_dir, crash_dir = tmp_path / "whole", tmp_path / "crash"
     whole_dir.mkdir()
-    whole = load_config(write_causal_config(whole_dir, train=overrides, distill=distill, dropout=0.1))
+    whole = load_config(
+        write_causal_config(whole_dir, train=overrides, distill=distill, dropout=0.1)
+    )
     train(whole)
 
     crash_dir.mkdir()
     for name in ("train.jsonl", "val.jsonl"):
         shutil.copy(whole_dir / name, crash_dir / name)
-    crashed = load_config(write_causal_config(crash_dir, train=overrides, distill=distill, dropout=0.1))
+    crashed = load_config(
+        write_causal_config(crash_dir, train=overrides, distill=distill, dropout=0.1)
+    )
     real_forward, calls = Distiller.forward, []
 
     def crash_in_step_five(self, *args, **kwargs):
@@ -51,7 +57,10 @@ def test_run_crashed_mid_step_resumes_to_identical_weights(tmp_path, monkeypatch
     with pytest.raises(_InjectedCrash):
         train(crashed)
     monkeypatch.setattr(Distiller, "forward", real_forward)
-    assert [p.name for p in list_checkpoints(crashed.output_dir / "checkpoints")] == ["step-000002", "step-000004"]
+    assert [p.name for p in list_checkpoints(crashed.output_dir / "checkpoints")] == [
+        "step-000002",
+        "step-000004",
+    ]
     assert not crashed.student_path.exists()
 
     train(crashed)  # resumes from step 4
@@ -62,9 +71,13 @@ def test_run_crashed_mid_step_resumes_to_identical_weights(tmp_path, monkeypatch
         assert torch.equal(want[name], got[name]), name
     whole_metrics, crashed_metrics = _metrics(whole), _metrics(crashed)
     assert [m["step"] for m in crashed_metrics] == list(range(1, 7))
-    for a, b in zip(whole_metrics, crashed_metrics):
-        assert {k: v for k, v in a.items() if k != "elapsed_s"} == {k: v for k, v in b.items() if k != "elapsed_s"}
-    assert {"task", "logit", "feature", "total", "lr", "grad_norm", "units_task"} <= set(whole_metrics[0])
+    for a, b in zip(whole_metrics, crashed_metrics, strict=True):
+        assert {k: v for k, v in a.items() if k != "elapsed_s"} == {
+            k: v for k, v in b.items() if k != "elapsed_s"
+        }
+    assert {"task", "logit", "feature", "total", "lr", "grad_norm", "units_task"} <= set(
+        whole_metrics[0]
+    )
     # checkpoints: the last two kept, each with the projector outside the student
     newest = list_checkpoints(whole.output_dir / "checkpoints")
     assert [p.name for p in newest] == ["step-000004", "step-000006"]
@@ -86,7 +99,12 @@ def test_accumulation_normalises_by_valid_tokens_of_the_window(tmp_path):
         cfg = load_config(
             write_causal_config(
                 folder,
-                train={"batch_size": batch, "grad_accum": accum, "max_steps": 3, "max_grad_norm": 1.0e6},
+                train={
+                    "batch_size": batch,
+                    "grad_accum": accum,
+                    "max_steps": 3,
+                    "max_grad_norm": 1.0e6,
+                },
                 distill={"feature": "cka", "weights": {"task": 1.0, "logit": 0.0, "feature": 0.0}},
                 dropout=0.0,
             )
@@ -97,7 +115,7 @@ def test_accumulation_normalises_by_valid_tokens_of_the_window(tmp_path):
     assert one[0]["units_task"] == two[0]["units_task"]
     assert two[0]["task"] == pytest.approx(one[0]["task"], rel=1e-5)
     assert two[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], rel=1e-4)
-    for a, b in zip(one[1:], two[1:]):
+    for a, b in zip(one[1:], two[1:], strict=True):
         assert b["task"] == pytest.approx(a["task"], rel=1e-3)
 
 

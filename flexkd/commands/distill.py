@@ -25,5 +25,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"flexkd distill: error: {error}", file=sys.stderr)
         return 2
     if result.is_main_process:
-        print(f"student after {result.steps} steps: {result.student_dir} (metrics: {result.metrics_path})")
+        print(
+            f"student after {result.steps} steps: {result.student_dir} (metrics: {result.metrics_path})"
+        )
     return 0

@@ -60,7 +60,12 @@ def evaluate(
     all_predictions, all_labels = [], []
     starts = range(0, len(rows), batch_size)
     for start in tqdm(starts, desc="flexkd eval", unit="batch", disable=not progress):
-        batch = {k: v.to(device) for k, v in collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))]).items()}
+        batch = {
+            k: v.to(device)
+            for k, v in collate(
+                [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
+            ).items()
+        }
         labels = batch.pop("labels", None)
         if labels is None:
             raise ValueError("rows: evaluation needs labelled rows")
@@ -84,12 +89,21 @@ def evaluate(
         metrics["perplexity"] = math.exp(min(metrics["loss"], 700.0))
     if task in ("sequence", "token"):
         num_classes = logits.shape[-1]
-        metrics["macro_f1"] = _macro_f1(torch.cat(all_predictions), torch.cat(all_labels), num_classes)
+        metrics["macro_f1"] = _macro_f1(
+            torch.cat(all_predictions), torch.cat(all_labels), num_classes
+        )
     return metrics
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexkd.train import Collator, auto_class, build_model, build_splits, build_tokenizer, pad_token_id
+    from flexkd.train import (
+        Collator,
+        auto_class,
+        build_model,
+        build_splits,
+        build_tokenizer,
+        pad_token_id,
+    )
 
     try:
         cfg = config_from_args(args)
@@ -101,14 +115,21 @@ def run(args: argparse.Namespace) -> int:
         for which in cfg.eval.models:
             if which == "student":
                 if not cfg.student_path.is_dir():
-                    raise FileNotFoundError(f"eval.student_path: no student at {cfg.student_path}; run flexkd distill first")
+                    raise FileNotFoundError(
+                        f"eval.student_path: no student at {cfg.student_path}; run flexkd distill first"
+                    )
                 model = auto_class(cfg.data.task).from_pretrained(str(cfg.student_path))
             else:
                 model = build_model(cfg, "teacher", num_labels=splits.num_labels)
             model.to(device)
             collate = Collator(cfg.data.task, pad_token_id(tokenizer, model))
             results[which] = evaluate(
-                model, rows, collate, task=cfg.data.task, batch_size=cfg.eval.batch_size, progress=cfg.train.progress
+                model,
+                rows,
+                collate,
+                task=cfg.data.task,
+                batch_size=cfg.eval.batch_size,
+                progress=cfg.train.progress,
             )
     except (ValueError, FileNotFoundError) as error:
         print(f"flexkd eval: error: {error}", file=sys.stderr)

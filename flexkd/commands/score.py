@@ -16,29 +16,32 @@ from flexkd.config import add_config_arguments, config_from_args
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--no-plot", action="store_true", help="do not write the PNG of sorted scores")
+    parser.add_argument(
+        "--no-plot", action="store_true", help="do not write the PNG of sorted scores"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from accelerate import Accelerator
-
     from flexkd.train import (
         Collator,
         build_model,
         build_splits,
         build_tokenizer,
         default_k,
+        make_accelerator,
         pad_token_id,
         score_selection,
     )
 
     try:
         cfg = config_from_args(args)
-        accelerator = Accelerator()
+        accelerator = make_accelerator()
         tokenizer = build_tokenizer(cfg)
         splits = build_splits(cfg, tokenizer)
         teacher = build_model(cfg, "teacher", num_labels=splits.num_labels).to(accelerator.device)
-        k = cfg.selection.k or default_k(cfg, build_model(cfg, "student", num_labels=splits.num_labels))
+        k = cfg.selection.k or default_k(
+            cfg, build_model(cfg, "student", num_labels=splits.num_labels)
+        )
         selection = score_selection(
             cfg,
             teacher,
@@ -57,8 +60,12 @@ def run(args: argparse.Namespace) -> int:
         selection.save(path)
         if not args.no_plot:
             selection.plot(path.with_suffix(".png"))
-        print(f"wrote {path} (teacher {selection.teacher_id}, k={selection.k}, {selection.tokens_seen} tokens)")
+        print(
+            f"wrote {path} (teacher {selection.teacher_id}, k={selection.k}, {selection.tokens_seen} tokens)"
+        )
         for layer in selection.layers:
-            print(f"  layer {layer}: {100 * selection.mass_in_top_k(layer):.1f}% of the score mass in the top {selection.k}")
+            print(
+                f"  layer {layer}: {100 * selection.mass_in_top_k(layer):.1f}% of the score mass in the top {selection.k}"
+            )
     accelerator.wait_for_everyone()
     return 0
