@@ -1,0 +1,154 @@
+"""Task kits for the demo and the study, built on :mod:`flexkd.tasks`.
+
+``flexkd.tasks`` owns the tasks (tokenisation, teachers trained once and cached, students whose
+embeddings start from the teacher's, metrics); this module turns one into a
+:class:`~flexkd.experiments.pipeline.TaskKit`: the cached teacher's folder, the tokenized rows in the
+form :func:`flexkd.train.train` reads, a named student factory for the training loop, and the evaluation.
+A file lock around the teacher fine-tune lets a demo and a study started together share one teacher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from flexkd.experiments.budget import RunBudget
+from flexkd.experiments.pipeline import TaskKit
+
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "debian-sections": ("accuracy", "macro_f1"),
+    "debian-synopsis": ("rouge_l",),
+}
+HF_TASKS = {"debian-sections": "sequence", "debian-synopsis": "causal_lm"}
+# --quick: a tiny slice, a 2-step teacher fine-tune and a tiny student
+QUICK_TASK_CONFIG = {
+    "debian-sections": {"max_length": 32, "student_hidden": 32, "student_layers": 1},
+    "debian-synopsis": {
+        "max_source_length": 24, "max_target_length": 8, "teacher_hidden": 64, "teacher_layers": 1,
+        "student_hidden": 32, "student_layers": 1,
+    },
+}
+QUICK_TEACHER_ROWS = 16
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' per-load reports and the weight-loading and dataset bars (the pipeline shows
+    its own progress)."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def training_rows(task, split: str, limit: int | None):
+    """``split``'s encoded rows as a ``datasets.Dataset`` of ``input_ids``/``attention_mask``/``labels``,
+    exactly what ``task.collate`` would batch (labels only on the synopsis for the causal LM)."""
+    import datasets
+
+    rows = []
+    for row in task.encode(split, limit):
+        if "prompt" in row:
+            ids = row["prompt"] + row["target"]
+            labels: Any = [-100] * len(row["prompt"]) + row["target"]
+        else:
+            ids, labels = row["input_ids"], row["label"]
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return datasets.Dataset.from_list(rows)
+
+
+def _register_student_factory(task, *, quick: bool) -> str:
+    """Register (once) the named factory ``flexkd.train`` builds this task's student with: the task's
+    student, embeddings from the teacher of the run's config, seeded by the run's seed."""
+    from flexkd.train import MODEL_FACTORIES, register_model_factory
+
+    name = f"flexkd-experiments:{task.name}{':quick' if quick else ''}"
+    if name not in MODEL_FACTORIES:
+
+        @register_model_factory(name)
+        def build_student(role: str, cfg) -> Any:
+            if role != "student":
+                raise ValueError(f"model.{role}: {name} only builds students")
+            teacher = task.load_teacher(str(cfg.path(cfg.model.teacher)))
+            return task.build_student(teacher, seed=cfg.train.seed)
+
+    return f"task:{name}"
+
+
+def build_kit(task_name: str, budget: RunBudget, *, cache_dir: Path, quick: bool = False, progress: bool = True) -> TaskKit:
+    """The :class:`TaskKit` of ``task_name``; trains and caches its teacher under ``cache_dir/teachers``
+    when the cache lacks it."""
+    from flexkd.tasks import FitConfig, get_task, get_teacher
+
+    if task_name not in TASK_METRICS:
+        raise ValueError(f"task: expected one of {sorted(TASK_METRICS)}, got {task_name!r}")
+    task = get_task(task_name, **(QUICK_TASK_CONFIG[task_name] if quick else {}))
+    fit_config = None
+    eval_limit = None
+    if quick:
+        fit_config = FitConfig(batch_size=8, lr=1e-3, train_limit=QUICK_TEACHER_ROWS, max_steps=2)
+        eval_limit = budget.eval_examples
+    teachers = Path(cache_dir) / "teachers"
+    with _exclusive(teachers / f".{task_name}.lock"):
+        cached = get_teacher(task, teachers, fit_config=fit_config, eval_limit=eval_limit, progress=progress)
+    report = cached.report
+    validation = {k: v for k, v in report.get("validation", {}).items() if k != "predictions"}
+
+    train_rows = training_rows(task, "train", budget.train_examples)
+    score_rows = train_rows.select(range(min(budget.score_examples, len(train_rows))))
+
+    def evaluate(model) -> dict[str, float]:
+        metrics = task.evaluate(model, budget.eval_split, limit=budget.eval_examples, progress=progress)
+        return {name: metrics[name] for name in TASK_METRICS[task_name]}
+
+    teacher_dir, teacher_cfg = str(cached.path), cached.model.config
+    del cached  # the pipeline loads the teacher from its folder when it needs it
+    student_cfg = task.build_student(init="random").config
+    fit = report.get("fit", {})
+    train_stats = report.get("train", {})
+    return TaskKit(
+        name=task_name,
+        hf_task=HF_TASKS[task_name],
+        tokenizer_dir=teacher_dir,
+        teacher_dir=teacher_dir,
+        student_factory=_register_student_factory(task, quick=quick),
+        student_hidden_size=int(student_cfg.hidden_size),
+        train_rows=train_rows,
+        score_rows=score_rows,
+        evaluate=evaluate,
+        metrics=TASK_METRICS[task_name],
+        pad_token_id=int(task.tokenizer.pad_token_id),
+        teacher_description=(
+            f"{teacher_cfg.model_type} hidden {teacher_cfg.hidden_size}, {teacher_cfg.num_hidden_layers} layers, "
+            f"trained {train_stats.get('steps', '?')} steps x {fit.get('batch_size', '?')} rows "
+            f"({train_stats.get('seconds', 0):.0f} s when made); validation "
+            + ", ".join(f"{k} {v:.3f}" for k, v in validation.items() if k != "n")
+            + f" on {validation.get('n', '?')} rows"
+        ),
+        teacher_metrics=validation,
+        input_description=", ".join(
+            f"{k} {v}" for k, v in vars(task.config).items() if k.startswith("max_") and isinstance(v, int)
+        ),
+        student_description=(
+            f"{student_cfg.model_type} hidden {student_cfg.hidden_size}, {student_cfg.num_hidden_layers} layers, "
+            f"embeddings from the teacher's (PCA), the rest random"
+        ),
+    )
+

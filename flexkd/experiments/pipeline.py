@@ -1,0 +1,213 @@
+"""The shared run-one-method pipeline of ``flexkd demo`` and ``flexkd study``.
+
+A :class:`TaskKit` bundles what a task provides (tokenizer, fine-tuned teacher, student config, tokenized
+rows, an evaluation function). :class:`Experiment` scores the teacher once, writes the selections every
+method needs, and runs each method through the library's own training loop (:func:`flexkd.train.train`,
+driven by a validated :class:`flexkd.config.Config`), so every method gets the same data order, steps,
+loss weights and learning rate; only the feature term differs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from flexkd.experiments.budget import RunBudget
+from flexkd.experiments.methods import Method
+
+
+@dataclass
+class TaskKit:
+    """Everything about one task that the pipeline needs.
+
+    ``hf_task`` is the config's ``data.task`` (``"sequence"`` or ``"causal_lm"``); ``student_factory`` the
+    ``"task:NAME"`` model factory that builds the (seeded) student inside the training loop; ``train_rows`` and
+    ``score_rows`` are tokenized rows (``input_ids``, ``attention_mask``, ``labels``...) as a
+    ``datasets.Dataset``; ``evaluate(model)`` returns the task's metrics on the evaluation rows, headline
+    metric first in ``metrics``.
+    """
+
+    name: str
+    hf_task: str
+    tokenizer_dir: str
+    teacher_dir: str
+    student_factory: str
+    student_hidden_size: int
+    train_rows: Any
+    score_rows: Any
+    evaluate: Callable[[nn.Module], dict[str, float]]
+    metrics: tuple[str, ...]
+    pad_token_id: int = 0
+    teacher_description: str = ""
+    teacher_metrics: dict[str, Any] = field(default_factory=dict)
+    student_description: str = ""
+    input_description: str = ""
+
+    def load_teacher(self) -> nn.Module:
+        from flexkd.train import auto_class
+
+        return auto_class(self.hf_task).from_pretrained(self.teacher_dir).eval()
+
+    def load_student(self, path: str | Path) -> nn.Module:
+        from flexkd.train import auto_class
+
+        return auto_class(self.hf_task).from_pretrained(str(path)).eval()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The per-step records of a ``metrics.jsonl`` written by :func:`flexkd.train.train`."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Experiment:
+    """One task, one budget, one work folder: score once, then run any (method, seed)."""
+
+    def __init__(self, kit: TaskKit, budget: RunBudget, work_dir: str | Path, *, progress: bool = True) -> None:
+        self.kit, self.budget, self.progress = kit, budget, progress
+        self.work_dir = Path(work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._train_data_dir = self.work_dir / "data" / "train"
+        self._selection = None
+
+    # ------------------------------------------------------------------------------ data and selection
+    def _train_data(self) -> Path:
+        if not self._train_data_dir.exists():
+            tmp = self._train_data_dir.with_name(".train.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.kit.train_rows.save_to_disk(str(tmp))
+            tmp.replace(self._train_data_dir)
+        return self._train_data_dir
+
+    @property
+    def selection_path(self) -> Path:
+        return self.work_dir / "selection-top.safetensors"
+
+    def selection(self, teacher: nn.Module | None = None):
+        """The top-k selection of the teacher's last layer (k = the student's hidden size), scored once."""
+        import flexkd
+        from flexkd.selection import DimensionSelection
+        from flexkd.train import Collator
+
+        if self._selection is not None:
+            return self._selection
+        if self.selection_path.exists():
+            self._selection = DimensionSelection.load(self.selection_path, teacher)
+            return self._selection
+        teacher = teacher if teacher is not None else self.kit.load_teacher()
+        collate = Collator(self.kit.hf_task, self.kit.pad_token_id)
+        rows = self.kit.score_rows
+        size = self.budget.batch_size
+        batches = [collate([rows[j] for j in range(i, min(i + size, len(rows)))]) for i in range(0, len(rows), size)]
+        self._selection = flexkd.score(
+            teacher, batches, layers=self.teacher_layers, k=self.kit.student_hidden_size, progress=self.progress
+        )
+        self._selection.save(self.selection_path)
+        return self._selection
+
+    @property
+    def teacher_layers(self) -> list[int]:
+        pairs = self.budget.layer_pairs
+        return [-1] if pairs == "last" else sorted({t for _, t in pairs})
+
+    def _selection_file(self, method: Method, seed: int) -> Path:
+        """The selection file ``method`` distills (top-k is shared; random-k is drawn per seed)."""
+        from flexkd.selection import DimensionSelection
+
+        top = self.selection()
+        if method.which == "top":
+            return self.selection_path
+        path = self.work_dir / f"selection-{method.which}-seed{seed}.safetensors"
+        if not path.exists():
+            DimensionSelection.from_scores(
+                {layer: top.scores(layer) for layer in top.layers},
+                top.k,
+                which=method.which,
+                seed=seed,
+                stat=top.stat,
+                tokens_seen=top.tokens_seen,
+                teacher=top.teacher,
+                data_fingerprint=top.data_fingerprint,
+            ).save(path)
+        return path
+
+    # ------------------------------------------------------------------------------ runs
+    def config(self, method: Method, seed: int, output_dir: Path):
+        """The validated :class:`flexkd.config.Config` of one run."""
+        from flexkd.config import parse_config
+
+        b = self.budget
+        raw: dict[str, Any] = {
+            "model": {
+                "teacher": self.kit.teacher_dir,
+                "student": self.kit.student_factory,
+                "tokenizer": self.kit.tokenizer_dir,
+            },
+            "data": {"task": self.kit.hf_task, "train": str(self._train_data())},
+            "distill": {
+                "feature": method.feature,
+                "feature_loss": method.feature_loss,
+                "layer_pairs": b.layer_pairs,
+                "weights": dict(b.weights),
+                "temperature": b.temperature,
+            },
+            "train": {
+                "output_dir": str(output_dir),
+                "lr": b.lr,
+                "batch_size": b.batch_size,
+                "max_steps": b.steps,
+                "warmup_steps": b.warmup_steps,
+                "seed": seed,
+                "resume": False,
+                "log_every": 1,
+                "progress": self.progress,
+            },
+        }
+        if method.uses_selection:
+            raw["selection"] = {"path": str(self._selection_file(method, seed)), "layers": self.teacher_layers}
+        return parse_config(raw, source=f"{self.kit.name}/{method.name}/seed-{seed}")
+
+    def run(self, method: Method, seed: int, *, keep_student: bool = False) -> dict[str, Any]:
+        """Distill one student with ``method`` and evaluate it; returns metrics, timings and the learning curve."""
+        from flexkd.train import train
+
+        output_dir = self.work_dir / "runs" / method.name / f"seed-{seed}"
+        cfg = self.config(method, seed, output_dir)
+        torch.manual_seed(seed)
+        started = time.perf_counter()
+        result = train(cfg)
+        train_seconds = time.perf_counter() - started
+        student = self.kit.load_student(result.student_dir)
+        started = time.perf_counter()
+        metrics = self.kit.evaluate(student)
+        eval_seconds = time.perf_counter() - started
+        curve = read_metrics(result.metrics_path)
+        if not keep_student:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        return {
+            "method_label": method.label,
+            "metrics": {k: float(v) for k, v in metrics.items()},
+            "train_seconds": round(train_seconds, 2),
+            "eval_seconds": round(eval_seconds, 2),
+            "steps": result.steps,
+            "budget": self.budget.to_dict(),
+            "inputs": self.kit.input_description,
+            "teacher": self.kit.teacher_description,
+            "student": self.kit.student_description,
+            "curve": [
+                {k: r[k] for k in ("step", "task", "logit", "feature", "total", "elapsed_s") if k in r} for r in curve
+            ],
+        }
+
+
+def summarize_curves(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Sequence[Mapping[str, Any]]]:
+    """``{method label: curve}`` of finished runs, for :func:`flexkd.experiments.plots.plot_learning_curves`."""
+    return {r["method_label"]: r["curve"] for r in results.values()}

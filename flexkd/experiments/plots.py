@@ -1,0 +1,106 @@
+"""PNG plots: learning curves per loss term, and the study's mean ± std bars."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+LOSS_TERMS = ("task", "logit", "feature", "total")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=110)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        _pyplot().close(fig)
+    return path
+
+
+def smooth(values: Sequence[float], window: int) -> list[float]:
+    """Trailing moving average over ``window`` points (shorter at the start)."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    out, running = [], 0.0
+    for i, value in enumerate(values):
+        running += value
+        if i >= window:
+            running -= values[i - window]
+        out.append(running / min(i + 1, window))
+    return out
+
+
+def plot_learning_curves(
+    curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike, *, title: str = ""
+) -> Path:
+    """One panel per loss term, one line per method; ``curves[label]`` is that run's per-step metric records."""
+    if not curves:
+        raise ValueError("curves: need at least one run")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(LOSS_TERMS), figsize=(4.2 * len(LOSS_TERMS), 3.4))
+    for ax, term in zip(axes, LOSS_TERMS):
+        drawn = False
+        for label, records in curves.items():
+            steps = [r["step"] for r in records if term in r]
+            values = [float(r[term]) for r in records if term in r]
+            if not values or not any(values):
+                continue  # a term this method does not use
+            window = max(1, len(values) // 20)
+            ax.plot(steps, smooth(values, window), label=label, lw=1.3)
+            drawn = True
+        ax.set_title(f"{term} loss")
+        ax.set_xlabel("step")
+        if drawn:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not used", ha="center", va="center", transform=ax.transAxes)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_mean_std_bars(
+    panels: Sequence[tuple[str, Sequence[Mapping[str, Any]], str]], path: str | os.PathLike
+) -> Path:
+    """One bar panel per ``(title, summary rows, metric)``: bars at ``<metric>_mean``, error bars the std."""
+    if not panels:
+        raise ValueError("panels: need at least one panel")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
+    for ax, (title, rows, metric) in zip(axes[0], panels):
+        rows = [r for r in rows if f"{metric}_mean" in r]
+        labels = [r.get("label", r["method"]) for r in rows]
+        means = [r[f"{metric}_mean"] for r in rows]
+        stds = [r[f"{metric}_std"] for r in rows]
+        ax.bar(range(len(rows)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
+        ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(metric)
+        ax.set_title(title, fontsize=10)
+        if means:
+            low = min(m - s for m, s in zip(means, stds))
+            high = max(m + s for m, s in zip(means, stds))
+            pad = max(0.02, 0.15 * (high - low))
+            ax.set_ylim(max(0.0, low - pad), high + pad)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,92 @@
+"""One JSON file per finished (task, method, seed) run, written atomically, so a study can be killed and rerun.
+
+    store = ResultStore("benchmarks/results/runs")
+    if not store.has("debian-sections", "flex-mse", 0):
+        store.write("debian-sections", "flex-mse", 0, result)
+    store.all()          # every finished result, sorted by task, method, seed
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
+    """Write ``data`` as indented JSON to ``path`` via a temp file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _check_name(name: str, what: str) -> str:
+    if not isinstance(name, str) or not _SAFE_NAME.match(name):
+        raise ValueError(f"{what}: expected a name of letters, digits, '_', '.', '-', got {name!r}")
+    return name
+
+
+class ResultStore:
+    """Finished run results under ``root/<task>/<method>/seed-<seed>.json``."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    def path(self, task: str, method: str, seed: int) -> Path:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+        return self.root / _check_name(task, "task") / _check_name(method, "method") / f"seed-{seed}.json"
+
+    def has(self, task: str, method: str, seed: int) -> bool:
+        return self.path(task, method, seed).is_file()
+
+    def write(self, task: str, method: str, seed: int, result: dict[str, Any]) -> Path:
+        record = {**result, "task": task, "method": method, "seed": seed}
+        return write_json_atomic(self.path(task, method, seed), record)
+
+    def read(self, task: str, method: str, seed: int) -> dict[str, Any]:
+        with open(self.path(task, method, seed), encoding="utf-8") as f:
+            return json.load(f)
+
+    def all(self) -> list[dict[str, Any]]:
+        """Every stored result (files that do not parse are reported, not skipped silently)."""
+        records = []
+        for path in sorted(self.root.glob("*/*/seed-*.json")):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    records.append(json.load(f))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"result file {path} is not valid JSON ({err}); delete it to rerun that run") from None
+        return sorted(records, key=lambda r: (r["task"], r["method"], r["seed"]))

@@ -1,0 +1,241 @@
+"""The experiments package: the teacher-check hook, the study's resumable result store and plan, tables."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from _tiny_hf import HIDDEN, LAYERS, build, padded_batch
+from flexkd.experiments import study as study_module
+from flexkd.experiments.budget import RunBudget
+from flexkd.experiments.store import ResultStore, write_json_atomic
+from flexkd.experiments.tables import markdown_table, mean_std, summarize
+from flexkd.experiments.teacher_check import ZeroDims, run_teacher_check, teacher_check_conditions
+from flexkd.taps import LayerTap
+
+
+# ---------------------------------------------------------------------------------------------- teacher check
+def _hidden_at(model, layer, batch):
+    with torch.no_grad(), LayerTap(model, [layer]) as tap:
+        tap.run(**batch)
+        return tap.hidden[layer].clone()
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+@pytest.mark.parametrize("layer", [0, 1, -1])
+def test_zero_dims_zeroes_exactly_the_chosen_dims(family, layer):
+    model = build(family)
+    batch = {k: v for k, v in padded_batch().items() if k != "labels"}
+    dims = torch.randperm(HIDDEN)[: int(torch.randint(1, HIDDEN, ()))]
+    before = _hidden_at(model, layer, batch)
+    with ZeroDims(model, layer, dims):
+        during = _hidden_at(model, layer, batch)
+    after = _hidden_at(model, layer, batch)
+
+    zeroed = torch.zeros(HIDDEN, dtype=torch.bool)
+    zeroed[dims] = True
+    assert torch.all(during[..., zeroed] == 0)
+    torch.testing.assert_close(during[..., ~zeroed], before[..., ~zeroed])
+    assert before[..., zeroed].abs().sum() > 0  # the dims really held something
+    torch.testing.assert_close(after, before)  # the hook is gone afterwards
+
+
+def test_zero_dims_changes_what_the_layers_above_see():
+    model = build("bert")
+    batch = {k: v for k, v in padded_batch().items() if k != "labels"}
+    with torch.no_grad():
+        clean = model(**batch).logits
+        with ZeroDims(model, 1, torch.arange(HIDDEN // 2)):
+            hit = model(**batch).logits
+    assert not torch.allclose(clean, hit)
+
+
+@pytest.mark.parametrize(
+    "dims, error",
+    [([0, 0], ValueError), ([HIDDEN], ValueError), ([-1], ValueError), ([[0, 1]], TypeError), ([0.5], TypeError)],
+)
+def test_zero_dims_rejects_bad_dims(dims, error):
+    with pytest.raises(error, match="dims"):
+        ZeroDims(build("bert"), -1, dims)
+
+
+def test_zero_dims_rejects_bad_layer():
+    with pytest.raises(ValueError, match="layer"):
+        ZeroDims(build("bert"), LAYERS + 1, [0])
+
+
+def test_teacher_check_conditions_pick_top_k_and_lowest_half():
+    scores = torch.rand(10)
+    conditions = teacher_check_conditions(scores, 3, seed=1)
+    order = torch.argsort(scores, descending=True)
+    assert conditions["intact"].numel() == 0
+    assert set(conditions["zero top-3"].tolist()) == set(order[:3].tolist())
+    assert set(conditions["zero lowest 5 (half)"].tolist()) == set(order[5:].tolist())
+    random_dims = conditions["zero random 3"]
+    assert random_dims.numel() == 3 and random_dims.unique().numel() == 3
+    with pytest.raises(ValueError, match="k"):
+        teacher_check_conditions(scores, 11)
+
+
+def test_run_teacher_check_evaluates_under_each_condition():
+    model = build("bert")
+    batch = {k: v for k, v in padded_batch().items() if k != "labels"}
+    zero_counts = []
+
+    def evaluate(teacher):
+        hidden = _hidden_at(teacher, -1, batch)
+        zero_counts.append(int((hidden == 0).all(dim=(0, 1)).sum()))
+        return {"zeros": float(zero_counts[-1])}
+
+    rows = run_teacher_check(model, -1, torch.rand(HIDDEN), 4, evaluate)
+    assert [r["dims_zeroed"] for r in rows] == [0, 4, 4, HIDDEN // 2]
+    assert zero_counts == [0, 4, 4, HIDDEN // 2]
+
+
+# ---------------------------------------------------------------------------------------------- store
+def test_result_store_round_trip_and_atomic_files(tmp_path):
+    store = ResultStore(tmp_path)
+    assert not store.has("t", "m", 0)
+    path = store.write("t", "m", 0, {"metrics": {"accuracy": 0.5}})
+    assert store.has("t", "m", 0) and path.name == "seed-0.json"
+    assert store.read("t", "m", 0)["metrics"] == {"accuracy": 0.5}
+    assert [p.name for p in path.parent.iterdir()] == ["seed-0.json"]  # no temp file left behind
+    store.write("t", "a", 2, {"metrics": {}})
+    assert [(r["method"], r["seed"]) for r in store.all()] == [("a", 2), ("m", 0)]
+
+
+@pytest.mark.parametrize("task, method, seed", [("../x", "m", 0), ("t", "a/b", 0), ("t", "m", -1), ("t", "m", True)])
+def test_result_store_rejects_unsafe_keys(tmp_path, task, method, seed):
+    with pytest.raises(ValueError):
+        ResultStore(tmp_path).path(task, method, seed)
+
+
+def test_result_store_reports_a_corrupt_file(tmp_path):
+    store = ResultStore(tmp_path)
+    store.path("t", "m", 0).parent.mkdir(parents=True)
+    store.path("t", "m", 0).write_text("{not json")
+    with pytest.raises(ValueError, match="seed-0.json"):
+        store.all()
+
+
+def test_write_json_atomic_keeps_the_old_file_when_serialisation_fails(tmp_path):
+    target = tmp_path / "r.json"
+    write_json_atomic(target, {"ok": 1})
+    with pytest.raises(TypeError):
+        write_json_atomic(target, {"bad": object()})
+    assert json.loads(target.read_text()) == {"ok": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+# ---------------------------------------------------------------------------------------------- study plan + resume
+def _fake_result(method, seed):
+    return {
+        "method_label": method.label,
+        "metrics": {"accuracy": 0.1 * seed + len(method.name) / 100, "macro_f1": 0.2},
+        "train_seconds": 1.0,
+        "eval_seconds": 0.1,
+        "curve": [],
+    }
+
+
+class _FakeExperiment:
+    calls: list = []
+
+    def __init__(self, kit, budget, work_dir, progress=True):
+        self.kit = kit
+
+    def run(self, method, seed):
+        _FakeExperiment.calls.append((self.kit, method.name, seed))
+        return _fake_result(method, seed)
+
+
+@pytest.fixture
+def fake_study(monkeypatch):
+    _FakeExperiment.calls = []
+    monkeypatch.setattr(study_module, "build_kit", lambda task, budget, **kw: task)
+    monkeypatch.setattr(study_module, "Experiment", _FakeExperiment)
+    return _FakeExperiment
+
+
+def _plan(**changes):
+    budget = RunBudget(
+        train_examples=8, score_examples=8, eval_examples=8, max_length=8, batch_size=4, steps=1, lr=1e-3
+    )
+    options = dict(
+        tasks=("debian-sections",),
+        methods=("none", "flex-mse"),
+        seeds=(0, 1),
+        ablation_tasks=("debian-sections",),
+        ablation_methods=("flex-mse", "flex-mse-random"),
+        teacher_check_tasks=(),
+        budgets={"debian-sections": budget},
+    )
+    options.update(changes)
+    return study_module.StudyPlan(**options)
+
+
+def test_study_plan_lists_each_run_once_seed_major():
+    runs = _plan().runs()
+    assert runs == [
+        ("debian-sections", "none", 0),
+        ("debian-sections", "flex-mse", 0),
+        ("debian-sections", "flex-mse-random", 0),
+        ("debian-sections", "none", 1),
+        ("debian-sections", "flex-mse", 1),
+        ("debian-sections", "flex-mse-random", 1),
+    ]
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [({"methods": ("bogus",)}, "method"), ({"tasks": ("nope",)}, "tasks"), ({"seeds": (-1,)}, "seeds"), ({"seeds": ()}, "seeds")],
+)
+def test_study_plan_rejects_bad_input(changes, field):
+    with pytest.raises(ValueError, match=field):
+        _plan(**changes)
+
+
+def test_study_skips_finished_runs_and_resumes_the_rest(tmp_path, fake_study):
+    plan = _plan()
+    store = ResultStore(tmp_path / "out" / "runs")
+    # an earlier, killed study finished two runs
+    for task, method, seed in plan.runs()[:2]:
+        store.write(task, method, seed, {**_fake_result(study_module.get_method(method), seed), "marker": "old"})
+    kwargs = dict(cache_dir=tmp_path / "cache", work_dir=tmp_path / "work", command="flexkd study --test", log=lambda _: None)
+
+    summary = study_module.run_study(tmp_path / "out", plan, **kwargs)
+    assert [(m, s) for _, m, s in fake_study.calls] == [(m, s) for _, m, s in plan.runs()[2:]]
+    assert all(store.read(*run).get("marker") == "old" for run in plan.runs()[:2])
+    assert summary["finished_runs"] == len(plan.runs())
+
+    fake_study.calls.clear()
+    study_module.run_study(tmp_path / "out", plan, **kwargs)
+    assert fake_study.calls == []  # everything was done
+
+    report = (tmp_path / "out" / "study.md").read_text()
+    assert "flexkd study --test" in report and "Flex-KD (mse)" in report and "random-k" in report
+    assert (tmp_path / "out" / "study.png").stat().st_size > 0
+    methods = json.loads((tmp_path / "out" / "study.json").read_text())["tasks"]["debian-sections"]["methods"]
+    assert [row["method"] for row in methods] == ["none", "flex-mse"] and all(row["seeds"] == 2 for row in methods)
+
+
+# ---------------------------------------------------------------------------------------------- tables
+def test_mean_std_and_summary():
+    assert mean_std([1.0]) == (1.0, 0.0)
+    mean, std = mean_std([1.0, 2.0, 3.0])
+    assert mean == pytest.approx(2.0) and std == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        mean_std([])
+    records = [
+        {"task": "t", "method": "m", "metrics": {"acc": a}, "train_seconds": s} for a, s in ((0.5, 10), (0.7, 20))
+    ]
+    (row,) = summarize(records, ["acc", "train_seconds"])
+    assert row["seeds"] == 2 and row["acc_mean"] == pytest.approx(0.6) and row["train_seconds_mean"] == 15
+    assert row["acc"] == f"0.600 ± {mean_std([0.5, 0.7])[1]:.3f}"
+
+
+def test_markdown_table_layout():
+    text = markdown_table([{"a": 1, "b": 0.12345}, {"a": "x"}], [("a", "A"), ("b", "B")])
+    assert text.splitlines() == ["| A | B |", "|---|---|", "| 1 | 0.123 |", "| x |  |"]
