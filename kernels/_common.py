@@ -44,10 +44,10 @@ def tl_dtype(dtype: torch.dtype) -> tl.dtype:
         ) from None
 
 
-def tile_shape(n_rows: int, n_cols: int) -> tuple[int, int]:
-    """``(BLOCK_ROWS, BLOCK_COLS)`` powers of two: as many columns as fit (up to ``MAX_BLOCK_COLS``),
-    then rows until the tile holds ``TILE_ELEMENTS``, never more rows than there are."""
-    block_cols = min(triton.next_power_of_2(max(n_cols, 1)), MAX_BLOCK_COLS)
+def tile_shape(n_rows: int, n_cols: int, max_cols: int = MAX_BLOCK_COLS) -> tuple[int, int]:
+    """``(BLOCK_ROWS, BLOCK_COLS)`` powers of two: as many columns as fit (up to ``max_cols``), then
+    rows until the tile holds ``TILE_ELEMENTS``, never more rows than there are."""
+    block_cols = min(triton.next_power_of_2(max(n_cols, 1)), max_cols)
     block_rows = max(1, min(TILE_ELEMENTS // block_cols, triton.next_power_of_2(max(n_rows, 1))))
     return block_rows, block_cols
 

@@ -32,12 +32,10 @@ from ._common import (
     tl_dtype,
 )
 
-# Statistics rows of the corr partials / column-statistics buffers.
-_WEIGHT, _MEAN_S, _MEAN_T, _M2_S, _M2_T, _CO_M2 = range(6)
-# Rows of the per-column coefficient table the corr gradient kernel reads.
-_GRAD_MEAN_S, _GRAD_MEAN_T, _GRAD_COEF, _GRAD_ALPHA, _GRAD_BETA = range(5)
-# A corr statistics program merges at most this many rows before writing its partials.
-_CORR_ROWS_PER_PROGRAM = 1024
+# A corr statistics program merges at most this many rows before writing its partials, in tiles at
+# most this wide (tall tiles amortise the per-tile merge over more rows).
+_CORR_ROWS_PER_PROGRAM = 512
+_CORR_STATS_MAX_COLS = 128
 
 
 @triton.jit
@@ -276,7 +274,7 @@ def _zero_unless_enough_rows(
 def _corr(student, teacher, index, mask, reduction, eps, grad_s, grad_t, acc):
     n, k = student.shape
     has_mask = mask is not None
-    block_n, block_k = tile_shape(n, k)
+    block_n, block_k = tile_shape(n, k, _CORR_STATS_MAX_COLS)
     rows_per_program = block_n * triton.cdiv(min(n, _CORR_ROWS_PER_PROGRAM), block_n)
     n_row_programs = triton.cdiv(n, rows_per_program)
     partials = torch.empty((6, n_row_programs, k), dtype=acc, device=student.device)
@@ -298,15 +296,16 @@ def _corr(student, teacher, index, mask, reduction, eps, grad_s, grad_t, acc):
         c = 1.0 / k if reduction == "mean" else 1.0
         coef = _zero_unless_enough_rows(mask, n, -c * rsqrt_q / safe_weight)
         table = torch.stack((mean_s, mean_t, coef, cov * var_t / q, cov * var_s / q)).contiguous()
-        launch(_corr_grad_kernel)[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        grad_n, grad_k = tile_shape(n, k)
+        launch(_corr_grad_kernel)[(triton.cdiv(n, grad_n), triton.cdiv(k, grad_k))](
             student, student.stride(0), student.stride(1),
             teacher, teacher.stride(0), teacher.stride(1),
             index, mask if has_mask else index, table,
             grad_s, grad_t,
             n, k,
             HAS_MASK=has_mask, WRITE_GRAD_S=grad_s.numel() > 0, WRITE_GRAD_T=grad_t.numel() > 0,
-            ACC=tl_dtype(acc), BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=num_warps(block_n, block_k),
+            ACC=tl_dtype(acc), BLOCK_N=grad_n, BLOCK_K=grad_k,
+            num_warps=num_warps(grad_n, grad_k),
         )  # fmt: skip
     if reduction == "none":
         return per_dim

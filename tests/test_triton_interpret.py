@@ -87,30 +87,35 @@ def test_suites_were_retargeted():
 # ------------------------------------------------------------------- what the launchers add
 
 
-def test_corr_merges_row_programs_stably():
-    """More rows than one statistics program takes, columns far from zero: the pairwise merge of the
-    per-program moments must keep fp32 close to an fp64 reference."""
-    n = triton_feature_loss._CORR_ROWS_PER_PROGRAM * 2 + 37
-    base = torch.randn(n, 3, dtype=torch.float64)
-    student = (1000.0 + base + 0.3 * torch.randn(n, 3, dtype=torch.float64)).float()
-    teacher = torch.cat([torch.randn(n, 2, dtype=torch.float64), -500.0 + base * 2], dim=1).float()
-    index = torch.tensor([2, 4, 3])
+def test_corr_merges_tiles_and_row_programs_stably():
+    """Several row tiles per statistics program and several programs, columns far from zero: the
+    pairwise merges of the moments must keep fp32 close to an fp64 reference."""
+    n, k, width = triton_feature_loss._CORR_ROWS_PER_PROGRAM * 2 + 37, 130, 150
+    rows_per_tile, _ = triton_feature_loss.tile_shape(
+        n, k, triton_feature_loss._CORR_STATS_MAX_COLS
+    )
+    assert rows_per_tile < triton_feature_loss._CORR_ROWS_PER_PROGRAM
+    base = torch.randn(n, k, dtype=torch.float64)
+    student = (1000.0 + base + 0.3 * torch.randn(n, k, dtype=torch.float64)).float()
+    index = random_index(k, width)
+    teacher = torch.randn(n, width, dtype=torch.float64)
+    teacher[:, index] = -500.0 + 2 * base + 0.5 * teacher[:, index]
+    teacher = teacher.float()
     mask = make_mask("float", (n,))
-    s = student.requires_grad_()
+    s = student.clone().requires_grad_()
     value = flex_feature_loss(
         s, teacher, index, mask, loss="corr", reduction="none", backend="triton"
     )
-    upstream = torch.randn(3)
+    upstream = torch.randn(k)
     (value * upstream).sum().backward()
-    s64 = student.detach().double().requires_grad_()
+    s64 = student.double().requires_grad_()
     expected = reference.flex_feature_loss(
         s64, teacher.double(), index, mask.double(), loss="corr", reduction="none"
     )
     (expected * upstream.double()).sum().backward()
     torch.testing.assert_close(value.double(), expected.detach(), rtol=0, atol=2e-4)
-    torch.testing.assert_close(
-        s.grad.double(), s64.grad, rtol=1e-3, atol=1e-3 * s64.grad.abs().max().item()
-    )
+    grad_scale = s64.grad.abs().max().item()
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-3, atol=1e-3 * grad_scale)
 
 
 @pytest.mark.parametrize("loss", ["mse", "corr"])
