@@ -8,10 +8,16 @@ was set before this import.
 
 from __future__ import annotations
 
+import torch
+
 try:
     import triton  # noqa: F401
-except ImportError as err:  # pragma: no cover - depends on the environment
+except ImportError as err:
     raise ImportError(f"the Triton backend of flexkd needs the 'triton' package ({err})") from err
+if not hasattr(torch.library, "triton_op"):
+    raise ImportError(
+        f"the Triton backend of flexkd needs torch>=2.6 (torch.library.triton_op), got {torch.__version__}"
+    )
 
 from .feature_loss import feature_loss_fwd_triton
 from .importance import importance_scores_acc_triton

@@ -11,6 +11,9 @@ these tests skip: ``test_triton_cuda.py`` covers them there.
 
 import inspect
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -232,6 +235,28 @@ def test_opcheck_schema_fake_and_autograd_registration():
         (torch.randn(9, 7), torch.randn(9, 7), mask, "grad_x_act", torch.zeros(7)),
         test_utils=utils,
     )
+
+
+def test_import_without_triton_raises_import_error():
+    """An ImportError (not some other error) is what ``flexkd.ops`` reads as "backend unavailable"."""
+    program = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["triton"] = None  # what an environment without triton looks like to import
+        sys.path[:0] = [{str(triton_env.REPO_ROOT / "tests")!r}, {str(triton_env.REPO_ROOT)!r}]
+        import triton_env
+        try:
+            triton_env.import_kernels()
+        except ImportError as err:
+            assert "needs the 'triton' package" in str(err), err
+        else:
+            raise AssertionError("flexkd.kernels imported without triton")
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 def test_tile_heuristic_bounds():
