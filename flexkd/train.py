@@ -48,7 +48,8 @@ _AUTO_CLASS_NAMES = {
     "seq2seq": "AutoModelForSeq2SeqLM",
     "token": "AutoModelForTokenClassification",
 }
-_DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_DATA_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_COMPRESSIONS = ("", ".gz", ".bz2", ".xz", ".zst")
 
 # --------------------------------------------------------------------------------------------------
 # Named factories: "task:NAME" in a config refers to one of these (or to "task:module:function").
@@ -146,9 +147,11 @@ def build_tokenizer(cfg: Config):
         source = cfg.model.teacher
     if source is None:
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     local = cfg.path(source)
+    if local.is_file():  # a bare `tokenizers` JSON file
+        return PreTrainedTokenizerFast(tokenizer_file=str(local))
     return AutoTokenizer.from_pretrained(str(local) if local.exists() else source)
 
 
@@ -194,11 +197,21 @@ def _load_table(cfg: Config, split: str):
         return datasets.load_from_disk(str(path))
     if not path.is_file():
         raise ValueError(f"data.{split}: no file or folder at {path}")
-    if path.suffix not in _DATA_SUFFIXES:
+    fmt = _data_format(path)
+    if fmt is None:
         raise ValueError(
-            f"data.{split}: {path.name} is not one of {sorted(_DATA_SUFFIXES)} (or a saved dataset folder)"
+            f"data.{split}: {path.name} is not one of {sorted(_DATA_FORMATS)} (optionally compressed: "
+            f"{', '.join(c for c in _COMPRESSIONS if c)}) or a saved dataset folder"
         )
-    return datasets.load_dataset(_DATA_SUFFIXES[path.suffix], data_files=str(path), split="train")
+    return datasets.load_dataset(fmt, data_files=str(path), split="train")
+
+
+def _data_format(path: Path) -> str | None:
+    """The ``datasets`` builder for a data file, looking through a compression suffix."""
+    suffixes = path.suffixes
+    compression = suffixes[-1] if suffixes and suffixes[-1] in _COMPRESSIONS else ""
+    data_suffix = suffixes[-2] if compression and len(suffixes) >= 2 else (suffixes[-1] if suffixes else "")
+    return _DATA_FORMATS.get(data_suffix)
 
 
 def _label_names(cfg: Config, table) -> list[str] | None:

@@ -1,12 +1,14 @@
 """YAML configs: validated up front, every error names its field; overrides; relative paths."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
 
 from flexkd.config import ConfigError, load_config, parse_config
 
+REPO = Path(__file__).resolve().parents[1]
 VALID = {
     "model": {
         "teacher": "teachers/minilm",
@@ -128,3 +130,14 @@ def test_cli_reports_the_bad_field_and_exits_2(tmp_path, capsys, command):
     assert main([command, str(path)]) == 2
     err = capsys.readouterr().err
     assert f"flexkd {command}: error" in err and "train.lr: Input should be greater than 0" in err
+
+
+@pytest.mark.parametrize(
+    "example", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_examples_are_valid_configs(example):
+    cfg = load_config(example)
+    for split in ("train", "validation", "test"):
+        value = getattr(cfg.data, split)
+        if value is not None:
+            assert cfg.path(value).is_file(), f"{example.name}: data.{split} {value} does not exist"

@@ -1,7 +1,9 @@
 """The training loop: exact resume after a crash, token-normalised accumulation, metrics, CLI end to end."""
 
+import gzip
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +12,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from flexkd.checkpoint import list_checkpoints
-from flexkd.config import load_config
+from flexkd.config import load_config, parse_config
 from flexkd.distill import Distiller
-from flexkd.train import train
+from flexkd.train import Collator, ShardedOrder, build_splits, build_tokenizer, train
 
 
 def _metrics(cfg):
@@ -147,3 +149,97 @@ def test_cli_score_distill_eval_end_to_end(tmp_path, capsys):
     for metrics in report["models"].values():
         assert {"loss", "accuracy", "perplexity", "targets"} <= set(metrics) and metrics["loss"] > 0
     assert "student" in capsys.readouterr().out
+
+
+BPE = Path(__file__).resolve().parents[1] / "flexkd" / "data" / "debian" / "synopsis-tokenizer.json"
+
+
+def _text_config(tmp_path, task, rows, **data):
+    with gzip.open(tmp_path / "train.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    return parse_config(
+        {
+            "model": {
+                "teacher": {"config": {"model_type": "gpt2"}},
+                "student": {"config": {"model_type": "gpt2"}},
+                "tokenizer": str(BPE),
+            },
+            "data": {"task": task, "train": "train.jsonl.gz", "max_length": 8, **data},
+            "train": {"output_dir": "out", "max_steps": 1},
+        },
+        base_dir=tmp_path,
+    )
+
+
+def test_text_data_is_tokenized_per_task_and_collated(tmp_path):
+    texts = [
+        "a solver for differential equations",
+        "library for network sockets",
+        "game of chess with a long description of rules",
+    ]
+    cfg = _text_config(
+        tmp_path,
+        "sequence",
+        [{"text": t, "label": lab} for t, lab in zip(texts, ["math", "net", "games"], strict=True)],
+    )
+    tokenizer = build_tokenizer(cfg)
+    splits = build_splits(cfg, tokenizer)
+    assert splits.num_labels == 3
+    rows = splits.get("train")
+    assert [row["labels"] for row in rows] == [1, 2, 0]  # sorted names: games, math, net
+    batch = Collator("sequence", 0)([rows[i] for i in range(3)])
+    assert batch["labels"].tolist() == [1, 2, 0]
+    assert batch["input_ids"].shape[1] <= 8 and batch["attention_mask"].sum(1).tolist() == [
+        len(r["input_ids"]) for r in rows
+    ]
+    with pytest.raises(ValueError, match="data.validation"):
+        splits.get("validation")
+
+    cfg = _text_config(tmp_path, "causal_lm", [{"text": t} for t in texts])
+    rows = build_splits(cfg, tokenizer).get("train")
+    batch = Collator("causal_lm", 0)([rows[i] for i in range(3)])
+    expected = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    assert torch.equal(batch["labels"], expected) and (batch["labels"] == -100).any()
+
+    cfg = _text_config(
+        tmp_path,
+        "seq2seq",
+        [{"text": t, "summary": t.split()[0]} for t in texts],
+        target_field="summary",
+    )
+    rows = build_splits(cfg, tokenizer).get("train")
+    assert rows[0]["labels"] == tokenizer(text_target="a")["input_ids"]
+
+
+def test_data_errors_name_the_field(tmp_path):
+    cfg = _text_config(tmp_path, "sequence", [{"body": "x", "label": "a"}])
+    with pytest.raises(ValueError, match="data.text_field"):
+        build_splits(cfg, build_tokenizer(cfg))
+    cfg = parse_config(
+        {
+            "model": {
+                "teacher": {"config": {"model_type": "gpt2"}},
+                "student": {"config": {"model_type": "gpt2"}},
+            },
+            "data": {"task": "causal_lm", "train": "train.txt"},
+            "train": {"output_dir": "out", "max_steps": 1},
+        },
+        base_dir=tmp_path,
+    )
+    (tmp_path / "train.txt").write_text("hello\n")
+    with pytest.raises(ValueError, match="data.train: train.txt is not one of"):
+        build_splits(cfg, None)
+    with pytest.raises(ValueError, match="lower train.batch_size"):
+        ShardedOrder(3, 4, seed=0)
+
+
+def test_sharded_order_partitions_each_epoch_and_resumes_mid_epoch():
+    shards = [ShardedOrder(22, 3, seed=5, rank=r, world_size=2) for r in range(2)]
+    epoch0 = [idx for s in shards for batch in s.epoch_batches(0) for idx in batch]
+    assert len(epoch0) == len(set(epoch0)) == 18  # 22 rows -> 3 batches of 3 per process
+    assert shards[0].epoch_batches(1) != shards[0].epoch_batches(0)
+    stream = shards[1].batches(0, 0)
+    first = [next(stream) for _ in range(5)]
+    resumed = shards[1].batches(first[1][0], first[1][1])
+    assert [next(resumed) for _ in range(3)] == first[2:5]
+    assert [(e, p) for e, p, _ in first] == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2)]
