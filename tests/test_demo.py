@@ -15,16 +15,36 @@ from flexkd.experiments.methods import DEMO_METHODS, get_method
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     out, cache = root / "run", root / "cache"
-    code = main(["demo", "--quick", "--no-progress", "--out", str(out), "--cache-dir", str(cache), "--seed", "3"])
+    code = main(
+        [
+            "demo",
+            "--quick",
+            "--no-progress",
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(cache),
+            "--seed",
+            "3",
+        ]
+    )
     return code, out, cache
 
 
 def test_demo_quick_writes_the_run_folder(demo_run, capsys):
     code, out, _ = demo_run
     assert code == 0
-    for name in ("results.md", "results.json", "importance.png", "learning_curves.png", "selection-top.safetensors"):
+    for name in (
+        "results.md",
+        "results.json",
+        "importance.png",
+        "learning_curves.png",
+        "selection-top.safetensors",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    assert not (out / "runs").exists() or not any((out / "runs").rglob("model.safetensors"))  # students not kept
+    assert not (out / "runs").exists() or not any(
+        (out / "runs").rglob("model.safetensors")
+    )  # students not kept
 
 
 def test_demo_quick_compares_the_three_methods_under_one_budget(demo_run):
@@ -34,7 +54,10 @@ def test_demo_quick_compares_the_three_methods_under_one_budget(demo_run):
     results = report["results"]
     assert sorted(results) == sorted(DEMO_METHODS)
     for name, result in results.items():
-        assert 0.0 <= result["metrics"]["accuracy"] <= 1.0 and 0.0 <= result["metrics"]["macro_f1"] <= 1.0
+        assert (
+            0.0 <= result["metrics"]["accuracy"] <= 1.0
+            and 0.0 <= result["metrics"]["macro_f1"] <= 1.0
+        )
         assert result["steps"] == report["budget"]["steps"]
         assert result["budget"] == report["budget"]
         assert len(result["curve"]) == result["steps"]
@@ -43,15 +66,31 @@ def test_demo_quick_compares_the_three_methods_under_one_budget(demo_run):
     table = (out / "results.md").read_text()
     for name in DEMO_METHODS:
         assert get_method(name).label in table
-    assert report["selection"]["k"] == QUICK_TASK_CONFIG["debian-sections"]["student_hidden"]  # k = the student's width
-    assert set(report["timing"]["wall_seconds"]) >= {"teacher (fine-tune or cache)", "score + select", "total"}
+    assert (
+        report["selection"]["k"] == QUICK_TASK_CONFIG["debian-sections"]["student_hidden"]
+    )  # k = the student's width
+    assert set(report["timing"]["wall_seconds"]) >= {
+        "teacher (fine-tune or cache)",
+        "score + select",
+        "total",
+    }
 
 
 def test_demo_quick_reuses_the_cached_teacher(demo_run, tmp_path):
     _, _, cache = demo_run
     (teacher,) = (cache / "teachers").iterdir()
     stamp = (teacher / "teacher_metrics.json").stat().st_mtime_ns
-    code = main(["demo", "--quick", "--no-progress", "--out", str(tmp_path / "again"), "--cache-dir", str(cache)])
+    code = main(
+        [
+            "demo",
+            "--quick",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "again"),
+            "--cache-dir",
+            str(cache),
+        ]
+    )
     assert code == 0
     assert [p.name for p in (cache / "teachers").iterdir()] == [teacher.name]
     assert (teacher / "teacher_metrics.json").stat().st_mtime_ns == stamp

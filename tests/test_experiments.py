@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from _tiny_hf import HIDDEN, LAYERS, build, padded_batch
+
 from flexkd.experiments import study as study_module
 from flexkd.experiments.budget import RunBudget
 from flexkd.experiments.store import ResultStore, write_json_atomic
@@ -54,7 +54,13 @@ def test_zero_dims_changes_what_the_layers_above_see():
 
 @pytest.mark.parametrize(
     "dims, error",
-    [([0, 0], ValueError), ([HIDDEN], ValueError), ([-1], ValueError), ([[0, 1]], TypeError), ([0.5], TypeError)],
+    [
+        ([0, 0], ValueError),
+        ([HIDDEN], ValueError),
+        ([-1], ValueError),
+        ([[0, 1]], TypeError),
+        ([0.5], TypeError),
+    ],
 )
 def test_zero_dims_rejects_bad_dims(dims, error):
     with pytest.raises(error, match="dims"):
@@ -106,7 +112,9 @@ def test_result_store_round_trip_and_atomic_files(tmp_path):
     assert [(r["method"], r["seed"]) for r in store.all()] == [("a", 2), ("m", 0)]
 
 
-@pytest.mark.parametrize("task, method, seed", [("../x", "m", 0), ("t", "a/b", 0), ("t", "m", -1), ("t", "m", True)])
+@pytest.mark.parametrize(
+    "task, method, seed", [("../x", "m", 0), ("t", "a/b", 0), ("t", "m", -1), ("t", "m", True)]
+)
 def test_result_store_rejects_unsafe_keys(tmp_path, task, method, seed):
     with pytest.raises(ValueError):
         ResultStore(tmp_path).path(task, method, seed)
@@ -161,7 +169,12 @@ def fake_study(monkeypatch):
 
 def _plan(**changes):
     budget = RunBudget(
-        train_examples=8, score_examples=8, eval_examples=8, max_length=8, batch_size=4, steps=1, lr=1e-3
+        train_examples=8,
+        score_examples=8,
+        eval_examples=8,
+        batch_size=4,
+        steps=1,
+        lr=1e-3,
     )
     options = dict(
         tasks=("debian-sections",),
@@ -190,7 +203,12 @@ def test_study_plan_lists_each_run_once_seed_major():
 
 @pytest.mark.parametrize(
     "changes, field",
-    [({"methods": ("bogus",)}, "method"), ({"tasks": ("nope",)}, "tasks"), ({"seeds": (-1,)}, "seeds"), ({"seeds": ()}, "seeds")],
+    [
+        ({"methods": ("bogus",)}, "method"),
+        ({"tasks": ("nope",)}, "tasks"),
+        ({"seeds": (-1,)}, "seeds"),
+        ({"seeds": ()}, "seeds"),
+    ],
 )
 def test_study_plan_rejects_bad_input(changes, field):
     with pytest.raises(ValueError, match=field):
@@ -202,8 +220,18 @@ def test_study_skips_finished_runs_and_resumes_the_rest(tmp_path, fake_study):
     store = ResultStore(tmp_path / "out" / "runs")
     # an earlier, killed study finished two runs
     for task, method, seed in plan.runs()[:2]:
-        store.write(task, method, seed, {**_fake_result(study_module.get_method(method), seed), "marker": "old"})
-    kwargs = dict(cache_dir=tmp_path / "cache", work_dir=tmp_path / "work", command="flexkd study --test", log=lambda _: None)
+        store.write(
+            task,
+            method,
+            seed,
+            {**_fake_result(study_module.get_method(method), seed), "marker": "old"},
+        )
+    kwargs = dict(
+        cache_dir=tmp_path / "cache",
+        work_dir=tmp_path / "work",
+        command="flexkd study --test",
+        log=lambda _: None,
+    )
 
     summary = study_module.run_study(tmp_path / "out", plan, **kwargs)
     assert [(m, s) for _, m, s in fake_study.calls] == [(m, s) for _, m, s in plan.runs()[2:]]
@@ -217,8 +245,12 @@ def test_study_skips_finished_runs_and_resumes_the_rest(tmp_path, fake_study):
     report = (tmp_path / "out" / "study.md").read_text()
     assert "flexkd study --test" in report and "Flex-KD (mse)" in report and "random-k" in report
     assert (tmp_path / "out" / "study.png").stat().st_size > 0
-    methods = json.loads((tmp_path / "out" / "study.json").read_text())["tasks"]["debian-sections"]["methods"]
-    assert [row["method"] for row in methods] == ["none", "flex-mse"] and all(row["seeds"] == 2 for row in methods)
+    methods = json.loads((tmp_path / "out" / "study.json").read_text())["tasks"]["debian-sections"][
+        "methods"
+    ]
+    assert [row["method"] for row in methods] == ["none", "flex-mse"] and all(
+        row["seeds"] == 2 for row in methods
+    )
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -229,13 +261,34 @@ def test_mean_std_and_summary():
     with pytest.raises(ValueError):
         mean_std([])
     records = [
-        {"task": "t", "method": "m", "metrics": {"acc": a}, "train_seconds": s} for a, s in ((0.5, 10), (0.7, 20))
+        {"task": "t", "method": "m", "metrics": {"acc": a}, "train_seconds": s}
+        for a, s in ((0.5, 10), (0.7, 20))
     ]
     (row,) = summarize(records, ["acc", "train_seconds"])
-    assert row["seeds"] == 2 and row["acc_mean"] == pytest.approx(0.6) and row["train_seconds_mean"] == 15
+    assert (
+        row["seeds"] == 2
+        and row["acc_mean"] == pytest.approx(0.6)
+        and row["train_seconds_mean"] == 15
+    )
     assert row["acc"] == f"0.600 ± {mean_std([0.5, 0.7])[1]:.3f}"
 
 
 def test_markdown_table_layout():
     text = markdown_table([{"a": 1, "b": 0.12345}, {"a": "x"}], [("a", "A"), ("b", "B")])
     assert text.splitlines() == ["| A | B |", "|---|---|", "| 1 | 0.123 |", "| x |  |"]
+
+
+def test_study_checks_each_teacher_once_before_its_first_run(tmp_path, fake_study, monkeypatch):
+    def fake_check(experiment):
+        fake_study.calls.append((experiment.kit, "teacher-check", 0))
+        return {"method_label": "teacher check", "layer": 6, "k": 4, "hidden_size": 8, "rows": [], "metrics": {}}
+
+    monkeypatch.setattr(study_module, "teacher_check", fake_check)
+    plan = _plan(teacher_check_tasks=("debian-sections",))
+    kwargs = dict(cache_dir=tmp_path, work_dir=tmp_path / "work", command="c", log=lambda _: None)
+    study_module.run_study(tmp_path / "out", plan, **kwargs)
+    assert [m for _, m, _ in fake_study.calls] == ["teacher-check"] + [m for _, m, _ in plan.runs()]
+    fake_study.calls.clear()
+    study_module.run_study(tmp_path / "out", plan, **kwargs)
+    assert fake_study.calls == []
+    assert "teacher check" in (tmp_path / "out" / "study.md").read_text()

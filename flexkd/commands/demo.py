@@ -16,18 +16,25 @@ import time
 from pathlib import Path
 
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/demo-<timestamp>)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the students' initialisation and data order")
-    parser.add_argument("--quick", action="store_true", help="a tiny slice and tiny models (seconds; for tests)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="run folder (default: runs/demo-<timestamp>)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the students' initialisation and data order"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a tiny slice and tiny models (seconds; for tests)"
+    )
     parser.add_argument(
         "--cache-dir",
         type=Path,
         default=None,
         help="where the fine-tuned teacher is cached (default: $FLEXKD_CACHE or ~/.cache/flexkd)",
     )
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    parser.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="hide progress bars"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     cache_dir = args.cache_dir if args.cache_dir is not None else default_cache_dir()
     try:
-        report = run_demo(out, seed=args.seed, quick=args.quick, cache_dir=cache_dir, progress=args.progress)
+        report = run_demo(
+            out, seed=args.seed, quick=args.quick, cache_dir=cache_dir, progress=args.progress
+        )
     except (ValueError, FileNotFoundError) as error:
         print(f"flexkd demo: error: {error}", file=sys.stderr)
         return 2

@@ -24,7 +24,9 @@ class RunBudget:
     lr: float
     warmup_steps: int = 0
     eval_split: str = "validation"
-    weights: dict[str, float] = field(default_factory=lambda: {"task": 1.0, "logit": 1.0, "feature": 1.0})
+    weights: dict[str, float] = field(
+        default_factory=lambda: {"task": 1.0, "logit": 1.0, "feature": 1.0}
+    )
     temperature: float = 2.0
     layer_pairs: Any = "last"
 
@@ -36,9 +38,13 @@ class RunBudget:
         if not self.lr > 0:
             raise ValueError(f"lr: expected > 0, got {self.lr!r}")
         if self.batch_size > self.train_examples:
-            raise ValueError(f"batch_size: {self.batch_size} is more than train_examples={self.train_examples}")
+            raise ValueError(
+                f"batch_size: {self.batch_size} is more than train_examples={self.train_examples}"
+            )
         if self.eval_split not in ("validation", "test"):
-            raise ValueError(f"eval_split: expected 'validation' or 'test', got {self.eval_split!r}")
+            raise ValueError(
+                f"eval_split: expected 'validation' or 'test', got {self.eval_split!r}"
+            )
 
     def with_(self, **changes: Any) -> RunBudget:
         return replace(self, **changes)
@@ -54,7 +60,12 @@ def demo_budget(*, quick: bool = False) -> RunBudget:
             train_examples=32, score_examples=16, eval_examples=16, batch_size=8, steps=2, lr=1e-3
         )
     return RunBudget(
-        train_examples=6400, score_examples=512, eval_examples=1000, batch_size=32, steps=200, lr=1e-3,
+        train_examples=6400,
+        score_examples=512,
+        eval_examples=1000,
+        batch_size=32,
+        steps=200,
+        lr=1e-3,
         warmup_steps=10,
     )
 
@@ -67,7 +78,12 @@ def study_budget(task: str, *, quick: bool = False) -> RunBudget:
         return demo_budget().with_(train_examples=3200, steps=100)
     if task == "debian-synopsis":
         return RunBudget(
-            train_examples=3200, score_examples=256, eval_examples=200, batch_size=32, steps=100,
-            lr=1e-3, warmup_steps=10,
+            train_examples=3200,
+            score_examples=256,
+            eval_examples=200,
+            batch_size=32,
+            steps=100,
+            lr=1e-3,
+            warmup_steps=10,
         )
     raise ValueError(f"task: no study budget for {task!r}")

@@ -29,7 +29,12 @@ class DemoReport:
 
 
 def run_demo(
-    out_dir: str | Path, *, seed: int = 0, quick: bool = False, cache_dir: str | Path, progress: bool = True
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    quick: bool = False,
+    cache_dir: str | Path,
+    progress: bool = True,
 ) -> DemoReport:
     """Teacher -> score -> select top-k -> distill with each of ``DEMO_METHODS``; writes everything to ``out_dir``."""
     quiet_transformers()
@@ -39,7 +44,9 @@ def run_demo(
     budget = demo_budget(quick=quick)
 
     with timer.stage("teacher (fine-tune or cache)"):
-        kit = build_kit(DEMO_TASK, budget, cache_dir=Path(cache_dir), quick=quick, progress=progress)
+        kit = build_kit(
+            DEMO_TASK, budget, cache_dir=Path(cache_dir), quick=quick, progress=progress
+        )
     experiment = Experiment(kit, budget, out_dir, progress=progress)
     with timer.stage("score + select"):
         selection = experiment.selection()

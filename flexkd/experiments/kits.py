@@ -28,8 +28,12 @@ HF_TASKS = {"debian-sections": "sequence", "debian-synopsis": "causal_lm"}
 QUICK_TASK_CONFIG = {
     "debian-sections": {"max_length": 32, "student_hidden": 32, "student_layers": 1},
     "debian-synopsis": {
-        "max_source_length": 24, "max_target_length": 8, "teacher_hidden": 64, "teacher_layers": 1,
-        "student_hidden": 32, "student_layers": 1,
+        "max_source_length": 24,
+        "max_target_length": 8,
+        "teacher_hidden": 64,
+        "teacher_layers": 1,
+        "student_hidden": 32,
+        "student_layers": 1,
     },
 }
 QUICK_TEACHER_ROWS = 16
@@ -92,7 +96,14 @@ def _register_student_factory(task, *, quick: bool) -> str:
     return f"task:{name}"
 
 
-def build_kit(task_name: str, budget: RunBudget, *, cache_dir: Path, quick: bool = False, progress: bool = True) -> TaskKit:
+def build_kit(
+    task_name: str,
+    budget: RunBudget,
+    *,
+    cache_dir: Path,
+    quick: bool = False,
+    progress: bool = True,
+) -> TaskKit:
     """The :class:`TaskKit` of ``task_name``; trains and caches its teacher under ``cache_dir/teachers``
     when the cache lacks it."""
     from flexkd.tasks import FitConfig, get_task, get_teacher
@@ -107,7 +118,9 @@ def build_kit(task_name: str, budget: RunBudget, *, cache_dir: Path, quick: bool
         eval_limit = budget.eval_examples
     teachers = Path(cache_dir) / "teachers"
     with _exclusive(teachers / f".{task_name}.lock"):
-        cached = get_teacher(task, teachers, fit_config=fit_config, eval_limit=eval_limit, progress=progress)
+        cached = get_teacher(
+            task, teachers, fit_config=fit_config, eval_limit=eval_limit, progress=progress
+        )
     report = cached.report
     validation = {k: v for k, v in report.get("validation", {}).items() if k != "predictions"}
 
@@ -115,7 +128,9 @@ def build_kit(task_name: str, budget: RunBudget, *, cache_dir: Path, quick: bool
     score_rows = train_rows.select(range(min(budget.score_examples, len(train_rows))))
 
     def evaluate(model) -> dict[str, float]:
-        metrics = task.evaluate(model, budget.eval_split, limit=budget.eval_examples, progress=progress)
+        metrics = task.evaluate(
+            model, budget.eval_split, limit=budget.eval_examples, progress=progress
+        )
         return {name: metrics[name] for name in TASK_METRICS[task_name]}
 
     teacher_dir, teacher_cfg = str(cached.path), cached.model.config
@@ -144,11 +159,12 @@ def build_kit(task_name: str, budget: RunBudget, *, cache_dir: Path, quick: bool
         ),
         teacher_metrics=validation,
         input_description=", ".join(
-            f"{k} {v}" for k, v in vars(task.config).items() if k.startswith("max_") and isinstance(v, int)
+            f"{k} {v}"
+            for k, v in vars(task.config).items()
+            if k.startswith("max_") and isinstance(v, int)
         ),
         student_description=(
             f"{student_cfg.model_type} hidden {student_cfg.hidden_size}, {student_cfg.num_hidden_layers} layers, "
             f"embeddings from the teacher's (PCA), the rest random"
         ),
     )
-

@@ -71,7 +71,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 class Experiment:
     """One task, one budget, one work folder: score once, then run any (method, seed)."""
 
-    def __init__(self, kit: TaskKit, budget: RunBudget, work_dir: str | Path, *, progress: bool = True) -> None:
+    def __init__(
+        self, kit: TaskKit, budget: RunBudget, work_dir: str | Path, *, progress: bool = True
+    ) -> None:
         self.kit, self.budget, self.progress = kit, budget, progress
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -106,9 +108,16 @@ class Experiment:
         collate = Collator(self.kit.hf_task, self.kit.pad_token_id)
         rows = self.kit.score_rows
         size = self.budget.batch_size
-        batches = [collate([rows[j] for j in range(i, min(i + size, len(rows)))]) for i in range(0, len(rows), size)]
+        batches = [
+            collate([rows[j] for j in range(i, min(i + size, len(rows)))])
+            for i in range(0, len(rows), size)
+        ]
         self._selection = flexkd.score(
-            teacher, batches, layers=self.teacher_layers, k=self.kit.student_hidden_size, progress=self.progress
+            teacher,
+            batches,
+            layers=self.teacher_layers,
+            k=self.kit.student_hidden_size,
+            progress=self.progress,
         )
         self._selection.save(self.selection_path)
         return self._selection
@@ -172,7 +181,10 @@ class Experiment:
             },
         }
         if method.uses_selection:
-            raw["selection"] = {"path": str(self._selection_file(method, seed)), "layers": self.teacher_layers}
+            raw["selection"] = {
+                "path": str(self._selection_file(method, seed)),
+                "layers": self.teacher_layers,
+            }
         return parse_config(raw, source=f"{self.kit.name}/{method.name}/seed-{seed}")
 
     def run(self, method: Method, seed: int, *, keep_student: bool = False) -> dict[str, Any]:
@@ -203,11 +215,18 @@ class Experiment:
             "teacher": self.kit.teacher_description,
             "student": self.kit.student_description,
             "curve": [
-                {k: r[k] for k in ("step", "task", "logit", "feature", "total", "elapsed_s") if k in r} for r in curve
+                {
+                    k: r[k]
+                    for k in ("step", "task", "logit", "feature", "total", "elapsed_s")
+                    if k in r
+                }
+                for r in curve
             ],
         }
 
 
-def summarize_curves(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Sequence[Mapping[str, Any]]]:
+def summarize_curves(
+    results: Mapping[str, Mapping[str, Any]],
+) -> dict[str, Sequence[Mapping[str, Any]]]:
     """``{method label: curve}`` of finished runs, for :func:`flexkd.experiments.plots.plot_learning_curves`."""
     return {r["method_label"]: r["curve"] for r in results.values()}

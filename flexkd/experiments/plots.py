@@ -58,7 +58,7 @@ def plot_learning_curves(
         raise ValueError("curves: need at least one run")
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(LOSS_TERMS), figsize=(4.2 * len(LOSS_TERMS), 3.4))
-    for ax, term in zip(axes, LOSS_TERMS):
+    for ax, term in zip(axes, LOSS_TERMS, strict=True):
         drawn = False
         for label, records in curves.items():
             steps = [r["step"] for r in records if term in r]
@@ -88,7 +88,7 @@ def plot_mean_std_bars(
         raise ValueError("panels: need at least one panel")
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
-    for ax, (title, rows, metric) in zip(axes[0], panels):
+    for ax, (title, rows, metric) in zip(axes[0], panels, strict=True):
         rows = [r for r in rows if f"{metric}_mean" in r]
         labels = [r.get("label", r["method"]) for r in rows]
         means = [r[f"{metric}_mean"] for r in rows]
@@ -98,8 +98,8 @@ def plot_mean_std_bars(
         ax.set_ylabel(metric)
         ax.set_title(title, fontsize=10)
         if means:
-            low = min(m - s for m, s in zip(means, stds))
-            high = max(m + s for m, s in zip(means, stds))
+            low = min(m - s for m, s in zip(means, stds, strict=True))
+            high = max(m + s for m, s in zip(means, stds, strict=True))
             pad = max(0.02, 0.15 * (high - low))
             ax.set_ylim(max(0.0, low - pad), high + pad)
     fig.tight_layout()

@@ -1,9 +1,9 @@
 """One JSON file per finished (task, method, seed) run, written atomically, so a study can be killed and rerun.
 
-    store = ResultStore("benchmarks/results/runs")
-    if not store.has("debian-sections", "flex-mse", 0):
-        store.write("debian-sections", "flex-mse", 0, result)
-    store.all()          # every finished result, sorted by task, method, seed
+store = ResultStore("benchmarks/results/runs")
+if not store.has("debian-sections", "flex-mse", 0):
+    store.write("debian-sections", "flex-mse", 0, result)
+store.all()          # every finished result, sorted by task, method, seed
 """
 
 from __future__ import annotations
@@ -67,7 +67,12 @@ class ResultStore:
     def path(self, task: str, method: str, seed: int) -> Path:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
-        return self.root / _check_name(task, "task") / _check_name(method, "method") / f"seed-{seed}.json"
+        return (
+            self.root
+            / _check_name(task, "task")
+            / _check_name(method, "method")
+            / f"seed-{seed}.json"
+        )
 
     def has(self, task: str, method: str, seed: int) -> bool:
         return self.path(task, method, seed).is_file()
@@ -88,5 +93,7 @@ class ResultStore:
                 with open(path, encoding="utf-8") as f:
                     records.append(json.load(f))
             except json.JSONDecodeError as err:
-                raise ValueError(f"result file {path} is not valid JSON ({err}); delete it to rerun that run") from None
+                raise ValueError(
+                    f"result file {path} is not valid JSON ({err}); delete it to rerun that run"
+                ) from None
         return sorted(records, key=lambda r: (r["task"], r["method"], r["seed"]))

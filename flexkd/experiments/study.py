@@ -47,7 +47,9 @@ class StudyPlan:
         for task in (*self.tasks, *self.ablation_tasks, *self.teacher_check_tasks):
             if task not in TASK_METRICS:
                 raise ValueError(f"tasks: expected names from {sorted(TASK_METRICS)}, got {task!r}")
-        if not self.seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
+        if not self.seeds or any(
+            isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds
+        ):
             raise ValueError(f"seeds: expected ints >= 0, got {self.seeds!r}")
 
     def budget(self, task: str) -> RunBudget:
@@ -73,14 +75,27 @@ class _Experiments:
     """One :class:`Experiment` per task, built (teacher fine-tune or cache) only when first needed."""
 
     def __init__(self, plan: StudyPlan, work_dir: Path, cache_dir: Path, progress: bool) -> None:
-        self.plan, self.work_dir, self.cache_dir, self.progress = plan, work_dir, cache_dir, progress
+        self.plan, self.work_dir, self.cache_dir, self.progress = (
+            plan,
+            work_dir,
+            cache_dir,
+            progress,
+        )
         self._built: dict[str, Experiment] = {}
 
     def __getitem__(self, task: str) -> Experiment:
         if task not in self._built:
             budget = self.plan.budget(task)
-            kit = build_kit(task, budget, cache_dir=self.cache_dir, quick=self.plan.quick, progress=self.progress)
-            self._built[task] = Experiment(kit, budget, self.work_dir / task, progress=self.progress)
+            kit = build_kit(
+                task,
+                budget,
+                cache_dir=self.cache_dir,
+                quick=self.plan.quick,
+                progress=self.progress,
+            )
+            self._built[task] = Experiment(
+                kit, budget, self.work_dir / task, progress=self.progress
+            )
         return self._built[task]
 
 
@@ -101,21 +116,29 @@ def run_study(
     experiments = _Experiments(plan, Path(work_dir), Path(cache_dir), progress)
     todo = pending_runs(plan, store)
     checks = [t for t in plan.teacher_check_tasks if not store.has(t, TEACHER_CHECK, 0)]
-    log(f"flexkd study: {len(plan.runs()) - len(todo)} of {len(plan.runs())} runs already done, {len(todo)} to go")
+    log(
+        f"flexkd study: {len(plan.runs()) - len(todo)} of {len(plan.runs())} runs already done, {len(todo)} to go"
+    )
 
-    for task in checks:
+    def check_teacher(task: str) -> None:
         started = time.perf_counter()
-        experiment = experiments[task]
-        store.write(task, TEACHER_CHECK, 0, teacher_check(experiment))
+        store.write(task, TEACHER_CHECK, 0, teacher_check(experiments[task]))
+        checks.remove(task)
         log(f"[{task}] teacher check done in {time.perf_counter() - started:.0f} s")
         write_report(out_dir, plan, store, command)
 
     for i, (task, method_name, seed) in enumerate(todo, start=1):
+        if task in checks:  # right after the task's teacher is ready, before its first run
+            check_teacher(task)
         result = experiments[task].run(get_method(method_name), seed)
         store.write(task, method_name, seed, result)
         headline = ", ".join(f"{k}={v:.3f}" for k, v in result["metrics"].items())
-        log(f"[{i}/{len(todo)}] {task} {method_name} seed {seed}: {headline} ({result['train_seconds']:.0f} s train)")
+        log(
+            f"[{i}/{len(todo)}] {task} {method_name} seed {seed}: {headline} ({result['train_seconds']:.0f} s train)"
+        )
         write_report(out_dir, plan, store, command)
+    for task in list(checks):
+        check_teacher(task)
     return write_report(out_dir, plan, store, command)
 
 
@@ -125,7 +148,9 @@ def teacher_check(experiment: Experiment) -> dict[str, Any]:
     selection = experiment.selection(teacher)
     layer = selection.layers[-1]
     started = time.perf_counter()
-    rows = run_teacher_check(teacher, layer, selection.scores(layer), selection.k, experiment.kit.evaluate)
+    rows = run_teacher_check(
+        teacher, layer, selection.scores(layer), selection.k, experiment.kit.evaluate
+    )
     return {
         "method_label": "teacher check",
         "layer": layer,
@@ -138,7 +163,9 @@ def teacher_check(experiment: Experiment) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def write_report(out_dir: Path, plan: StudyPlan, store: ResultStore, command: str) -> dict[str, Any]:
+def write_report(
+    out_dir: Path, plan: StudyPlan, store: ResultStore, command: str
+) -> dict[str, Any]:
     """Rewrite ``study.md``, ``study.json`` and ``study.png`` from the finished results."""
     records = store.all()
     runs = [r for r in records if r["method"] != TEACHER_CHECK]
@@ -151,14 +178,26 @@ def write_report(out_dir: Path, plan: StudyPlan, store: ResultStore, command: st
         f"(last update {time.strftime('%Y-%m-%d %H:%M %Z')}). Mean ± sample std over the seeds that finished.",
         "",
     ]
-    summary: dict[str, Any] = {"command": command, "finished_runs": done, "planned_runs": planned, "tasks": {}}
+    summary: dict[str, Any] = {
+        "command": command,
+        "finished_runs": done,
+        "planned_runs": planned,
+        "tasks": {},
+    }
     panels = []
     for task in plan.tasks:
         metrics = TASK_METRICS[task]
         task_runs = [r for r in runs if r["task"] == task]
-        main = _ordered(summarize([r for r in task_runs if r["method"] in plan.methods], [*metrics, "train_seconds"]), plan.methods)
+        main = _ordered(
+            summarize(
+                [r for r in task_runs if r["method"] in plan.methods], [*metrics, "train_seconds"]
+            ),
+            plan.methods,
+        )
         budget = plan.budget(task)
-        inputs = next((r["inputs"] for r in task_runs if r.get("inputs")), "inputs as the task defines them")
+        inputs = next(
+            (r["inputs"] for r in task_runs if r.get("inputs")), "inputs as the task defines them"
+        )
         sections += [
             f"## {task}",
             "",
@@ -175,13 +214,17 @@ def write_report(out_dir: Path, plan: StudyPlan, store: ResultStore, command: st
             panels.append((f"{task}: methods", main, metrics[0]))
         if task in plan.ablation_tasks:
             ablation = _ordered(
-                summarize([r for r in task_runs if r["method"] in plan.ablation_methods], list(metrics)),
+                summarize(
+                    [r for r in task_runs if r["method"] in plan.ablation_methods], list(metrics)
+                ),
                 plan.ablation_methods,
             )
             sections += [
                 f"### {task}: which teacher dims Flex-KD (mse) distills",
                 "",
-                markdown_table(ablation, _columns(metrics, timing=False)) if ablation else "_no finished run yet_",
+                markdown_table(ablation, _columns(metrics, timing=False))
+                if ablation
+                else "_no finished run yet_",
                 "",
             ]
             task_summary["ablation"] = ablation
@@ -194,9 +237,9 @@ def write_report(out_dir: Path, plan: StudyPlan, store: ResultStore, command: st
                 f"{check['hidden_size']})",
                 "",
                 markdown_table(
-                    check["rows"], [("condition", "teacher with"), ("dims_zeroed", "dims zeroed")] + [
-                        (m, METRIC_HEADERS.get(m, m)) for m in metrics
-                    ]
+                    check["rows"],
+                    [("condition", "teacher with"), ("dims_zeroed", "dims zeroed")]
+                    + [(m, METRIC_HEADERS.get(m, m)) for m in metrics],
                 ),
                 "",
             ]
@@ -218,5 +261,7 @@ def _ordered(rows: list[dict[str, Any]], methods: Sequence[str]) -> list[dict[st
 
 
 def _columns(metrics: Sequence[str], *, timing: bool = True) -> list[tuple[str, str]]:
-    columns = [("label", "method"), ("seeds", "seeds")] + [(m, METRIC_HEADERS.get(m, m)) for m in metrics]
+    columns = [("label", "method"), ("seeds", "seeds")] + [
+        (m, METRIC_HEADERS.get(m, m)) for m in metrics
+    ]
     return columns + ([("train_seconds", "train time (s)")] if timing else [])

@@ -18,13 +18,18 @@ def format_value(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]], digits: int = 3) -> str:
+def markdown_table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]], digits: int = 3
+) -> str:
     """``columns`` is ``[(key, header), ...]``; missing keys print empty."""
     if not columns:
         raise ValueError("columns: need at least one (key, header) pair")
     header = "| " + " | ".join(h for _, h in columns) + " |"
     rule = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(format_value(row.get(k), digits) for k, _ in columns) + " |" for row in rows]
+    body = [
+        "| " + " | ".join(format_value(row.get(k), digits) for k, _ in columns) + " |"
+        for row in rows
+    ]
     return "\n".join([header, rule, *body])
 
 
@@ -37,7 +42,10 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def summarize(
-    records: Sequence[Mapping[str, Any]], metrics: Sequence[str], *, group_by: Sequence[str] = ("task", "method")
+    records: Sequence[Mapping[str, Any]],
+    metrics: Sequence[str],
+    *,
+    group_by: Sequence[str] = ("task", "method"),
 ) -> list[dict[str, Any]]:
     """One row per group: ``<metric>_mean``, ``<metric>_std``, ``<metric>`` as "m ± s", and ``seeds``.
 
@@ -48,7 +56,7 @@ def summarize(
         groups.setdefault(tuple(record[k] for k in group_by), []).append(record)
     rows = []
     for key, members in groups.items():
-        row: dict[str, Any] = dict(zip(group_by, key))
+        row: dict[str, Any] = dict(zip(group_by, key, strict=True))
         row["seeds"] = len(members)
         for metric in metrics:
             values = [float(v) for v in (_lookup(m, metric) for m in members) if v is not None]

@@ -23,7 +23,14 @@ class ZeroDims:
     the zeroed state.
     """
 
-    def __init__(self, model: nn.Module, layer: int, dims: torch.Tensor | Sequence[int], *, side: str | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: int,
+        dims: torch.Tensor | Sequence[int],
+        *,
+        side: str | None = None,
+    ):
         self.adapter = get_adapter(model, side=side)
         self.layer = self.adapter.resolve_layer(layer)
         width = self.adapter.layer_width(self.layer)
@@ -67,7 +74,9 @@ class ZeroDims:
             self._handle = None
 
 
-def teacher_check_conditions(scores: torch.Tensor, k: int, *, seed: int = 0) -> dict[str, torch.Tensor]:
+def teacher_check_conditions(
+    scores: torch.Tensor, k: int, *, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """The dims each condition zeroes: none, the top-k, k random dims, and the lowest-scored half."""
     scores = torch.as_tensor(scores, dtype=torch.float32)
     width = scores.numel()

@@ -27,7 +27,9 @@ class StageTimer:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-            self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu_start
+            self.cpu_seconds[name] = (
+                self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu_start
+            )
 
     @property
     def total(self) -> float:
@@ -40,12 +42,20 @@ class StageTimer:
     def table(self) -> str:
         width = max([len(name) for name in self.seconds] + [len("total")])
         lines = [f"{'stage':<{width}}  {'wall':>8}  {'cpu':>8}"]
-        lines += [f"{n:<{width}}  {s:7.1f}s  {self.cpu_seconds[n]:7.1f}s" for n, s in self.seconds.items()]
+        lines += [
+            f"{n:<{width}}  {s:7.1f}s  {self.cpu_seconds[n]:7.1f}s" for n, s in self.seconds.items()
+        ]
         lines.append(f"{'total':<{width}}  {self.total:7.1f}s  {self.cpu_total:7.1f}s")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, dict[str, float]]:
         return {
-            "wall_seconds": {**{k: round(v, 2) for k, v in self.seconds.items()}, "total": round(self.total, 2)},
-            "cpu_seconds": {**{k: round(v, 2) for k, v in self.cpu_seconds.items()}, "total": round(self.cpu_total, 2)},
+            "wall_seconds": {
+                **{k: round(v, 2) for k, v in self.seconds.items()},
+                "total": round(self.total, 2),
+            },
+            "cpu_seconds": {
+                **{k: round(v, 2) for k, v in self.cpu_seconds.items()},
+                "total": round(self.cpu_total, 2),
+            },
         }

@@ -1,0 +1,23 @@
+"""The Flex-KD quality study; the same as ``flexkd study`` (see README.md next to this file).
+
+python benchmarks/quality/run_study.py                 # everything, resumable
+python benchmarks/quality/run_study.py --seeds 0 --no-ablation
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flexkd.commands import study
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="run_study.py", description=study.__doc__.splitlines()[0])
+    study.add_arguments(parser)
+    return study.run(parser.parse_args(argv), argv, prog="python benchmarks/quality/run_study.py")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""``flexkd study``: the quality study (also ``python benchmarks/quality/run_study.py``).
+
+Both tasks x {no feature KD, projector, CKA, Flex-KD mse, Flex-KD corr} x seeds, the selection ablation
+(top-k / random-k / bottom-k, Flex-KD mse) and the teacher check. Every (task, method, seed) result is
+written atomically to its own JSON under ``<out>/runs``; rerunning skips finished ones, so the study can
+run in the background and be resumed after a kill. Tables (``study.md``, ``study.json``) and the plot
+(``study.png``) are rewritten after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+DEFAULT_OUT = Path("benchmarks") / "results"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from flexkd.experiments.methods import STUDY_METHODS
+
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default: {DEFAULT_OUT})"
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)"
+    )
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        default=["debian-sections", "debian-synopsis"],
+        help="tasks (default: both)",
+    )
+    parser.add_argument(
+        "--methods", nargs="+", default=list(STUDY_METHODS), help="methods compared on every task"
+    )
+    parser.add_argument(
+        "--no-ablation", dest="ablation", action="store_false", help="skip the selection ablation"
+    )
+    parser.add_argument(
+        "--no-teacher-check",
+        dest="teacher_check",
+        action="store_false",
+        help="skip the teacher check",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny slices and models (seconds per run; for tests)"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="teacher cache (default: $FLEXKD_CACHE or ~/.cache/flexkd)",
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="scratch folder for selections and runs (default: <cache>/study)",
+    )
+    parser.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="hide progress bars"
+    )
+
+
+def run(args: argparse.Namespace, argv: list[str] | None = None, prog: str = "flexkd study") -> int:
+    """Run the study; ``argv``/``prog`` only say how it was invoked (recorded with the tables)."""
+    from flexkd.commands.demo import default_cache_dir
+    from flexkd.experiments.study import StudyPlan, run_study
+
+    try:
+        plan = StudyPlan(
+            tasks=tuple(args.tasks),
+            methods=tuple(args.methods),
+            seeds=tuple(args.seeds),
+            ablation_tasks=("debian-sections",)
+            if args.ablation and "debian-sections" in args.tasks
+            else (),
+            teacher_check_tasks=tuple(args.tasks) if args.teacher_check else (),
+            quick=args.quick,
+        )
+    except ValueError as error:
+        print(f"flexkd study: error: {error}", file=sys.stderr)
+        return 2
+    cache_dir = args.cache_dir if args.cache_dir is not None else default_cache_dir()
+    work_dir = (
+        args.work_dir
+        if args.work_dir is not None
+        else cache_dir / ("study-quick" if args.quick else "study")
+    )
+    command = f"{prog} " + shlex.join(argv if argv is not None else sys.argv[2:])
+    try:
+        summary = run_study(
+            args.out,
+            plan,
+            cache_dir=cache_dir,
+            work_dir=work_dir,
+            command=command.strip(),
+            progress=args.progress,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        print(f"flexkd study: error: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"{summary['finished_runs']} of {summary['planned_runs']} runs finished; tables in {args.out / 'study.md'}"
+    )
+    return 0
