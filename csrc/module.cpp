@@ -1,7 +1,9 @@
 // flexkd._C: defines the op schemas of the `flexkd` namespace (the CPU and CUDA kernels register
 // against them in csrc/cpu and csrc/cuda) and exposes build_info() to Python.
-#include <torch/extension.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/headeronly/version.h>
+#include <torch/library.h>
 
 #ifdef _OPENMP
 #include <omp.h>

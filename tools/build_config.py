@@ -38,7 +38,7 @@ DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
 
 # Portable code only: the wider instruction sets come from the per-ISA translation units, chosen at
 # run time. fp-contract=off keeps results independent of whether the ISA has FMA.
-_GNU_CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-Wall", "-Wextra",
+_GNU_CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-Wall", "-Wextra",
                   "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
 _GNU_LINK_FLAGS = ["-fopenmp"]
 _MSVC_CXX_FLAGS = ["/O2", "/openmp", "/fp:precise"]

@@ -1,4 +1,5 @@
-// The engine for x86-64 with AVX-512 (F, BW, DQ, VL) using 512-bit vectors, selected at run time.
+// The engine for x86-64 with AVX-512 (F, BW, DQ, VL) using 512-bit vectors, selected at run time;
+// uncommon cases fall back to the baseline variant.
 #include "cpu/engine/prelude.h"
 
 #if FLEXKD_CPU_X86_VARIANTS
@@ -6,6 +7,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,prefer-vector-width=512")
 #define FLEXKD_CPU_ISA avx512
 #define FLEXKD_CPU_ISA_NAME "avx512"
+#define FLEXKD_CPU_COMMON_CASES_ONLY 1
 #include "cpu/engine/engine.h"
 #pragma GCC pop_options
 

@@ -10,6 +10,7 @@
 #include <c10/util/Half.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -103,5 +104,22 @@ int sm_count(int device);
 int grid_blocks(int device, int64_t work_blocks, int blocks_per_sm);
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Blocks of `kernel` that fit on one SM at once (at least 1).
+template <typename Kernel>
+int resident_blocks_per_sm(Kernel kernel, int threads, size_t dynamic_smem = 0) {
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, dynamic_smem));
+  return blocks > 0 ? blocks : 1;
+}
+
+// Row chunks for a grid of `col_blocks` x chunks blocks: as many as fill the GPU in one wave (no
+// partial second wave), each with at least `min_rows` rows, at most `max_chunks` (gridDim.y).
+inline int64_t row_chunks(int device, int resident_per_sm, int64_t col_blocks, int64_t rows, int64_t min_rows,
+                          int64_t max_chunks = 65535) {
+  const int64_t one_wave = static_cast<int64_t>(sm_count(device)) * resident_per_sm;
+  const int64_t wanted = std::max<int64_t>(1, one_wave / col_blocks);
+  return std::max<int64_t>(1, std::min({wanted, ceil_div(rows, min_rows), max_chunks}));
+}
 
 }  // namespace flexkd::cuda

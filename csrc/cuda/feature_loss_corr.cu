@@ -11,9 +11,7 @@ namespace {
 
 constexpr int kStatsCols = 32;     // columns per block (one per lane)
 constexpr int kStatsRowLanes = 8;  // rows of a chunk are split over this many threads per column
-constexpr int kStatsBlocksPerSm = 8;
 constexpr int kMinRowsPerChunk = 64;
-constexpr int kMaxChunks = 65535;  // gridDim.y
 enum Moment : int { kSx = 0, kSy, kSxx, kSyy, kSxy, kMoments };
 
 // partials[chunk][m][j]: sum over the chunk's rows of w x, w y, w x^2, w y^2, w x y with
@@ -117,13 +115,13 @@ void corr(const FeatureLossProblem& p, cudaStream_t stream) {
   }
   auto args = row_pass_args<S, T, Acc>(p);
 
+  const auto stats_kernel = corr_stats_kernel<S, T, Acc>;
   const int64_t col_blocks = ceil_div(k, kStatsCols);
-  const int64_t wanted = ceil_div(int64_t{sm_count(device)} * kStatsBlocksPerSm, col_blocks);
-  const int64_t chunks = std::max<int64_t>(1, std::min({wanted, ceil_div(rows, kMinRowsPerChunk), int64_t{kMaxChunks}}));
+  const int64_t chunks = row_chunks(device, resident_blocks_per_sm(stats_kernel, kStatsCols * kStatsRowLanes),
+                                    col_blocks, rows, kMinRowsPerChunk);
   const int64_t rows_per_chunk = ceil_div(rows, chunks);
   at::Tensor partials = at::empty({chunks, kMoments, k}, acc_options);
-  corr_stats_kernel<S, T, Acc>
-      <<<dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(chunks)),
+  stats_kernel<<<dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(chunks)),
          dim3(kStatsCols, kStatsRowLanes), 0, stream>>>(args, rows_per_chunk, partials.mutable_data_ptr<Acc>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 

@@ -13,9 +13,7 @@ namespace {
 
 constexpr int kColLanes = 32;  // threads across columns, each owning V consecutive columns
 constexpr int kRowLanes = 8;   // threads across the rows of a chunk
-constexpr int kBlocksPerSm = 8;
 constexpr int kMinRowsPerChunk = 64;
-constexpr int kMaxChunks = 65535;
 
 template <typename H, typename G>
 struct ImportanceArgs {
@@ -106,16 +104,15 @@ template <int V, typename H, typename G>
 void launch(const ImportanceArgs<H, G>& a, float* out, int device, const at::TensorOptions& options,
             cudaStream_t stream) {
   using Acc = AccOf<H, G>;
+  const auto kernel = importance_kernel<V, H, G, Acc>;
   const int64_t col_blocks = ceil_div(a.cols, int64_t{kColLanes} * V);
-  const int64_t wanted = ceil_div(int64_t{sm_count(device)} * kBlocksPerSm, col_blocks);
-  const int64_t chunks =
-      std::max<int64_t>(1, std::min({wanted, ceil_div(a.rows, kMinRowsPerChunk), int64_t{kMaxChunks}}));
+  const int64_t chunks = row_chunks(device, resident_blocks_per_sm(kernel, kColLanes * kRowLanes), col_blocks,
+                                    a.rows, kMinRowsPerChunk);
   const int64_t rows_per_chunk = ceil_div(a.rows, chunks);
   at::Tensor partials;
   if (chunks > 1) partials = at::empty({chunks, a.cols}, options.dtype(c10::CppTypeToScalarType<Acc>::value));
   Acc* partials_ptr = chunks > 1 ? partials.mutable_data_ptr<Acc>() : nullptr;
-  importance_kernel<V, H, G, Acc>
-      <<<dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(chunks)), dim3(kColLanes, kRowLanes), 0,
+  kernel<<<dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(chunks)), dim3(kColLanes, kRowLanes), 0,
          stream>>>(a, rows_per_chunk, partials_ptr, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (chunks > 1) {

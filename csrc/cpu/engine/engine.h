@@ -36,23 +36,53 @@ inline void with_flag(bool flag, Body&& body) {
   }
 }
 
+// Wide-ISA variants (FLEXKD_CPU_COMMON_CASES_ONLY) compile only the common layout: student and teacher
+// of one dtype, unit column strides. Everything else runs the baseline variant, which has all cases;
+// this keeps the build time of the extra variants small.
+#ifdef FLEXKD_CPU_COMMON_CASES_ONLY
+inline bool is_common_case(const FeatureLossArgs& a) {
+  return a.student.dtype == a.teacher.dtype && a.student.col_stride == 1;
+}
+inline bool is_common_case(const ImportanceArgs& a) {
+  return a.hidden.dtype == a.grad.dtype && a.hidden.col_stride == 1 && a.grad.col_stride == 1;
+}
+#endif
+
+// Calls body(student_type, teacher_type) with std::type_identity tags for the pair of dtypes.
+template <class Body>
+inline void with_storage_types(DType first, DType second, Body&& body) {
+#ifdef FLEXKD_CPU_COMMON_CASES_ONLY
+  with_storage_type(first, [&](auto type) { body(type, type); });
+#else
+  with_storage_type(first, [&](auto first_type) {
+    with_storage_type(second, [&](auto second_type) { body(first_type, second_type); });
+  });
+#endif
+}
+
 inline void feature_loss(const FeatureLossArgs& a) {
-  with_storage_type(a.student.dtype, [&](auto student_type) {
-    with_storage_type(a.teacher.dtype, [&](auto teacher_type) {
-      using S = typename decltype(student_type)::type;
-      using T = typename decltype(teacher_type)::type;
-      with_flag(a.student.col_stride == 1, [&](auto unit) {
-        with_flag(a.grad_student != nullptr, [&](auto grad_s) {
-          with_flag(a.grad_teacher != nullptr, [&](auto grad_t) {
-            constexpr bool kUnit = decltype(unit)::value;
-            constexpr bool kGradS = decltype(grad_s)::value;
-            constexpr bool kGradT = decltype(grad_t)::value;
+#ifdef FLEXKD_CPU_COMMON_CASES_ONLY
+  if (!is_common_case(a)) return baseline_kernels().feature_loss(a);
+  constexpr bool kMayBeStrided = false;
+#else
+  constexpr bool kMayBeStrided = true;
+#endif
+  with_storage_types(a.student.dtype, a.teacher.dtype, [&](auto student_type, auto teacher_type) {
+    using S = typename decltype(student_type)::type;
+    using T = typename decltype(teacher_type)::type;
+    with_flag(!kMayBeStrided || a.student.col_stride == 1, [&](auto unit) {
+      with_flag(a.grad_student != nullptr, [&](auto grad_s) {
+        with_flag(a.grad_teacher != nullptr, [&](auto grad_t) {
+          constexpr bool kUnit = decltype(unit)::value;
+          constexpr bool kGradS = decltype(grad_s)::value;
+          constexpr bool kGradT = decltype(grad_t)::value;
+          if constexpr (kUnit || kMayBeStrided) {
             if (a.loss == Loss::kMse) {
               mse_loss<S, T, kUnit, kGradS, kGradT>(a);
             } else {
               corr_loss<S, T, kUnit, kGradS, kGradT>(a);
             }
-          });
+          }
         });
       });
     });
@@ -60,18 +90,24 @@ inline void feature_loss(const FeatureLossArgs& a) {
 }
 
 inline void importance(const ImportanceArgs& a) {
-  with_storage_type(a.hidden.dtype, [&](auto hidden_type) {
-    with_storage_type(a.grad.dtype, [&](auto grad_type) {
-      using H = typename decltype(hidden_type)::type;
-      using G = typename decltype(grad_type)::type;
-      with_flag(a.hidden.col_stride == 1 && a.grad.col_stride == 1, [&](auto unit) {
-        constexpr bool kUnit = decltype(unit)::value;
+#ifdef FLEXKD_CPU_COMMON_CASES_ONLY
+  if (!is_common_case(a)) return baseline_kernels().importance_scores(a);
+  constexpr bool kMayBeStrided = false;
+#else
+  constexpr bool kMayBeStrided = true;
+#endif
+  with_storage_types(a.hidden.dtype, a.grad.dtype, [&](auto hidden_type, auto grad_type) {
+    using H = typename decltype(hidden_type)::type;
+    using G = typename decltype(grad_type)::type;
+    with_flag(!kMayBeStrided || (a.hidden.col_stride == 1 && a.grad.col_stride == 1), [&](auto unit) {
+      constexpr bool kUnit = decltype(unit)::value;
+      if constexpr (kUnit || kMayBeStrided) {
         switch (a.stat) {
           case Stat::kGradXAct: return importance_scores<H, G, kUnit, Stat::kGradXAct>(a);
           case Stat::kGrad: return importance_scores<H, G, kUnit, Stat::kGrad>(a);
           case Stat::kGradSq: return importance_scores<H, G, kUnit, Stat::kGradSq>(a);
         }
-      });
+      }
     });
   });
 }
