@@ -70,6 +70,10 @@ class ModelSection(_Section):
     tokenizer: str | None = Field(
         None, description="tokenizer path; default: the teacher's when it is a path"
     )
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="cast the (frozen) teacher, e.g. bfloat16 to halve its memory; default: as built",
+    )
 
     @field_validator("teacher", "student")
     @classmethod

