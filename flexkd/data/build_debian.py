@@ -189,6 +189,7 @@ def sections_task(entries: list[Description], config: BuildConfig) -> tuple[dict
                 "id": e.md5,
                 "package": e.package,
                 "packages": e.packages,
+                "source": e.source,
                 "text": truncate_words(masked_body(e), config.max_chars),
                 "label": e.section,
             }
@@ -210,6 +211,7 @@ def synopsis_task(entries: list[Description], config: BuildConfig) -> dict:
             {
                 "id": e.md5,
                 "package": e.package,
+                "source": e.source,
                 "text": truncate_words(e.body, config.max_chars),
                 "summary": e.synopsis,
             }

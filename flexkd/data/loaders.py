@@ -86,9 +86,10 @@ def load_task(task: str, split: str, limit: int | None = None, data_dir: str = S
     """One split of a task as a ``datasets.Dataset``; ``limit`` keeps the first rows (the
     files are stored in a hash order, so a prefix is a fair sample).
 
-    ``debian-sections``: columns ``id, package, packages, text, label`` with ``label`` a
-    ``ClassLabel`` (``ds.features["label"].names`` == ``label_names(task)``).
-    ``debian-synopsis``: columns ``id, package, text, summary``."""
+    ``debian-sections``: columns ``id, package, packages, source, text, label`` with
+    ``label`` a ``ClassLabel`` (``ds.features["label"].names`` == ``label_names(task)``).
+    ``debian-synopsis``: columns ``id, package, source, text, summary``. ``id`` is the
+    ``Description-md5``; ``source`` the source package (what splits are drawn by)."""
     import datasets
 
     spec = task_spec(task)
@@ -101,6 +102,7 @@ def load_task(task: str, split: str, limit: int | None = None, data_dir: str = S
                 "id": datasets.Value("string"),
                 "package": datasets.Value("string"),
                 "packages": datasets.Sequence(datasets.Value("string")),
+                "source": datasets.Value("string"),
                 "text": datasets.Value("string"),
                 "label": datasets.ClassLabel(names=names),
             }
@@ -109,6 +111,6 @@ def load_task(task: str, split: str, limit: int | None = None, data_dir: str = S
             row["label"] = index[row["label"]]
     else:
         features = datasets.Features(
-            {k: datasets.Value("string") for k in ("id", "package", "text", "summary")}
+            {k: datasets.Value("string") for k in ("id", "package", "source", "text", "summary")}
         )
     return datasets.Dataset.from_list(rows, features=features)

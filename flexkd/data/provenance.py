@@ -116,7 +116,9 @@ def render_provenance(meta: dict) -> str:
         num_sections=config["num_sections"],
         max_chars=config["max_chars"],
         bpe_vocab_size=config["bpe_vocab_size"],
-        filtering=", ".join(f"{k} {v}" for k, v in meta["filtering"].items()),
+        filtering=" -> ".join(  # pipeline order: every step only removes rows
+            f"{k} {v}" for k, v in sorted(meta["filtering"].items(), key=lambda kv: -kv[1])
+        ),
         num_labels=len(labels),
         section_rows=section_rows,
         sec_train=sum(counts["train"].values()),
