@@ -34,8 +34,17 @@ from . import _common, feature_loss, importance
 
 DEFAULT_ARCHS = (80, 90)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# (name, rows N, teacher width D, student width k): one large, aligned shape and one odd one.
+# (name, rows N, teacher width D, student width k): one large, aligned shape and one odd one, in
+# every dtype; and sizes of 1, which Triton specialises into constants (dtype-independent).
 SHAPES = (("aligned", 4096, 4096, 2048), ("odd", 37, 4099, 13))
+UNIT_SHAPES = (("unit", 1, 5, 1),)
+
+
+def _dtypes_and_shapes():
+    yield from itertools.product(DTYPES, SHAPES)
+    yield from itertools.product((torch.float32,), UNIT_SHAPES)
+
+
 _POINTER_TYPES = {
     torch.float32: "*fp32",
     torch.float64: "*fp64",
@@ -99,8 +108,8 @@ def specialisation_of(launch: _common.RecordedLaunch) -> Specialisation:
 
 
 def _feature_loss_cases() -> Iterator[tuple]:
-    for dtype, (_, n, d, k), loss, reduction, masked, teacher_grad in itertools.product(
-        DTYPES, SHAPES, ("mse", "corr"), ("mean", "sum", "none"), (False, True), (False, True)
+    for (dtype, (_, n, d, k)), loss, reduction, masked, teacher_grad in itertools.product(
+        _dtypes_and_shapes(), ("mse", "corr"), ("mean", "sum", "none"), (False, True), (False, True)
     ):
         meta = {"device": "meta"}
         student = torch.empty(n, k, dtype=dtype, **meta)
@@ -113,8 +122,8 @@ def _feature_loss_cases() -> Iterator[tuple]:
 
 
 def _importance_cases() -> Iterator[tuple]:
-    for dtype, (_, n, d, _k), stat, masked in itertools.product(
-        DTYPES, SHAPES, ("grad_x_act", "grad", "grad_sq"), (False, True)
+    for (dtype, (_, n, d, _k)), stat, masked in itertools.product(
+        _dtypes_and_shapes(), ("grad_x_act", "grad", "grad_sq"), (False, True)
     ):
         meta = {"device": "meta"}
         hidden = torch.empty(n, d, dtype=dtype, **meta)
@@ -125,7 +134,8 @@ def _importance_cases() -> Iterator[tuple]:
 
 
 def collect_specialisations() -> list[Specialisation]:
-    """Every distinct specialisation the launchers launch for fp32/bf16/fp16 over :data:`SHAPES`."""
+    """Every distinct specialisation the launchers launch for fp32/bf16/fp16 over :data:`SHAPES`
+    (and fp32 over :data:`UNIT_SHAPES`)."""
     with _common.recording() as recorder:
         for body, args in itertools.chain(_feature_loss_cases(), _importance_cases()):
             body(*args)

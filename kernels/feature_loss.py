@@ -80,7 +80,7 @@ def _mse_kernel(
         if HAS_MASK:
             total_weight = tl.load(weight_sum_ptr).to(ACC)
         else:
-            total_weight = n_rows.to(ACC)
+            total_weight = tl.cast(n_rows, ACC)
         scale = tl.where(total_weight > 0, 1.0 / (k * _nonzero(total_weight)), 0.0).to(ACC)
     else:
         scale = tl.full((), 1.0, ACC)
