@@ -159,7 +159,7 @@ def test_rows_and_thread_counts_give_bit_identical_results():
     for loss in ("mse", "corr"):
         runs = [r for (_, name, r) in results if name == loss]
         for other in runs[1:]:
-            for a, b in zip(runs[0], other):
+            for a, b in zip(runs[0], other, strict=True):
                 assert torch.equal(a, b), f"{loss}: results differ between runs or thread counts"
 
 
@@ -290,3 +290,20 @@ def test_importance_bad_arguments():
         torch.ops.flexkd.importance_scores_acc(hidden, grad[:, :5], None, "grad", torch.zeros(6))
     with pytest.raises(TypeError, match="mask must be float32"):
         torch.ops.flexkd.importance_scores_acc(hidden, grad, torch.ones(4).bool(), "grad", torch.zeros(6))
+
+
+# ---------------------------------------------------------------- the op benchmark does not rot
+
+
+def test_bench_ops_runs_a_tiny_case():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_ops
+
+    for op in ("mse", "importance"):
+        rows = bench_ops.run_case(bench_ops.Case(op, "fp32", 64, 32, 0 if op == "importance" else 8),
+                                  ["flexkd", "eager"])
+        assert {r["mode"] for r in rows} == ({"fwd"} if op == "importance" else set(bench_ops.MODES))
+        for r in rows:
+            assert r["flexkd_ms"] > 0 and r["eager_ms"] > 0 and r["floor_ms"] > 0
+    assert any(line.startswith(("MET", "MISS")) for line in bench_ops.check_targets(
+        [dict(rows[0], op="importance", n=8192, d=4096, dtype="fp32", x_vs_eager=4.0)]))
