@@ -190,7 +190,9 @@ def write_report(
         task_runs = [r for r in runs if r["task"] == task]
         main = _ordered(
             summarize(
-                [r for r in task_runs if r["method"] in plan.methods], [*metrics, "train_seconds"]
+                [r for r in task_runs if r["method"] in plan.methods],
+                [*metrics, "train_seconds"],
+                digits={"train_seconds": 0},
             ),
             plan.methods,
         )

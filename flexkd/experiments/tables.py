@@ -46,10 +46,12 @@ def summarize(
     metrics: Sequence[str],
     *,
     group_by: Sequence[str] = ("task", "method"),
+    digits: Mapping[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per group: ``<metric>_mean``, ``<metric>_std``, ``<metric>`` as "m ± s", and ``seeds``.
 
-    A metric is read from ``record["metrics"]``, else from the record itself (e.g. ``train_seconds``).
+    A metric is read from ``record["metrics"]``, else from the record itself (e.g. ``train_seconds``);
+    ``digits`` sets the decimals of a metric's "m ± s" text (default 3).
     """
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for record in records:
@@ -64,7 +66,8 @@ def summarize(
                 continue
             mean, std = mean_std(values)
             row[f"{metric}_mean"], row[f"{metric}_std"] = mean, std
-            row[metric] = f"{mean:.3f} ± {std:.3f}"
+            places = (digits or {}).get(metric, 3)
+            row[metric] = f"{mean:.{places}f} ± {std:.{places}f}"
         rows.append(row)
     return rows
 
