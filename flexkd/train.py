@@ -410,12 +410,46 @@ def default_selection_layers(cfg: Config) -> list[int]:
     return [-1] if pairs == "last" else sorted({t for _, t in pairs})
 
 
-def default_k(cfg: Config, student: nn.Module) -> int:
+def selection_k(cfg: Config, teacher: nn.Module, student: nn.Module) -> int:
+    """The k to score with (the paired student layers' width), after checking the layer pairing,
+    ``selection.layers`` and ``selection.k`` against both models, so that a config that cannot
+    work fails before the scoring pass rather than after it."""
     from flexkd.adapters import get_adapter
 
-    adapter = get_adapter(student, side=cfg.distill.side)
+    t_adapter = get_adapter(teacher, side=cfg.distill.side)
+    s_adapter = get_adapter(student, side=cfg.distill.side)
     pairs = [(-1, -1)] if cfg.distill.layer_pairs == "last" else cfg.distill.layer_pairs
-    return adapter.layer_width(pairs[0][0])
+    teacher_layers, student_widths = set(), set()
+    for i, (s_layer, t_layer) in enumerate(pairs):
+        try:
+            student_widths.add(s_adapter.layer_width(s_layer))
+            teacher_layers.add(t_adapter.resolve_layer(t_layer))
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"distill.layer_pairs[{i}]: {error}") from None
+    scored = set()
+    for layer in cfg.selection.layers or default_selection_layers(cfg):
+        try:
+            scored.add(t_adapter.resolve_layer(layer))
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"selection.layers: {error}") from None
+    k = cfg.selection.k or min(student_widths)
+    teacher_width = min(t_adapter.layer_width(layer) for layer in scored)
+    if k > teacher_width:
+        raise ValueError(
+            f"selection.k: {k} is larger than the teacher's hidden size {teacher_width}"
+        )
+    if cfg.distill.feature == "flex":
+        if teacher_layers - scored:
+            raise ValueError(
+                f"selection.layers: teacher layers {sorted(teacher_layers - scored)} of "
+                "distill.layer_pairs would not be scored"
+            )
+        if student_widths != {k}:
+            raise ValueError(
+                f"selection.k: feature 'flex' needs k equal to the paired student layers' width "
+                f"{sorted(student_widths)}, got {k}"
+            )
+    return k
 
 
 def summed_task_loss(task: str) -> Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor]:
@@ -557,7 +591,7 @@ def train(cfg: Config) -> TrainResult:
         if path.exists():
             selection = DimensionSelection.load(path, teacher)
         else:
-            k = cfg.selection.k or default_k(cfg, student)
+            k = selection_k(cfg, teacher, student)
             selection = score_selection(
                 cfg,
                 teacher,

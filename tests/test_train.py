@@ -283,3 +283,35 @@ def test_pretrained_backbone_gets_a_head_sized_from_the_data_and_teacher_dtype(t
     )
     with pytest.raises(ValueError, match="model.teacher: cannot load"):
         build_model(broken, "teacher")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["distill.layer_pairs=[[5, -1]]"], "distill.layer_pairs[0]: layer 5 is out of range"),
+        (
+            ["selection.k=8"],
+            "selection.k: feature 'flex' needs k equal to the paired student layers' width [16], got 8",
+        ),
+        (
+            ["selection.k=40", "distill.feature=cka"],
+            "selection.k: 40 is larger than the teacher's hidden size 32",
+        ),
+        (
+            ["selection.layers=[1]"],
+            "selection.layers: teacher layers [2] of distill.layer_pairs would not be scored",
+        ),
+    ],
+)
+def test_pairing_errors_fail_before_scoring(tmp_path, capsys, monkeypatch, overrides, message):
+    from flexkd import train as train_module
+    from flexkd.cli import main
+
+    def must_not_score(*args, **kwargs):
+        raise AssertionError("scoring started before the config was checked")
+
+    monkeypatch.setattr(train_module, "score_selection", must_not_score)
+    path = write_causal_config(tmp_path)
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    assert main(["score", str(path), *sets]) == 2
+    assert message in capsys.readouterr().err

@@ -27,10 +27,10 @@ def run(args: argparse.Namespace) -> int:
         build_model,
         build_splits,
         build_tokenizer,
-        default_k,
         make_accelerator,
         pad_token_id,
         score_selection,
+        selection_k,
     )
 
     try:
@@ -39,9 +39,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = build_tokenizer(cfg)
         splits = build_splits(cfg, tokenizer)
         teacher = build_model(cfg, "teacher", num_labels=splits.num_labels).to(accelerator.device)
-        k = cfg.selection.k or default_k(
-            cfg, build_model(cfg, "student", num_labels=splits.num_labels)
-        )
+        k = selection_k(cfg, teacher, build_model(cfg, "student", num_labels=splits.num_labels))
         selection = score_selection(
             cfg,
             teacher,
