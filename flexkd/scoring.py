@@ -96,7 +96,7 @@ def score(
         unit="batch",
         disable=not progress,
     )
-    with _scoring_mode(teacher), tap, torch.enable_grad():
+    with bar, _scoring_mode(teacher), tap, torch.enable_grad():
         for batch in bar:
             if not isinstance(batch, Mapping):
                 raise TypeError(
