@@ -541,6 +541,37 @@ def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def _selection_for(
+    cfg: Config, teacher, student, splits: Splits, collate, *, rank: int, world_size: int
+):
+    """The run's DimensionSelection for feature 'flex' (loaded, or scored and saved), else None."""
+    from flexkd.selection import DimensionSelection
+
+    if cfg.distill.feature != "flex" or cfg.distill.weights.feature == 0:
+        return None
+    path = cfg.selection_path
+    if path.exists():
+        return DimensionSelection.load(path, teacher)
+    k = selection_k(cfg, teacher, student)
+    rows = splits.get(cfg.selection.split)
+    selection = score_selection(cfg, teacher, k, rows, collate, rank=rank, world_size=world_size)
+    if rank == 0:
+        selection.save(path)
+    return selection
+
+
+def _window_units(
+    distiller, window: list[dict[str, torch.Tensor]], accelerator
+) -> dict[str, float]:
+    """Each term's units summed over the accumulation window and all processes."""
+    names = ("task", "logit", "feature")
+    units = torch.zeros(len(names), dtype=torch.float64, device=accelerator.device)
+    for batch in window:
+        counted = distiller.count_units(batch)
+        units += torch.tensor([counted[n] for n in names], dtype=torch.float64, device=units.device)
+    return dict(zip(names, accelerator.reduce(units, reduction="sum").tolist(), strict=True))
+
+
 def make_accelerator(**kwargs: Any):
     """An ``Accelerator`` that also forms a process group on machines without an accelerator.
 
@@ -558,7 +589,6 @@ def train(cfg: Config) -> TrainResult:
     from transformers import get_scheduler
 
     from flexkd.distill import Distiller
-    from flexkd.selection import DimensionSelection
 
     tc = cfg.train
     needs_logits = cfg.distill.weights.task > 0 or cfg.distill.weights.logit > 0
@@ -585,24 +615,7 @@ def train(cfg: Config) -> TrainResult:
     collate = Collator(cfg.data.task, pad_token_id(tokenizer, teacher))
     train_rows = splits.get("train")
 
-    selection = None
-    if cfg.distill.feature == "flex" and cfg.distill.weights.feature > 0:
-        path = cfg.selection_path
-        if path.exists():
-            selection = DimensionSelection.load(path, teacher)
-        else:
-            k = selection_k(cfg, teacher, student)
-            selection = score_selection(
-                cfg,
-                teacher,
-                k,
-                splits.get(cfg.selection.split),
-                collate,
-                rank=rank,
-                world_size=world,
-            )
-            if main:
-                selection.save(path)
+    selection = _selection_for(cfg, teacher, student, splits, collate, rank=rank, world_size=world)
     distiller = Distiller(
         teacher,
         student,
@@ -661,22 +674,13 @@ def train(cfg: Config) -> TrainResult:
         for _ in range(tc.grad_accum):
             state.epoch, state.position, rows = next(batches)
             window.append(_to_device(collate([train_rows[i] for i in rows]), accelerator.device))
-        units = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
-        for batch in window:
-            counted = distiller.count_units(batch)
-            units += torch.tensor(
-                [counted[t] for t in ("task", "logit", "feature")],
-                dtype=torch.float64,
-                device=units.device,
-            )
-        units = accelerator.reduce(units, reduction="sum")
-        normalizers = dict(zip(("task", "logit", "feature"), units.tolist(), strict=True))
-
-        logged = {"task": 0.0, "logit": 0.0, "feature": 0.0, "total": 0.0}
+        normalizers = _window_units(distiller, window, accelerator)
+        logged = dict.fromkeys(("task", "logit", "feature", "total"), 0.0)
         for i, batch in enumerate(window):
             sync = contextlib.nullcontext() if i == len(window) - 1 else accelerator.no_sync(model)
             with sync:
                 loss, terms = model(batch, normalizers=normalizers)
+                # DDP averages gradients over processes; the loss is already a global sum / units
                 accelerator.backward(loss * world)
             for name in logged:
                 logged[name] += terms[name]
