@@ -7,7 +7,8 @@ import json
 import pytest
 
 from flexkd.cli import main
-from flexkd.experiments.kits import QUICK_TASK_CONFIG
+from flexkd.experiments.budget import demo_budget
+from flexkd.experiments.kits import QUICK_TASK_CONFIG, build_kit
 from flexkd.experiments.methods import DEMO_METHODS, get_method
 
 
@@ -76,24 +77,19 @@ def test_demo_quick_compares_the_three_methods_under_one_budget(demo_run):
     }
 
 
-def test_demo_quick_reuses_the_cached_teacher(demo_run, tmp_path):
-    _, _, cache = demo_run
-    (teacher,) = (cache / "teachers").iterdir()
-    stamp = (teacher / "teacher_metrics.json").stat().st_mtime_ns
-    code = main(
-        [
-            "demo",
-            "--quick",
-            "--no-progress",
-            "--out",
-            str(tmp_path / "again"),
-            "--cache-dir",
-            str(cache),
-        ]
+def test_demo_quick_reuses_the_cached_teacher(demo_run):
+    _, out, cache = demo_run
+    (teacher,) = [p for p in (cache / "teachers").iterdir() if not p.name.startswith(".")]
+    stamp = (teacher / "flexkd_teacher.json").stat().st_mtime_ns
+    kit = build_kit(
+        "debian-sections", demo_budget(quick=True), cache_dir=cache, quick=True, progress=False
     )
-    assert code == 0
-    assert [p.name for p in (cache / "teachers").iterdir()] == [teacher.name]
-    assert (teacher / "teacher_metrics.json").stat().st_mtime_ns == stamp
+    assert kit.teacher_dir == str(teacher)
+    assert [p.name for p in (cache / "teachers").iterdir() if not p.name.startswith(".")] == [
+        teacher.name
+    ]
+    assert (teacher / "flexkd_teacher.json").stat().st_mtime_ns == stamp
+    assert json.loads((out / "results.json").read_text())["teacher"] == kit.teacher_description
 
 
 def test_demo_rejects_a_negative_seed(tmp_path, capsys):

@@ -217,7 +217,7 @@ def test_study_plan_rejects_bad_input(changes, field):
 
 def test_study_skips_finished_runs_and_resumes_the_rest(tmp_path, fake_study):
     plan = _plan()
-    store = ResultStore(tmp_path / "out" / "runs")
+    store = ResultStore(tmp_path / "out" / study_module.RESULTS_FOLDER)
     # an earlier, killed study finished two runs
     for task, method, seed in plan.runs()[:2]:
         store.write(
@@ -281,7 +281,14 @@ def test_markdown_table_layout():
 def test_study_checks_each_teacher_once_before_its_first_run(tmp_path, fake_study, monkeypatch):
     def fake_check(experiment):
         fake_study.calls.append((experiment.kit, "teacher-check", 0))
-        return {"method_label": "teacher check", "layer": 6, "k": 4, "hidden_size": 8, "rows": [], "metrics": {}}
+        return {
+            "method_label": "teacher check",
+            "layer": 6,
+            "k": 4,
+            "hidden_size": 8,
+            "rows": [],
+            "metrics": {},
+        }
 
     monkeypatch.setattr(study_module, "teacher_check", fake_check)
     plan = _plan(teacher_check_tasks=("debian-sections",))

@@ -2,7 +2,7 @@
 
 Both tasks x {no feature KD, projector, CKA, Flex-KD mse, Flex-KD corr} x seeds, the selection ablation
 (top-k / random-k / bottom-k, Flex-KD mse) and the teacher check. Every (task, method, seed) result is
-written atomically to its own JSON under ``<out>/runs``; rerunning skips finished ones, so the study can
+written atomically to its own JSON under ``<out>/study-runs``; rerunning skips finished ones, so the study can
 run in the background and be resumed after a kill. Tables (``study.md``, ``study.json``) and the plot
 (``study.png``) are rewritten after every run.
 """

@@ -1,7 +1,7 @@
 """The quality study behind ``flexkd study``: every method x task x seed, the selection ablation and the
 teacher check, resumable run by run.
 
-Each finished (task, method, seed) result is its own JSON file under ``<out>/runs`` (written atomically);
+Each finished (task, method, seed) result is its own JSON file under ``<out>/study-runs`` (written atomically);
 a rerun skips what is there, so the study can run in the background and survive being killed. After every
 run the tables (``study.md``, ``study.json``) and the plot (``study.png``) are rewritten from whatever has
 finished.
@@ -25,6 +25,9 @@ from flexkd.experiments.tables import markdown_table, summarize
 from flexkd.experiments.teacher_check import run_teacher_check
 
 TEACHER_CHECK = "teacher-check"
+RESULTS_FOLDER = (
+    "study-runs"  # not "runs": that name is git-ignored, and these results are committed
+)
 METRIC_HEADERS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "rouge_l": "ROUGE-L"}
 
 
@@ -109,10 +112,10 @@ def run_study(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run every pending part of ``plan``; results under ``out_dir/runs``, tables and plot in ``out_dir``."""
+    """Run every pending part of ``plan``; results under ``out_dir/study-runs``, tables and plot in ``out_dir``."""
     quiet_transformers()
     out_dir = Path(out_dir)
-    store = ResultStore(out_dir / "runs")
+    store = ResultStore(out_dir / RESULTS_FOLDER)
     experiments = _Experiments(plan, Path(work_dir), Path(cache_dir), progress)
     todo = pending_runs(plan, store)
     checks = [t for t in plan.teacher_check_tasks if not store.has(t, TEACHER_CHECK, 0)]
