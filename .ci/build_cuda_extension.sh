@@ -6,7 +6,8 @@
 #      setuptools, ninja and pybind11;
 #   2. CUDA_HOME = the toolkit that nvcc belongs to (unless CUDA_HOME is set);
 #   3. `setup.py build_ext` with FLEXKD_CUDA_ARCH_LIST (default "8.0;9.0") and MAX_JOBS (default 2)
-#      into a temporary directory (the source tree's flexkd/_C*.so belongs to the CPU build);
+#      into a temporary directory, or FLEXKD_CUDA_BUILD_DIR to keep it (the source tree's
+#      flexkd/_C*.so belongs to the CPU build);
 #   4. checks: the .so holds sm_XX cubins of every kernel file for every requested architecture and the
 #      kernel symbols; loading it into that torch registers the CUDA (and CPU) kernels of both ops;
 #      build_info() reports the CUDA version and architectures; the CPU kernels run.
@@ -31,7 +32,7 @@ PY="$VENV/bin/python"
 step "installing $TORCH_SPEC (CUDA build) and build tools into $VENV"
 "$PY" -m pip install --quiet --disable-pip-version-check "$TORCH_SPEC" setuptools wheel ninja pybind11 \
   2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
-"$PY" - <<'EOF' || fail "the torch in $VENV has no CUDA"
+"$PY" -W ignore - <<'EOF' || fail "the torch in $VENV has no CUDA"
 import torch
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}")
 raise SystemExit(0 if torch.version.cuda else 1)
@@ -48,9 +49,14 @@ export CUDA_HOME
 [[ -x "$CUDA_HOME/bin/nvcc" ]] || fail "no nvcc in CUDA_HOME=$CUDA_HOME"
 step "CUDA_HOME=$CUDA_HOME ($("$CUDA_HOME/bin/nvcc" --version | tail -n1))"
 
-# 3. Build into a temporary directory.
-WORK="$(mktemp -d /tmp/flexkd-cuda-build.XXXXXX)"
-trap 'rm -rf "$WORK"' EXIT
+# 3. Build into a temporary directory (FLEXKD_CUDA_BUILD_DIR keeps one, so a rebuild is incremental).
+if [[ -n "${FLEXKD_CUDA_BUILD_DIR:-}" ]]; then
+  WORK="$FLEXKD_CUDA_BUILD_DIR"
+  mkdir -p "$WORK"
+else
+  WORK="$(mktemp -d /tmp/flexkd-cuda-build.XXXXXX)"
+  trap 'rm -rf "$WORK"' EXIT
+fi
 step "building flexkd._C for FLEXKD_CUDA_ARCH_LIST=$FLEXKD_CUDA_ARCH_LIST with MAX_JOBS=$MAX_JOBS"
 (cd "$ROOT" && "$PY" setup.py --quiet build_ext --build-lib "$WORK/lib" --build-temp "$WORK/tmp") \
   >"$WORK/build.log" 2>&1 || { tail -n 80 "$WORK/build.log" >&2; fail "the CUDA build failed"; }

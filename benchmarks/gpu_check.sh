@@ -65,8 +65,10 @@ EOF
 step "tests marked cuda (log: $RESULTS/tests.log)"
 TEST_STATUS="not run"
 if "$PY" -c "import pytest" 2>/dev/null; then
-  timeout "${GPU_CHECK_TEST_TIMEOUT:-240}" "$PY" -m pytest -m cuda -q -x -p no:cacheprovider tests \
-    2>&1 | tee "$RESULTS/tests.log" | tail -n 25
+  parallel=()  # a few workers share the GPU; the reference side of each test runs on the CPU
+  "$PY" -c "import xdist" 2>/dev/null && parallel=(-n 4)
+  timeout "${GPU_CHECK_TEST_TIMEOUT:-240}" "$PY" -m pytest -m cuda -q --maxfail=25 -p no:cacheprovider \
+    "${parallel[@]}" tests 2>&1 | tee "$RESULTS/tests.log" | tail -n 25
   status=${PIPESTATUS[0]}
   TEST_STATUS="exit $status"
   [[ $status == 124 ]] && TEST_STATUS="timed out after ${GPU_CHECK_TEST_TIMEOUT:-240}s"

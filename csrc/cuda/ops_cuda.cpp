@@ -111,9 +111,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_loss_fwd_cuda(
           teacher_grad ? p.grad_teacher : at::empty({0}, teacher.options())};
 }
 
+// `out` by value: every dispatch key of an op must register the same C++ signature (see ops_cpu.cpp).
 void importance_scores_acc_cuda(const at::Tensor& hidden, const at::Tensor& grad,
                                 const std::optional<at::Tensor>& mask, c10::string_view stat,
-                                const at::Tensor& out) {
+                                at::Tensor out) {
   check_matrix(hidden, "hidden", hidden);
   check_matrix(grad, "grad", hidden);
   TORCH_CHECK_VALUE(grad.sizes() == hidden.sizes(), "grad must have the shape of hidden ", hidden.sizes(),
