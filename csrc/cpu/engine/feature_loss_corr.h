@@ -43,15 +43,16 @@ CorrColumns<Acc> corr_statistics(const FeatureLossArgs& a, const int64_t* t_cols
     const ColumnSums<Acc> acc = sums_of(c);
     const Acc* s0 = shift_s.data();
     const Acc* t0 = shift_t.data();
+    TeacherRows<T> teacher_rows(teacher, a.teacher.row_stride, t_cols, k);
     for (int64_t n = begin; n < end; ++n) {
       const Acc w = mask != nullptr ? mask[n] : Acc(1);
       if (w == Acc(0)) continue;
       const S* s = student + n * a.student.row_stride;
-      const T* t = teacher + n * a.teacher.row_stride;
+      const T* t = teacher_rows.row(n);
 #pragma omp simd
       for (int64_t j = 0; j < k; ++j) {
         const Acc x = load<Acc>(s[kUnitStudent ? j : j * a.student.col_stride]) - s0[j];
-        const Acc y = load<Acc>(t[t_cols[j]]) - t0[j];
+        const Acc y = load<Acc>(kGatherIntoBuffer<T> ? t[j] : t[t_cols[j]]) - t0[j];
         const Acc wx = w * x;
         const Acc wy = w * y;
         acc.x[j] += wx;
@@ -108,16 +109,17 @@ void corr_gradients(const FeatureLossArgs& a, const int64_t* t_cols, const Acc* 
   const Acc* beta_t = col.beta_t.data();
   const RowChunks chunks = make_row_chunks(a.rows, 16, 1 << 30);
   for_each_chunk(chunks, a.rows * k, a.num_threads, [&](int64_t, int64_t begin, int64_t end) {
+    TeacherRows<T> teacher_rows(teacher, a.teacher.row_stride, t_cols, k);
     for (int64_t n = begin; n < end; ++n) {
       const Acc neg_w = -(mask != nullptr ? mask[n] : Acc(1));
       const S* s = student + n * a.student.row_stride;
-      const T* t = teacher + n * a.teacher.row_stride;
+      const T* t = teacher_rows.row(n);
       S* gs = kGradS ? grad_student + n * k : nullptr;
       T* gt = kGradT ? grad_teacher + n * k : nullptr;
 #pragma omp simd
       for (int64_t j = 0; j < k; ++j) {
         const Acc centred_s = load<Acc>(s[kUnitStudent ? j : j * a.student.col_stride]) - mean_s[j];
-        const Acc centred_t = load<Acc>(t[t_cols[j]]) - mean_t[j];
+        const Acc centred_t = load<Acc>(kGatherIntoBuffer<T> ? t[j] : t[t_cols[j]]) - mean_t[j];
         const Acc coef = neg_w * scale[j];
         if constexpr (kGradS) gs[j] = store<S>(coef * (centred_t - beta_s[j] * centred_s));
         if constexpr (kGradT) gt[j] = store<T>(coef * (centred_s - beta_t[j] * centred_t));

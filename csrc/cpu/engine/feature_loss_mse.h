@@ -2,13 +2,15 @@
 // row's loss and both gradients come out of the same loop. Included by engine.h inside the per-ISA
 // namespace.
 
+// t[j] or t[t_cols[j]]: see TeacherRows.
 template <class Acc, class S, class T, bool kUnitStudent, bool kGradS, bool kGradT>
 inline Acc mse_row(const S* s, int64_t s_col_stride, const T* t, const int64_t* t_cols, int64_t k,
                    Acc grad_scale, S* grad_s, T* grad_t) {
   Acc sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < k; ++j) {
-    const Acc diff = load<Acc>(s[kUnitStudent ? j : j * s_col_stride]) - load<Acc>(t[t_cols[j]]);
+    const T t_value = kGatherIntoBuffer<T> ? t[j] : t[t_cols[j]];
+    const Acc diff = load<Acc>(s[kUnitStudent ? j : j * s_col_stride]) - load<Acc>(t_value);
     sum += diff * diff;
     if constexpr (kGradS) grad_s[j] = store<S>(grad_scale * diff);
     if constexpr (kGradT) grad_t[j] = store<T>(-grad_scale * diff);
@@ -40,11 +42,12 @@ void mse_loss(const FeatureLossArgs& a) {
   std::vector<Acc> partial(static_cast<size_t>(chunks.count), Acc(0));
   for_each_chunk(chunks, a.rows * a.k, a.num_threads, [&](int64_t c, int64_t begin, int64_t end) {
     Acc chunk_sum = 0;
+    TeacherRows<T> teacher_rows(teacher, a.teacher.row_stride, t_cols.data(), a.k);
     for (int64_t n = begin; n < end; ++n) {
       const Acc w = mask != nullptr ? mask[n] : Acc(1);
       const Acc row = mse_row<Acc, S, T, kUnitStudent, kGradS, kGradT>(
-          student + n * a.student.row_stride, a.student.col_stride,
-          teacher + n * a.teacher.row_stride, t_cols.data(), a.k, Acc(2) * scale * w,
+          student + n * a.student.row_stride, a.student.col_stride, teacher_rows.row(n),
+          t_cols.data(), a.k, Acc(2) * scale * w,
           kGradS ? grad_student + n * a.k : nullptr, kGradT ? grad_teacher + n * a.k : nullptr);
       if (per_row) {
         loss_out[n] = w * row;
