@@ -64,6 +64,10 @@ EOF
 
 step "tests marked cuda (log: $RESULTS/tests.log)"
 TEST_STATUS="not run"
+if ! "$PY" -c "import pytest" 2>/dev/null; then
+  # Only from what is already on this machine (pip's find-links or cache): nothing is downloaded.
+  "$PY" -m pip install --quiet --no-index pytest >/dev/null 2>&1 || true
+fi
 if "$PY" -c "import pytest" 2>/dev/null; then
   parallel=()  # a few workers share the GPU; the reference side of each test runs on the CPU
   "$PY" -c "import xdist" 2>/dev/null && parallel=(-n 4)
@@ -73,7 +77,7 @@ if "$PY" -c "import pytest" 2>/dev/null; then
   TEST_STATUS="exit $status"
   [[ $status == 124 ]] && TEST_STATUS="timed out after ${GPU_CHECK_TEST_TIMEOUT:-240}s"
 else
-  echo "pytest is not installed here (and cannot be downloaded): cuda tests SKIPPED"
+  echo "SKIPPED: the cuda tests need pytest, which is not installed here and cannot be downloaded"
   TEST_STATUS="skipped (no pytest)"
 fi
 
