@@ -358,6 +358,8 @@ class Distiller(nn.Module):
     ) -> tuple[Tensor, dict[str, float]]:
         """``(total_loss, terms)``: ``terms`` holds every term (unweighted) and ``"total"`` as floats.
 
+        With several layer pairs, ``"feature"`` is their mean and ``"feature/s<i>-t<j>"`` each pair's.
+
         ``normalizers`` (term -> units) defaults to ``count_units(batch)``; a term whose
         normaliser is 0 contributes 0.
         """
@@ -403,13 +405,15 @@ class Distiller(nn.Module):
                     mask=weights.to(logits.device),
                     reduction="sum",
                 )
+        pair_sums = []
         if self.feature != "none":
             mask = self._feature_weights(batch).to(device)
             reduction = "sum" if self.feature_losses[0].per_token else "mean"
-            sums["feature"] = sum(
+            pair_sums = [
                 loss_fn(student_hidden[s], teacher_hidden[t], mask, reduction=reduction)
                 for (s, t), loss_fn in zip(self.layer_pairs, self.feature_losses, strict=True)
-            )
+            ]
+            sums["feature"] = sum(pair_sums)
 
         total = torch.zeros((), device=device)
         terms: dict[str, float] = {}
@@ -421,6 +425,11 @@ class Distiller(nn.Module):
             terms[name] = float(value.detach())
             if self.weights[name] > 0:
                 total = total + self.weights[name] * value
+        if len(pair_sums) > 1:  # "feature" is the mean over pairs; report each pair too
+            per_pair_units = float(normalizers.get("feature", 0)) / len(pair_sums)
+            for (s, t), pair_sum in zip(self.layer_pairs, pair_sums, strict=True):
+                value = float(pair_sum.detach()) / per_pair_units if per_pair_units else 0.0
+                terms[f"feature/s{s}-t{t}"] = value
         terms["total"] = float(total.detach())
         return total, terms
 

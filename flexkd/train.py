@@ -675,15 +675,15 @@ def train(cfg: Config) -> TrainResult:
             state.epoch, state.position, rows = next(batches)
             window.append(_to_device(collate([train_rows[i] for i in rows]), accelerator.device))
         normalizers = _window_units(distiller, window, accelerator)
-        logged = dict.fromkeys(("task", "logit", "feature", "total"), 0.0)
+        logged: dict[str, float] = {}
         for i, batch in enumerate(window):
             sync = contextlib.nullcontext() if i == len(window) - 1 else accelerator.no_sync(model)
             with sync:
                 loss, terms = model(batch, normalizers=normalizers)
                 # DDP averages gradients over processes; the loss is already a global sum / units
                 accelerator.backward(loss * world)
-            for name in logged:
-                logged[name] += terms[name]
+            for name, value in terms.items():
+                logged[name] = logged.get(name, 0.0) + value
         grad_norm = None
         if tc.max_grad_norm is not None:
             grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm))

@@ -97,6 +97,8 @@ def test_flex_term_equals_reference_on_selected_columns_of_hidden_states(pair, l
         for s, t in [(1, 1), (1, 2)]
     ]
     assert terms["feature"] == pytest.approx(sum(per_pair).item() / 2, rel=1e-5)
+    assert terms["feature/s1-t1"] == pytest.approx(per_pair[0].item(), rel=1e-5)
+    assert terms["feature/s1-t2"] == pytest.approx(per_pair[1].item(), rel=1e-5)
 
 
 def test_projector_params_live_outside_the_student_and_are_trained(pair):

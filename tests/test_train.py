@@ -140,7 +140,13 @@ def test_cli_score_distill_eval_end_to_end(tmp_path, capsys):
     assert cfg.selection_path.with_suffix(".png").stat().st_size > 0
 
     assert main(["distill", str(path)]) == 0
-    assert [m["step"] for m in _metrics(cfg)] == [1, 2, 3]
+    metrics = _metrics(cfg)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for m in metrics:  # every term, each layer pair's included; the feature term is their mean
+        assert {"task", "logit", "feature", "feature/s1-t1", "feature/s1-t2", "total"} <= set(m)
+        assert m["feature"] == pytest.approx(
+            (m["feature/s1-t1"] + m["feature/s1-t2"]) / 2, rel=1e-5
+        )
     assert AutoModelForCausalLM.from_pretrained(cfg.student_path).config.n_embd == 16
 
     assert main(["eval", str(path)]) == 0
@@ -315,3 +321,15 @@ def test_pairing_errors_fail_before_scoring(tmp_path, capsys, monkeypatch, overr
     sets = [arg for item in overrides for arg in ("--set", item)]
     assert main(["score", str(path), *sets]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_epochs_fix_the_number_of_steps_and_resume_false_starts_over(tmp_path):
+    # 32 rows, 4 per micro-batch, 2 micro-batches per step: an epoch is 4 steps
+    path = write_causal_config(tmp_path, train={"max_steps": None, "epochs": 0.5, "grad_accum": 2})
+    cfg = load_config(path)
+    assert train(cfg).steps == 2
+    assert [m["step"] for m in _metrics(cfg)] == [1, 2]
+    again = load_config(path, ["train.epochs=1.0", "train.resume=false"])
+    assert train(again).steps == 4
+    assert [m["step"] for m in _metrics(again)] == [1, 2, 3, 4]
+    assert {m["epoch"] for m in _metrics(again)} == {0}
