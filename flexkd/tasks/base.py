@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-from dataclasses import asdict, is_dataclass
 
 import torch
 from torch.utils.data import DataLoader
@@ -31,12 +29,6 @@ def pad_sequences(
             else:
                 out[row, : len(seq)] = values
     return out
-
-
-def _jsonable(value):
-    if is_dataclass(value):
-        return asdict(value)
-    raise TypeError(f"cannot fingerprint {type(value).__name__}")
 
 
 class DebianTask:
@@ -109,10 +101,15 @@ class DebianTask:
     def extra_data_files(self) -> list[str]:
         return []
 
+    def teacher_settings(self) -> dict:
+        """The config fields the teacher depends on (student-only fields stay out of the
+        teacher's cache key, so changing the student never retrains the teacher)."""
+        raise NotImplementedError
+
     def identity(self) -> dict:
-        """Everything a trained teacher depends on (hashed into its cache key)."""
+        """Everything a trained teacher depends on, besides its fit settings and seed."""
         return {
             "task": self.name,
             "data": self.data_fingerprint(),
-            "config": json.loads(json.dumps(self.config, default=_jsonable)),
+            "teacher": self.teacher_settings(),
         }

@@ -198,5 +198,5 @@ class SectionsTask(DebianTask):
 
         return AutoModelForSequenceClassification.from_pretrained(path)
 
-    def identity(self) -> dict:
-        return {**super().identity(), "base_model": minilm_identity()}
+    def teacher_settings(self) -> dict:
+        return {"max_length": self.config.max_length, "base_model": minilm_identity()}

@@ -197,6 +197,15 @@ class SynopsisTask(DebianTask):
             )
         )
 
+    def teacher_settings(self) -> dict:
+        c = self.config
+        return {
+            "max_source_length": c.max_source_length,
+            "max_target_length": c.max_target_length,
+            "teacher_hidden": c.teacher_hidden,
+            "teacher_layers": c.teacher_layers,
+        }
+
     teacher_eval_limit = 300  # greedy decoding is the slow part of evaluation
 
     def load_teacher(self, path: str):
