@@ -4,9 +4,12 @@ Two parts: the op suites every CPU backend runs (``test_ops_feature_loss.py``, `
 re-targeted at ``backend="triton"`` -- the same cases and checks, collected here once more -- and tests of
 what is specific to the Triton launchers (multi-program merges, determinism, the registered ops).
 
-The interpreter has to be chosen before ``flexkd.kernels`` is imported (``@triton.jit`` reads it), so
-this module sets it at import on machines without a GPU. With a GPU, the kernels are JIT-compiled and
-these tests skip: ``test_triton_cuda.py`` covers them there.
+The interpreter has to be chosen before ``triton`` itself is imported (its own ``tl.zeros``/``tl.sum``
+are ``@triton.jit`` functions too), so this module sets it at import on machines without a GPU. When an
+earlier test module already imported triton (``import flexkd.ops`` does), the interpreter cannot work
+in this process: then one test reruns this module in a fresh process instead (``tests/conftest.py``
+setting ``TRITON_INTERPRET=1`` avoids that). With a GPU the kernels are JIT-compiled and these tests
+skip: ``test_triton_cuda.py`` covers them there.
 """
 
 import inspect
@@ -32,19 +35,44 @@ from flexkd.ops import flex_feature_loss, importance_scores, reference  # noqa: 
 pytest.importorskip("triton")
 triton_env.import_kernels()
 
-if not triton_env.kernels_interpreted() and not torch.cuda.is_available():
-    raise RuntimeError(
-        "flexkd.kernels was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on "
-        "CPU tensors; set TRITON_INTERPRET=1 before the test session starts (tests/conftest.py)"
-    )
-
-pytestmark = pytest.mark.skipif(
-    not triton_env.kernels_interpreted(),
-    reason="Triton kernels are JIT-compiled (a GPU is present)",
-)
-
 from flexkd.kernels import feature_loss as triton_feature_loss  # noqa: E402
 from flexkd.kernels import importance as triton_importance  # noqa: E402
+
+_FRESH_PROCESS_VAR = "FLEXKD_TRITON_INTERPRET_FRESH_PROCESS"
+IN_PROCESS = triton_env.interpreter_usable()
+NEEDS_FRESH_PROCESS = not IN_PROCESS and not torch.cuda.is_available()
+if NEEDS_FRESH_PROCESS and os.environ.get(_FRESH_PROCESS_VAR) == "1":
+    raise RuntimeError(
+        "triton was imported before TRITON_INTERPRET=1 was set even in a fresh pytest process; "
+        "set it before anything imports triton (tests/conftest.py)"
+    )
+
+
+def test_module_in_a_fresh_process():
+    """This module's tests, rerun where the interpreter can be chosen before triton is imported."""
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        cwd=triton_env.REPO_ROOT,
+        env={**os.environ, "TRITON_INTERPRET": "1", _FRESH_PROCESS_VAR: "1"},
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-3000:]
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_here_or_in_a_fresh_process(request):
+    if request.function is test_module_in_a_fresh_process:
+        if not NEEDS_FRESH_PROCESS:
+            pytest.skip("the interpreter works in this process")
+    elif not IN_PROCESS:
+        pytest.skip(
+            "covered by test_module_in_a_fresh_process: triton was imported before TRITON_INTERPRET"
+            if NEEDS_FRESH_PROCESS
+            else "Triton kernels are JIT-compiled (a GPU is present)"
+        )
+
 
 # ------------------------------------------------------------------ the shared suites, for "triton"
 

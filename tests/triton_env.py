@@ -1,8 +1,7 @@
 """Test helper for the Triton backend: interpreter mode and importing ``flexkd.kernels``.
 
-``TRITON_INTERPRET`` is read when ``@triton.jit`` decorates a kernel, so it must be set before
-``flexkd.kernels`` is first imported in the process (tests/conftest.py sets it on machines without a
-GPU). In an installed flexkd, ``flexkd.kernels`` is the wheel's copy of ``kernels/``; in a source
+``TRITON_INTERPRET`` is read when ``@triton.jit`` decorates a function, so it must be set before
+``triton`` (whose library has ``@triton.jit`` functions) and ``flexkd.kernels`` are first imported. In an installed flexkd, ``flexkd.kernels`` is the wheel's copy of ``kernels/``; in a source
 checkout that was not installed, :func:`import_kernels` loads ``kernels/`` under that name.
 """
 
@@ -45,8 +44,17 @@ def import_kernels():
 
 
 def kernels_interpreted() -> bool:
-    """Whether the imported kernels run under the Triton interpreter (CPU tensors)."""
+    """Whether the imported kernels are interpreter functions (run on CPU tensors)."""
     from flexkd.kernels import feature_loss
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(feature_loss._mse_kernel, InterpretedFunction)
+
+
+def interpreter_usable() -> bool:
+    """Whether the kernels can run under the interpreter in this process: they and Triton's own
+    ``@triton.jit`` library functions were both created with ``TRITON_INTERPRET=1``."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return kernels_interpreted() and isinstance(tl.zeros, InterpretedFunction)
