@@ -52,7 +52,7 @@ CorrColumns<Acc> corr_statistics(const FeatureLossArgs& a, const int64_t* t_cols
 #pragma omp simd
       for (int64_t j = 0; j < k; ++j) {
         const Acc x = load<Acc>(s[kUnitStudent ? j : j * a.student.col_stride]) - s0[j];
-        const Acc y = load<Acc>(kGatherIntoBuffer<T> ? t[j] : t[t_cols[j]]) - t0[j];
+        const Acc y = load<Acc>(t[kGatherIntoBuffer<T> ? j : t_cols[j]]) - t0[j];
         const Acc wx = w * x;
         const Acc wy = w * y;
         acc.x[j] += wx;
@@ -119,7 +119,7 @@ void corr_gradients(const FeatureLossArgs& a, const int64_t* t_cols, const Acc* 
 #pragma omp simd
       for (int64_t j = 0; j < k; ++j) {
         const Acc centred_s = load<Acc>(s[kUnitStudent ? j : j * a.student.col_stride]) - mean_s[j];
-        const Acc centred_t = load<Acc>(kGatherIntoBuffer<T> ? t[j] : t[t_cols[j]]) - mean_t[j];
+        const Acc centred_t = load<Acc>(t[kGatherIntoBuffer<T> ? j : t_cols[j]]) - mean_t[j];
         const Acc coef = neg_w * scale[j];
         if constexpr (kGradS) gs[j] = store<S>(coef * (centred_t - beta_s[j] * centred_s));
         if constexpr (kGradT) gt[j] = store<T>(coef * (centred_s - beta_t[j] * centred_t));

@@ -9,8 +9,8 @@ inline Acc mse_row(const S* s, int64_t s_col_stride, const T* t, const int64_t* 
   Acc sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < k; ++j) {
-    const T t_value = kGatherIntoBuffer<T> ? t[j] : t[t_cols[j]];
-    const Acc diff = load<Acc>(s[kUnitStudent ? j : j * s_col_stride]) - load<Acc>(t_value);
+    const int64_t tj = kGatherIntoBuffer<T> ? j : t_cols[j];
+    const Acc diff = load<Acc>(s[kUnitStudent ? j : j * s_col_stride]) - load<Acc>(t[tj]);
     sum += diff * diff;
     if constexpr (kGradS) grad_s[j] = store<S>(grad_scale * diff);
     if constexpr (kGradT) grad_t[j] = store<T>(-grad_scale * diff);
