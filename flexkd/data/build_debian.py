@@ -137,7 +137,9 @@ def deduplicate(entries: list[Description], config: BuildConfig) -> tuple[list[D
             normalised[key] = entry
             kept.append((key, entry))
     stats["after_exact_dedup"] = len(kept)
-    roots = near_duplicate_clusters([k for k, _ in kept], threshold=config.near_dup_threshold)
+    roots = near_duplicate_clusters(
+        [k for k, _ in kept], threshold=config.near_dup_threshold, progress=True
+    )
     entries = [entry for i, (_, entry) in enumerate(kept) if roots[i] == i]
     stats["after_near_dedup"] = len(entries)
     per_source: dict[str, list[Description]] = defaultdict(list)

@@ -7,6 +7,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
@@ -47,7 +48,12 @@ class MinHasher:
 
 
 def near_duplicate_clusters(
-    texts: Sequence[str], threshold: float = 0.8, num_perm: int = 64, bands: int = 16, seed: int = 0
+    texts: Sequence[str],
+    threshold: float = 0.8,
+    num_perm: int = 64,
+    bands: int = 16,
+    seed: int = 0,
+    progress: bool = False,
 ) -> list[int]:
     """For each text, the index of its cluster's representative (the lowest index in it).
 
@@ -58,7 +64,16 @@ def near_duplicate_clusters(
     if num_perm % bands:
         raise ValueError(f"bands: must divide num_perm={num_perm}, got {bands}")
     hasher = MinHasher(num_perm, seed)
-    signatures = np.stack([hasher.signature(shingles(t)) for t in texts]) if texts else None
+    signatures = (
+        np.stack(
+            [
+                hasher.signature(shingles(t))
+                for t in tqdm(texts, desc="minhash", unit="text", disable=not progress)
+            ]
+        )
+        if texts
+        else None
+    )
     parent = list(range(len(texts)))
 
     def find(i: int) -> int:

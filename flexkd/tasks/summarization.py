@@ -31,7 +31,7 @@ class SynopsisConfig:
     student_layers: int = 2
     student_init: str = "teacher_pca"
     teacher_fit: FitConfig = field(
-        default_factory=lambda: FitConfig(epochs=2.0, batch_size=32, lr=1e-3, warmup_ratio=0.05)
+        default_factory=lambda: FitConfig(epochs=1.0, batch_size=32, lr=1e-3, warmup_ratio=0.05)
     )
 
     def __post_init__(self):
