@@ -47,6 +47,7 @@ def _extension():
         name=build_config.EXTENSION_NAME,
         sources=sources,
         include_dirs=[str(ROOT / d) for d in build_config.INCLUDE_DIRS],
+        depends=build_config.headers(),
         extra_compile_args=compile_args,
         extra_link_args=build_config.link_flags(),
     )

@@ -32,6 +32,8 @@ CPU_SOURCES = [
     "csrc/cpu/kernels_avx512.cpp",
 ]
 CUDA_SOURCE_PATTERNS = ["csrc/cuda/*.cu", "csrc/cuda/*.cpp"]
+# Headers the sources include: a change to any of them rebuilds the extension.
+HEADER_PATTERNS = ["csrc/**/*.h", "csrc/**/*.cuh"]
 INCLUDE_DIRS = ["csrc/include", "csrc"]
 
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
@@ -58,6 +60,12 @@ def cuda_sources() -> list[str]:
     for pattern in CUDA_SOURCE_PATTERNS:
         found += sorted(os.path.relpath(p, ROOT) for p in glob.glob(str(ROOT / pattern)))
     return [p.replace(os.sep, "/") for p in found]
+
+
+def headers() -> list[str]:
+    found = {os.path.relpath(p, ROOT) for pattern in HEADER_PATTERNS
+             for p in glob.glob(str(ROOT / pattern), recursive=True)}
+    return sorted(p.replace(os.sep, "/") for p in found)
 
 
 def cxx_flags() -> list[str]:
