@@ -299,3 +299,24 @@ def test_study_checks_each_teacher_once_before_its_first_run(tmp_path, fake_stud
     study_module.run_study(tmp_path / "out", plan, **kwargs)
     assert fake_study.calls == []
     assert "teacher check" in (tmp_path / "out" / "study.md").read_text()
+
+
+def test_selection_profile_measures_the_selected_dims():
+    from flexkd.experiments.profile import selection_profile
+    from flexkd.selection import DimensionSelection
+
+    model = build("bert")
+    batch = {k: v for k, v in padded_batch().items() if k != "labels"}
+    hidden = _hidden_at(model, -1, batch)
+    mean_abs = (hidden.abs() * batch["attention_mask"][..., None]).sum((0, 1))
+    k = 5
+    loudest = DimensionSelection.from_scores({-1: mean_abs}, k, teacher=model)
+    profile = selection_profile(model, loudest, [batch])
+    assert profile["overlap_with_top_abs"] == pytest.approx(1.0)
+    assert profile["mean_abs_ratio"] > 1.0
+    assert profile["energy_share_uniform"] == pytest.approx(k / HIDDEN)
+    energy = (hidden.square() * batch["attention_mask"][..., None]).sum((0, 1))
+    expected = float(energy[loudest.index(-1)].sum() / energy.sum())
+    assert profile["energy_share_selected"] == pytest.approx(expected, rel=1e-5)
+    quietest = DimensionSelection.from_scores({-1: -mean_abs}, k, teacher=model)
+    assert selection_profile(model, quietest, [batch])["overlap_with_top_abs"] == 0.0

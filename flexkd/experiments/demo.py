@@ -14,6 +14,7 @@ from flexkd.experiments.methods import DEMO_METHODS, get_method
 from flexkd.experiments.pipeline import Experiment
 from flexkd.experiments.plots import plot_learning_curves
 from flexkd.experiments.store import write_json_atomic, write_text_atomic
+from flexkd.experiments.study import profile_sentence
 from flexkd.experiments.tables import markdown_table
 from flexkd.experiments.timing import StageTimer
 
@@ -51,6 +52,7 @@ def run_demo(
     with timer.stage("score + select"):
         selection = experiment.selection()
         selection.plot(out_dir / "importance.png")
+        profile = experiment.selection_profile()
 
     results: dict[str, dict[str, Any]] = {}
     methods = [get_method(name) for name in DEMO_METHODS]
@@ -83,6 +85,7 @@ def run_demo(
             f"Inputs: {kit.input_description}. Budget per method: {budget.steps} steps x {budget.batch_size} rows, "
             f"lr {budget.lr}, loss weights {budget.weights}, T = {budget.temperature}. "
             f"Evaluated on {budget.eval_examples} rows of the {budget.eval_split} split.\n\n"
+            f"{profile_sentence(profile)}\n\n"
         )
         write_text_atomic(out_dir / "results.md", header + table + "\n")
     write_json_atomic(
@@ -100,6 +103,7 @@ def run_demo(
                 "hidden_size": selection.hidden_size,
                 "layers": selection.layers,
                 "mass_in_top_k": selection.mass_in_top_k(selection.layers[0]),
+                "profile": profile,
             },
             "results": results,
             "timing": timer.to_dict(),

@@ -97,7 +97,6 @@ class Experiment:
         """The top-k selection of the teacher's last layer (k = the student's hidden size), scored once."""
         import flexkd
         from flexkd.selection import DimensionSelection
-        from flexkd.train import Collator
 
         if self._selection is not None:
             return self._selection
@@ -105,22 +104,33 @@ class Experiment:
             self._selection = DimensionSelection.load(self.selection_path, teacher)
             return self._selection
         teacher = teacher if teacher is not None else self.kit.load_teacher()
-        collate = Collator(self.kit.hf_task, self.kit.pad_token_id)
-        rows = self.kit.score_rows
-        size = self.budget.batch_size
-        batches = [
-            collate([rows[j] for j in range(i, min(i + size, len(rows)))])
-            for i in range(0, len(rows), size)
-        ]
         self._selection = flexkd.score(
             teacher,
-            batches,
+            self.score_batches(),
             layers=self.teacher_layers,
             k=self.kit.student_hidden_size,
             progress=self.progress,
         )
         self._selection.save(self.selection_path)
         return self._selection
+
+    def score_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The scoring rows as model-ready batches of ``budget.batch_size``."""
+        from flexkd.train import Collator
+
+        collate = Collator(self.kit.hf_task, self.kit.pad_token_id)
+        rows, size = self.kit.score_rows, self.budget.batch_size
+        return [
+            collate([rows[j] for j in range(i, min(i + size, len(rows)))])
+            for i in range(0, len(rows), size)
+        ]
+
+    def selection_profile(self, teacher: nn.Module | None = None) -> dict[str, float]:
+        """:func:`flexkd.experiments.profile.selection_profile` of the top-k selection on the scoring rows."""
+        from flexkd.experiments.profile import selection_profile
+
+        teacher = teacher if teacher is not None else self.kit.load_teacher()
+        return selection_profile(teacher, self.selection(teacher), self.score_batches())
 
     @property
     def teacher_layers(self) -> list[int]:

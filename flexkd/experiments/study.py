@@ -155,6 +155,7 @@ def teacher_check(experiment: Experiment) -> dict[str, Any]:
         teacher, layer, selection.scores(layer), selection.k, experiment.kit.evaluate
     )
     return {
+        "profile": experiment.selection_profile(teacher),
         "method_label": "teacher check",
         "layer": layer,
         "k": selection.k,
@@ -249,12 +250,27 @@ def write_report(
                 "",
             ]
             task_summary["teacher_check"] = check["rows"]
+            if "profile" in check:
+                sections += [profile_sentence(check["profile"]), ""]
+                task_summary["selection_profile"] = check["profile"]
         summary["tasks"][task] = task_summary
     write_text_atomic(out_dir / "study.md", "\n".join(sections))
     write_json_atomic(out_dir / "study.json", summary)
     if panels:
         plot_mean_std_bars(panels, out_dir / "study.png")
     return summary
+
+
+def profile_sentence(profile: dict[str, Any]) -> str:
+    """One line on what the selected dims are (see :mod:`flexkd.experiments.profile`)."""
+    return (
+        f"The top-{profile['k']} dims hold {100 * profile['mass_in_top_k']:.1f}% of the importance mass and "
+        f"{100 * profile['energy_share_selected']:.1f}% of the hidden state's energy (k/D = "
+        f"{100 * profile['energy_share_uniform']:.1f}%); their mean |activation| is "
+        f"{profile['mean_abs_ratio']:.2f}x that of the other dims, and "
+        f"{100 * profile['overlap_with_top_abs']:.0f}% of them are among the {profile['k']} dims of largest "
+        "mean |activation|."
+    )
 
 
 def _ordered(rows: list[dict[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
