@@ -5,11 +5,11 @@ import torch
 
 from flexkd.ops import flex_feature_loss, importance_scores
 
-S, T, I = torch.randn(4, 3), torch.randn(4, 8), torch.tensor([0, 5, 2])
+S, T, INDEX = torch.randn(4, 3), torch.randn(4, 8), torch.tensor([0, 5, 2])
 
 
 def feature_loss_case(**changes):
-    args = dict(student=S, teacher=T, index=I, mask=None, loss="mse", reduction="mean", backend="torch")
+    args = dict(student=S, teacher=T, index=INDEX, mask=None, loss="mse", reduction="mean", backend="torch")
     args.update(changes)
     return args
 
@@ -48,7 +48,7 @@ def test_feature_loss_bad_input(case):
 
 def test_bad_eps():
     with pytest.raises(ValueError, match="eps"):
-        flex_feature_loss(S, T, I, eps=-1.0)
+        flex_feature_loss(S, T, INDEX, eps=-1.0)
 
 
 def test_index_checked_again_after_in_place_change():

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from flexkd.ops import _backends, _validate, reference
-from flexkd.ops import _registration  # noqa: F401  (registers the ops)
+from flexkd.ops import (
+    _backends,
+    _registration,  # noqa: F401  (registers the ops)
+    _validate,
+    reference,
+)
 from flexkd.ops._backends import BACKENDS
 from flexkd.ops.reference import LOSSES, ORDERS, REDUCTIONS, STATS
 
