@@ -72,22 +72,16 @@ def peak_extra_mib(fn: Callable[[], object]) -> float:
     return max(0, peak - start) / 1024 if peak is not None else math.nan
 
 
-def copy_bandwidth_gbs(total_bytes: int, reps: int = 7) -> float:
+def copy_bandwidth_gbs(total_bytes: int, reps: int = 9) -> float:
     """GB/s of ``dst.copy_(src)`` where src and dst together hold ``total_bytes`` (bytes read + written).
 
-    Sized like the op's own traffic it shows the bandwidth of the cache level the op runs from."""
+    Sized like the op's own traffic it shows the bandwidth of the cache level the op runs from. The
+    median of ``reps`` copies, the same statistic as the op timings."""
     numel = max(total_bytes // 8, 1024)
     src = torch.randn(numel)
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = min(_timed(lambda: dst.copy_(src)) for _ in range(reps))
-    return 2 * numel * 4 / best / 1e9
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    seconds = median_ms(lambda: dst.copy_(src), min_reps=reps, max_reps=reps, budget_s=0.0) / 1e3
+    return 2 * numel * 4 / seconds / 1e9
 
 
 def cache_lines_touched(tensor: torch.Tensor, columns: torch.Tensor) -> int:
