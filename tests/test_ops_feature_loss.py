@@ -230,3 +230,16 @@ def test_reference_closed_form_matches_autograd(backend):
     student = torch.randn(13, 5, dtype=torch.float64)
     teacher = torch.randn(13, 9, dtype=torch.float64)
     check(student, teacher, random_index(5, 9), make_mask("float", (13,)), "corr", "mean", backend, True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_twice_and_weighted(backend):
+    """The saved gradient serves a retained second backward and a weighted loss alike."""
+    student = torch.randn(6, 4, requires_grad=True)
+    teacher, index = torch.randn(6, 9), random_index(4, 9)
+    value = flex_feature_loss(student, teacher, index, backend=backend)
+    (first,) = torch.autograd.grad(value, student, retain_graph=True)
+    (second,) = torch.autograd.grad(value, student, retain_graph=True)
+    (weighted,) = torch.autograd.grad(0.25 * value, student)
+    torch.testing.assert_close(first, second)
+    torch.testing.assert_close(weighted, 0.25 * first)

@@ -48,10 +48,27 @@ def _setup_feature_loss(ctx, inputs, output):
     ctx.student_dtype = student.dtype
     # reduction="none" gives one loss per row for mse ([N]) and one per selected dim for corr ([k]).
     ctx.per_row = loss == "mse"
+    # The two gradient outputs are never used downstream; do not build zero tensors for them.
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(grad_student, grad_teacher)
+
+
+def _is_eager_cpu_one(grad_loss: torch.Tensor) -> bool:
+    """True for a real CPU ``grad_output`` of exactly 1 (reading a CUDA value would sync; a traced,
+    fake or functorch-wrapped one has no value to read)."""
+    return (
+        grad_loss.device.type == "cpu"
+        and type(grad_loss) is torch.Tensor
+        and not torch.compiler.is_compiling()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(grad_loss)
+        and grad_loss.item() == 1.0
+    )
 
 
 def _scale(saved_grad, grad_loss, per_row: bool, dtype: torch.dtype) -> torch.Tensor:
     if grad_loss.dim() == 0:
+        if _is_eager_cpu_one(grad_loss):
+            return saved_grad  # loss.backward() on the loss itself: the saved gradient is the answer
         # A 0-dim operand enters the multiply as an fp32 scalar, so bf16/fp16 grads round once.
         return saved_grad * grad_loss
     scale = grad_loss.unsqueeze(-1) if per_row else grad_loss
@@ -61,6 +78,8 @@ def _scale(saved_grad, grad_loss, per_row: bool, dtype: torch.dtype) -> torch.Te
 def _backward_feature_loss(ctx, grad_loss, _grad_student_out, _grad_teacher_out):
     grad_student_saved, grad_teacher_saved, index = ctx.saved_tensors
     grad_student = grad_teacher = None
+    if grad_loss is None:  # only the (non-differentiable) gradient outputs were used
+        return grad_student, grad_teacher, None, None, None, None, None, None, None
     if ctx.needs_input_grad[0]:
         grad_student = _scale(grad_student_saved, grad_loss, ctx.per_row, ctx.student_dtype)
     if ctx.needs_input_grad[1]:
