@@ -6,13 +6,14 @@ from __future__ import annotations
 import csv
 import ctypes
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+
+from flexkd._io import atomic_open
 
 CACHE_LINE = 64
 
@@ -104,10 +105,7 @@ def cache_lines_touched(tensor: torch.Tensor, columns: torch.Tensor) -> int:
 
 def write_csv(path: Path, rows: Sequence[dict]) -> None:
     """Write ``rows`` (dicts with the same keys) to ``path`` atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as handle:
+    with atomic_open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()) if rows else [])
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)

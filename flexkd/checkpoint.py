@@ -30,6 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from flexkd._io import replace_dir
+
 _NAME = re.compile(r"^step-(\d{6,})$")
 
 
@@ -106,12 +108,7 @@ def save_checkpoint(
     torch.save(capture_rng(), tmp / "rng" / f"rank-{rank}.pt")
     barrier()
     if rank == 0:
-        if final.exists():
-            stale = root / f".{final.name}.old"
-            shutil.rmtree(stale, ignore_errors=True)
-            os.replace(final, stale)
-            shutil.rmtree(stale)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
     barrier()
     return final
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flexkd import _io
 from flexkd._version import __version__
 from flexkd.adapters import TeacherIdentity, check_layer_number
 from flexkd.ops import STATS, select_top_k
@@ -193,7 +193,8 @@ class DimensionSelection:
             tensors[f"scores/{layer}"] = self._scores[layer].contiguous()
             tensors[f"index/{layer}"] = self._indices[layer].contiguous()
         payload = save(tensors, metadata={"flexkd": json.dumps(self.metadata())})
-        _atomic_write(path, lambda f: f.write(payload))
+        with _io.atomic_open(path, "wb") as handle:
+            handle.write(payload)
         return path
 
     @classmethod
@@ -302,7 +303,8 @@ class DimensionSelection:
         fig.tight_layout()
         path = Path(path)
         try:
-            _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+            with _io.atomic_open(path, "wb") as handle:
+                fig.savefig(handle, format="png", dpi=110)
         finally:
             plt.close(fig)
         return path
@@ -379,18 +381,3 @@ def _check_k(k: object, width: int) -> None:
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -19,7 +19,6 @@ import contextlib
 import importlib
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from flexkd._io import replace_dir, write_text
 from flexkd.checkpoint import (
     RunState,
     latest_checkpoint,
@@ -520,12 +520,6 @@ class TrainResult:
     is_main_process: bool = True
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep the metric lines of steps <= ``step`` (the ones a resumed run will not repeat)."""
     if path.exists():
@@ -534,7 +528,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
             for line in path.read_text().splitlines()
             if line and json.loads(line)["step"] <= step
         ]
-        _write_atomic(path, "".join(line + "\n" for line in kept))
+        write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -741,12 +735,7 @@ def _save_student(student: nn.Module, tokenizer, target: Path) -> None:
     student.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        shutil.rmtree(old)
-    os.replace(tmp, target)
+    replace_dir(tmp, target)
 
 
 __all__ = [

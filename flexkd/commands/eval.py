@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from flexkd._io import write_text
 from flexkd.config import add_config_arguments, config_from_args
 
 
@@ -136,10 +136,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     report = {"split": cfg.eval.split, "rows": len(rows), "models": results}
     target = cfg.eval_output
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, target)
+    write_text(target, json.dumps(report, indent=2) + "\n")
     names = sorted({k for m in results.values() for k in m})
     print(f"{'model':<10}" + "".join(f"{n:>12}" for n in names))
     for which, metrics in results.items():
