@@ -128,7 +128,7 @@ def test_window_normaliser_gives_the_loss_of_the_concatenated_batch(pair):
         weights={"task": 1.0, "logit": 0.5, "feature": 2.0},
     )
     distiller.eval()
-    first, second = causal_batch(2, 10, min_length=10), causal_batch(3, 10)
+    first, second = causal_batch(2, 10, min_length=10), causal_batch(3, 10, min_length=4)
     second["attention_mask"][:, 4:] = 0
     second["labels"] = second["input_ids"].masked_fill(second["attention_mask"] == 0, -100)
     units = {
