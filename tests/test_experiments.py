@@ -320,3 +320,25 @@ def test_selection_profile_measures_the_selected_dims():
     assert profile["energy_share_selected"] == pytest.approx(expected, rel=1e-5)
     quietest = DimensionSelection.from_scores({-1: -mean_abs}, k, teacher=model)
     assert selection_profile(model, quietest, [batch])["overlap_with_top_abs"] == 0.0
+
+
+def test_study_report_only_rewrites_tables_without_running(tmp_path, fake_study):
+    from flexkd.cli import main
+
+    store = ResultStore(tmp_path / study_module.RESULTS_FOLDER)
+    record = {**_fake_result(study_module.get_method("projector"), 0), "teacher": "teacher T"}
+    store.write("debian-sections", "projector", 0, record)
+    argv = [
+        "study",
+        "--report-only",
+        "--out",
+        str(tmp_path),
+        "--tasks",
+        "debian-sections",
+        "--seeds",
+        "0",
+    ]
+    assert main(argv) == 0
+    assert fake_study.calls == []
+    report = (tmp_path / "study.md").read_text()
+    assert "projector (mse) | 1 |" in report and "Teacher: teacher T." in report

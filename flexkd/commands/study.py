@@ -62,6 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-progress", dest="progress", action="store_false", help="hide progress bars"
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only rewrite the tables and plot from the finished results",
+    )
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None, prog: str = "flexkd study") -> int:
@@ -90,6 +95,17 @@ def run(args: argparse.Namespace, argv: list[str] | None = None, prog: str = "fl
         else cache_dir / ("study-quick" if args.quick else "study")
     )
     command = f"{prog} " + shlex.join(argv if argv is not None else sys.argv[2:])
+    if args.report_only:
+        from flexkd.experiments.store import ResultStore
+        from flexkd.experiments.study import RESULTS_FOLDER, write_report
+
+        summary = write_report(
+            args.out, plan, ResultStore(args.out / RESULTS_FOLDER), command.strip()
+        )
+        print(
+            f"{summary['finished_runs']} of {summary['planned_runs']} runs finished; tables rewritten"
+        )
+        return 0
     try:
         summary = run_study(
             args.out,

@@ -215,7 +215,19 @@ def write_report(
             markdown_table(main, _columns(metrics)) if main else "_no finished run yet_",
             "",
         ]
-        task_summary: dict[str, Any] = {"budget": budget.to_dict(), "methods": main}
+        teachers = sorted({r["teacher"] for r in task_runs if r.get("teacher")})
+        if teachers:
+            note = (
+                "Teacher: "
+                if len(teachers) == 1
+                else "**Mixed teachers** (results are not comparable): "
+            )
+            sections += [note + "; ".join(teachers) + ".", ""]
+        task_summary: dict[str, Any] = {
+            "budget": budget.to_dict(),
+            "methods": main,
+            "teachers": teachers,
+        }
         if main:
             panels.append((f"{task}: methods", main, metrics[0]))
         if task in plan.ablation_tasks:
