@@ -38,7 +38,7 @@ METHODS: dict[str, Method] = {
 }
 
 DEMO_METHODS = ("flex-mse", "projector", "none")
-STUDY_METHODS = ("none", "projector", "cka", "flex-mse", "flex-corr")
+STUDY_METHODS = ("none", "flex-mse", "projector", "cka", "flex-corr")  # the demo trio first
 # top-k is flex-mse itself; the ablation adds the other two selections
 ABLATION_METHODS = ("flex-mse", "flex-mse-random", "flex-mse-bottom")
 
