@@ -96,9 +96,9 @@ class _Experiments:
                 quick=self.plan.quick,
                 progress=self.progress,
             )
-            self._built[task] = Experiment(
-                kit, budget, self.work_dir / task, progress=self.progress
-            )
+            # one scratch folder per teacher: a selection belongs to the teacher it was scored on
+            work = self.work_dir / task / Path(kit.teacher_dir).name
+            self._built[task] = Experiment(kit, budget, work, progress=self.progress)
         return self._built[task]
 
 
