@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -162,7 +163,11 @@ class _FakeExperiment:
 @pytest.fixture
 def fake_study(monkeypatch):
     _FakeExperiment.calls = []
-    monkeypatch.setattr(study_module, "build_kit", lambda task, budget, **kw: task)
+    monkeypatch.setattr(
+        study_module,
+        "build_kit",
+        lambda task, budget, **kw: SimpleNamespace(name=task, teacher_dir=f"/teachers/{task}-key"),
+    )
     monkeypatch.setattr(study_module, "Experiment", _FakeExperiment)
     return _FakeExperiment
 
