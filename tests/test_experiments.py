@@ -9,9 +9,10 @@ import pytest
 import torch
 from _tiny_hf import HIDDEN, LAYERS, build, padded_batch
 
+from flexkd._io import write_json
 from flexkd.experiments import study as study_module
 from flexkd.experiments.budget import RunBudget
-from flexkd.experiments.store import ResultStore, write_json_atomic
+from flexkd.experiments.store import ResultStore
 from flexkd.experiments.tables import markdown_table, mean_std, summarize
 from flexkd.experiments.teacher_check import ZeroDims, run_teacher_check, teacher_check_conditions
 from flexkd.taps import LayerTap
@@ -131,9 +132,9 @@ def test_result_store_reports_a_corrupt_file(tmp_path):
 
 def test_write_json_atomic_keeps_the_old_file_when_serialisation_fails(tmp_path):
     target = tmp_path / "r.json"
-    write_json_atomic(target, {"ok": 1})
+    write_json(target, {"ok": 1})
     with pytest.raises(TypeError):
-        write_json_atomic(target, {"bad": object()})
+        write_json(target, {"bad": object()})
     assert json.loads(target.read_text()) == {"ok": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 

@@ -8,12 +8,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from flexkd._io import write_json, write_text
 from flexkd.experiments.budget import demo_budget
 from flexkd.experiments.kits import build_kit, quiet_transformers
 from flexkd.experiments.methods import DEMO_METHODS, get_method
 from flexkd.experiments.pipeline import Experiment
 from flexkd.experiments.plots import plot_learning_curves
-from flexkd.experiments.store import write_json_atomic, write_text_atomic
 from flexkd.experiments.study import profile_sentence
 from flexkd.experiments.tables import markdown_table
 from flexkd.experiments.timing import StageTimer
@@ -87,8 +87,8 @@ def run_demo(
             f"Evaluated on {budget.eval_examples} rows of the {budget.eval_split} split.\n\n"
             f"{profile_sentence(profile)}\n\n"
         )
-        write_text_atomic(out_dir / "results.md", header + table + "\n")
-    write_json_atomic(
+        write_text(out_dir / "results.md", header + table + "\n")
+    write_json(
         out_dir / "results.json",
         {
             "task": DEMO_TASK,

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flexkd._io import write_json, write_text
 from flexkd.experiments.budget import RunBudget, study_budget
 from flexkd.experiments.kits import TASK_METRICS, build_kit, quiet_transformers
 from flexkd.experiments.methods import ABLATION_METHODS, STUDY_METHODS, get_method
 from flexkd.experiments.pipeline import Experiment
 from flexkd.experiments.plots import plot_mean_std_bars
-from flexkd.experiments.store import ResultStore, write_json_atomic, write_text_atomic
+from flexkd.experiments.store import ResultStore
 from flexkd.experiments.tables import markdown_table, summarize
 from flexkd.experiments.teacher_check import run_teacher_check
 
@@ -266,8 +267,8 @@ def write_report(
                 sections += [profile_sentence(check["profile"]), ""]
                 task_summary["selection_profile"] = check["profile"]
         summary["tasks"][task] = task_summary
-    write_text_atomic(out_dir / "study.md", "\n".join(sections))
-    write_json_atomic(out_dir / "study.json", summary)
+    write_text(out_dir / "study.md", "\n".join(sections))
+    write_json(out_dir / "study.json", summary)
     if panels:
         plot_mean_std_bars(panels, out_dir / "study.png")
     return summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import os
 
@@ -31,7 +32,7 @@ def pad_sequences(
     return out
 
 
-class DebianTask:
+class DebianTask(abc.ABC):
     """Base class: subclasses set ``name``/``kind`` and implement the model-specific parts
     (``tokenizer``, ``encode_row``, ``collate``, ``build_teacher``, ``build_student``,
     ``evaluate``, ``teacher_fit``)."""
@@ -50,8 +51,9 @@ class DebianTask:
         """The raw split as a ``datasets.Dataset`` (see ``flexkd.data.load_task``)."""
         return load_task(self.name, split, limit, self.data_dir)
 
+    @abc.abstractmethod
     def encode_row(self, row: dict) -> dict:
-        raise NotImplementedError
+        ...
 
     def encode(self, split: str, limit: int | None = None) -> list[dict]:
         """Tokenised rows of a split (kept in memory after the first call)."""
@@ -60,8 +62,9 @@ class DebianTask:
             self._encoded[key] = [self.encode_row(row) for row in self.dataset(split, limit)]
         return self._encoded[key]
 
+    @abc.abstractmethod
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        ...
 
     def dataloader(
         self,
@@ -101,10 +104,11 @@ class DebianTask:
     def extra_data_files(self) -> list[str]:
         return []
 
+    @abc.abstractmethod
     def teacher_settings(self) -> dict:
         """The config fields the teacher depends on (student-only fields stay out of the
         teacher's cache key, so changing the student never retrains the teacher)."""
-        raise NotImplementedError
+        ...
 
     def identity(self) -> dict:
         """Everything a trained teacher depends on, besides its fit settings and seed."""
