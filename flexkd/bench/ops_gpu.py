@@ -1,0 +1,280 @@
+"""GPU op benchmark: flexkd-cuda, flexkd-triton, torch eager and torch.compile on the same inputs.
+
+    flexkd bench --device cuda                          # N=16384, D=4096, k=2048, bf16 and fp32
+    flexkd bench --device cuda --n 4096 --json results.json
+
+(``python benchmarks/bench_gpu.py`` takes the same options.)
+
+Two workloads per dtype:
+  * ``mse fwd+bwd``: ``flex_feature_loss(student, teacher, index, float mask)`` (mse, mean) and its
+    backward into the student (the teacher needs no gradient, as in distillation);
+  * ``importance``: ``importance_scores(hidden, grad, float mask)`` over [N, D].
+Eager and compiled torch run the reference math (``flexkd.ops.reference``). Each time is the median
+of ``--reps`` timed batches of ``--iters`` calls (CUDA events). GB/s counts the least traffic any
+implementation needs, the same bytes for all of them. mse fwd+bwd runs as two passes (autograd
+calls the backward later, with the upstream gradient), and two passes move at least 5·N·k elements:
+read student and the k selected teacher columns (2), either read them again or carry a gradient from
+the forward to the backward (2), and write the student gradient (1); plus the mask. For
+importance, hidden and grad read once plus the mask. "% copy" compares it with a large
+device-to-device copy measured here (bytes read + written). The table is the last thing printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from flexkd._io import atomic_open
+from flexkd.bench import common
+from flexkd.ops import _backends, flex_feature_loss, importance_scores, reference, select_top_k
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+DEFAULT_N, DEFAULT_D, DEFAULT_K, DEFAULT_DTYPES = 16384, 4096, 2048, "bf16,fp32"
+# A source checkout's test helper that loads kernels/ as flexkd.kernels when flexkd is not installed.
+_TRITON_ENV = Path(__file__).resolve().parents[2] / "tests" / "triton_env.py"
+
+
+def time_ms(fn: Callable[[], object], iters: int, reps: int, warmup: int) -> float:
+    """Median milliseconds per call of ``fn`` over ``reps`` batches of ``iters`` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / iters)
+    return statistics.median(samples)
+
+
+def copy_bandwidth_gbs(iters: int, reps: int) -> float:
+    """Device-to-device copy of 1 GiB: (bytes read + bytes written) / time, in GB/s."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), iters, reps, warmup=3)
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+def triton_available() -> str | None:
+    """None when the triton backend can run on CUDA tensors here, else why not."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return "TRITON_INTERPRET is set"
+    if _backends.triton_error() is not None and _TRITON_ENV.exists():
+        # A source checkout that was not installed: load kernels/ as flexkd.kernels the way the tests do.
+        sys.path.insert(0, str(_TRITON_ENV.parent))
+        try:
+            import triton_env
+
+            triton_env.import_kernels()
+        except ImportError as err:
+            return f"{type(err).__name__}: {err}"
+        _backends.triton_error.cache_clear()
+    return _backends.unavailable_reason("triton", "cuda")
+
+
+def mse_step(loss_fn: Callable, student: torch.Tensor, teacher, index, mask) -> Callable[[], None]:
+    """One forward+backward of ``loss_fn`` into ``student`` (its .grad is reset, not accumulated)."""
+
+    def step():
+        student.grad = None
+        loss_fn(student, teacher, index, mask).backward()
+
+    return step
+
+
+def reference_mse(student, teacher, index, mask):
+    return reference.flex_feature_loss(student, teacher, index, mask, loss="mse", reduction="mean")
+
+
+def implementations(triton_reason: str | None) -> dict[str, tuple[Callable, Callable] | str]:
+    """name -> (mse loss function, importance function), or the reason it cannot run."""
+    impls: dict[str, tuple[Callable, Callable] | str] = {}
+    cuda_reason = _backends.unavailable_reason("cuda", "cuda")
+    for name, backend, reason in (
+        ("flexkd-cuda", "cuda", cuda_reason),
+        ("flexkd-triton", "triton", triton_reason),
+    ):
+        if reason is not None:
+            impls[name] = reason
+            continue
+        impls[name] = (
+            lambda s, t, i, m, b=backend: flex_feature_loss(s, t, i, m, backend=b),
+            lambda h, g, m, b=backend: importance_scores(h, g, m, backend=b),
+        )
+    impls["torch-eager"] = (reference_mse, reference.importance_scores)
+    impls["torch-compile"] = (
+        torch.compile(reference_mse, fullgraph=True, dynamic=False),
+        torch.compile(reference.importance_scores, fullgraph=True, dynamic=False),
+    )
+    return impls
+
+
+def bench_dtype(name: str, dtype: torch.dtype, args, impls, copy_gbs: float) -> list[dict]:
+    n, d, k = shape(args)
+    es = torch.empty((), dtype=dtype).element_size()
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    teacher = torch.randn(n, d, device="cuda", dtype=dtype, generator=generator)
+    student = torch.randn(n, k, device="cuda", dtype=dtype, generator=generator).requires_grad_(
+        True
+    )
+    grad = torch.randn(n, d, device="cuda", dtype=dtype, generator=generator)
+    mask = torch.rand(n, device="cuda", generator=generator)
+    index = select_top_k(torch.rand(d, device="cuda", generator=generator), k)
+    workloads = {
+        "mse fwd+bwd": (5 * n * k * es + 4 * n, 0),
+        "importance": (2 * n * d * es + 4 * n, 1),
+    }
+    rows = []
+    for workload, (ideal_bytes, which) in workloads.items():
+        for impl, fns in impls.items():
+            row = {"op": workload, "dtype": name, "impl": impl, "N": n, "D": d, "k": k}
+            if isinstance(fns, str):
+                rows.append({**row, "skipped": fns})
+                continue
+            fn = fns[which]
+            if which == 0:
+                call = mse_step(fn, student, teacher, index, mask)
+            else:
+
+                def call(fn=fn):
+                    fn(teacher, grad, mask)
+
+            try:
+                ms = time_ms(call, args.iters, args.reps, args.warmup)
+            except Exception as err:  # one broken implementation must not hide the others' numbers
+                rows.append(
+                    {**row, "skipped": f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"}
+                )
+                continue
+            gbs = ideal_bytes / (ms * 1e-3) / 1e9
+            rows.append({**row, "ms": ms, "gbs": gbs, "copy_pct": 100 * gbs / copy_gbs})
+            print(
+                f"  {workload:12s} {name:5s} {impl:14s} {ms:8.3f} ms  {gbs:7.0f} GB/s", flush=True
+            )
+    return rows
+
+
+def speedups(rows: list[dict]) -> None:
+    """Adds x-eager and x-compile (how many times faster than those on the same op and dtype)."""
+    by_key = {(r["op"], r["dtype"], r["impl"]): r.get("ms") for r in rows}
+    for r in rows:
+        for base, column in (("torch-eager", "x_eager"), ("torch-compile", "x_compile")):
+            base_ms = by_key.get((r["op"], r["dtype"], base))
+            if r.get("ms") and base_ms:
+                r[column] = base_ms / r["ms"]
+
+
+def table(rows: list[dict], copy_gbs: float) -> str:
+    def times(value: float | None) -> str:
+        return f"{value:.2f}" if value else "-"
+
+    head = (
+        f"| op | dtype | impl | ms (median) | GB/s | % of copy ({copy_gbs:.0f} GB/s) "
+        "| x eager | x compile |"
+    )
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(
+                f"| {r['op']} | {r['dtype']} | {r['impl']} | skipped: {r['skipped']} | | | | |"
+            )
+            continue
+        lines.append(
+            f"| {r['op']} | {r['dtype']} | {r['impl']} | {r['ms']:.3f} | {r['gbs']:.0f} | "
+            f"{r['copy_pct']:.0f} % | {times(r.get('x_eager'))} | {times(r.get('x_compile'))} |"
+        )
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, shapes: bool = True) -> None:
+    """The GPU benchmark's options; ``shapes=False`` leaves out ``--n/--d/--k/--dtypes`` (added once
+    by :func:`common.add_shape_arguments` where the CPU benchmark's options are added too)."""
+    if shapes:
+        common.add_shape_arguments(parser, shapes=f"N={DEFAULT_N} D={DEFAULT_D} k={DEFAULT_K}",
+                                   dtypes=f"{DEFAULT_DTYPES}; any of {','.join(DTYPES)}")
+    parser.add_argument("--iters", type=int, default=20, help="calls per timed batch")
+    parser.add_argument(
+        "--reps", type=int, default=7, help="timed batches (the median is reported)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="untimed calls first (compiles, caches)"
+    )
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+
+
+def shape(args: argparse.Namespace) -> tuple[int, int, int]:
+    """N, D, k: the options, or the defaults where not given."""
+    return args.n or DEFAULT_N, args.d or DEFAULT_D, args.k or DEFAULT_K
+
+
+def dtypes_from_args(args: argparse.Namespace) -> list[str]:
+    """The dtypes to run; ValueError for a bad option."""
+    n, d, k = shape(args)
+    common.check_shape(args.n, args.d, args.k)
+    for name in ("iters", "reps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1")
+    if k > d:
+        raise ValueError(f"--k must be <= --d (k={k}, D={d})")
+    return common.parse_list("--dtypes", args.dtypes or DEFAULT_DTYPES, tuple(DTYPES))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measures every implementation, writes ``--json`` if given and prints the table last. Exit
+    status 2 (and a message) without a CUDA device or for a bad option."""
+    try:
+        dtypes = dtypes_from_args(args)
+    except ValueError as error:
+        print(f"flexkd bench: error: {error}", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("bench_gpu: no CUDA device; nothing to measure", file=sys.stderr)
+        return 2
+
+    device = torch.cuda.get_device_properties(0)
+    print(
+        f"device: {device.name}, {device.multi_processor_count} SMs, torch {torch.__version__}, "
+        f"CUDA {torch.version.cuda}",
+        flush=True,
+    )
+    copy_gbs = copy_bandwidth_gbs(args.iters, args.reps)
+    print(f"copy bandwidth (1 GiB D2D, read+write): {copy_gbs:.0f} GB/s", flush=True)
+    impls = implementations(triton_available())
+    rows = []
+    for name in dtypes:
+        rows += bench_dtype(name, DTYPES[name], args, impls, copy_gbs)
+    speedups(rows)
+    if args.json:
+        with atomic_open(args.json, "w") as handle:
+            handle.write(json.dumps({"device": device.name, "copy_gbs": copy_gbs, "rows": rows}, indent=2))
+    n, d, k = shape(args)
+    print()
+    print(f"N={n} D={d} k={k} on {device.name}")
+    print(table(rows, copy_gbs))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        dtypes_from_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
