@@ -95,21 +95,9 @@ def register_feature_loss_autograd(qualname: str) -> None:
     )
 
 
-@torch.library.custom_op("flexkd::feature_loss_fwd_torch", mutates_args=())
-def feature_loss_fwd_torch(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    index: torch.Tensor,
-    mask: torch.Tensor | None,
-    loss: str,
-    reduction: str,
-    eps: float,
-    student_grad: bool,
-    teacher_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return reference.feature_loss_fwd(
-        student, teacher, index, mask, loss, reduction, eps, student_grad, teacher_grad
-    )
+feature_loss_fwd_torch = torch.library.custom_op(
+    "flexkd::feature_loss_fwd_torch", reference.feature_loss_fwd, mutates_args=()
+)
 
 
 feature_loss_fwd_torch.register_fake(feature_loss_fake)
