@@ -21,11 +21,15 @@ from flexkd.ops import reference
 from flexkd.selection import DimensionSelection
 
 
+def _teacher_and_student(config):
+    """A 2-layer teacher and a 1-layer student built from ``config`` (a ``_train_helpers``
+    config function), both in eval mode."""
+    return build(config(TEACHER_HIDDEN, 2)).eval(), build(config(STUDENT_HIDDEN, 1)).eval()
+
+
 @pytest.fixture
 def pair():
-    teacher = build(gpt2_config(TEACHER_HIDDEN, 2)).eval()
-    student = build(gpt2_config(STUDENT_HIDDEN, 1)).eval()
-    return teacher, student
+    return _teacher_and_student(gpt2_config)
 
 
 def _selection(teacher, layers=(-1,), k=STUDENT_HIDDEN):
@@ -34,20 +38,22 @@ def _selection(teacher, layers=(-1,), k=STUDENT_HIDDEN):
     )
 
 
+def _eval_distiller(teacher, student, weights, **options):
+    """A Distiller in eval mode, with a random selection of the teacher's last layer."""
+    distiller = Distiller(
+        teacher, student, selection=_selection(teacher), weights=weights, **options
+    )
+    distiller.eval()
+    return distiller
+
+
 @pytest.mark.parametrize("feature", ["flex", "projector", "cka", "none"])
 def test_terms_are_complete_and_total_is_the_weighted_sum(pair, feature):
     teacher, student = pair
     weights = {"task": 0.7, "logit": 0.4, "feature": 1.3}
-    distiller = Distiller(
-        teacher,
-        student,
-        selection=_selection(teacher),
-        feature=feature,
-        weights=weights,
-        logit_kind="jsd",
-        temperature=2.0,
+    distiller = _eval_distiller(
+        teacher, student, weights, feature=feature, logit_kind="jsd", temperature=2.0
     )
-    distiller.eval()
     loss, terms = distiller(causal_batch())
     assert set(terms) == {"task", "logit", "feature", "total"}
     assert all(isinstance(v, float) for v in terms.values())
@@ -121,13 +127,7 @@ def test_projector_params_live_outside_the_student_and_are_trained(pair):
 
 def test_window_normaliser_gives_the_loss_of_the_concatenated_batch(pair):
     teacher, student = pair
-    distiller = Distiller(
-        teacher,
-        student,
-        selection=_selection(teacher),
-        weights={"task": 1.0, "logit": 0.5, "feature": 2.0},
-    )
-    distiller.eval()
+    distiller = _eval_distiller(teacher, student, {"task": 1.0, "logit": 0.5, "feature": 2.0})
     first, second = causal_batch(2, 10, min_length=10), causal_batch(3, 10, min_length=4)
     second["attention_mask"][:, 4:] = 0
     second["labels"] = second["input_ids"].masked_fill(second["attention_mask"] == 0, -100)
@@ -143,17 +143,10 @@ def test_window_normaliser_gives_the_loss_of_the_concatenated_batch(pair):
 
 
 def test_sequence_classification_terms():
-    teacher = build(bert_config(TEACHER_HIDDEN, 2)).eval()
-    student = build(bert_config(STUDENT_HIDDEN, 1)).eval()
+    teacher, student = _teacher_and_student(bert_config)
     batch = causal_batch(4, 8)
     batch["labels"] = torch.randint(0, 3, (4,))
-    distiller = Distiller(
-        teacher,
-        student,
-        selection=_selection(teacher),
-        weights={"task": 1, "logit": 1, "feature": 1},
-    )
-    distiller.eval()
+    distiller = _eval_distiller(teacher, student, {"task": 1, "logit": 1, "feature": 1})
     _, terms = distiller(batch)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     want_task = F.cross_entropy(student(**inputs).logits, batch["labels"]).item()
@@ -163,18 +156,11 @@ def test_sequence_classification_terms():
 
 
 def test_seq2seq_task_term_equals_the_models_own_loss():
-    teacher = build(bart_config(TEACHER_HIDDEN, 2)).eval()
-    student = build(bart_config(STUDENT_HIDDEN, 1)).eval()
+    teacher, student = _teacher_and_student(bart_config)
     batch = causal_batch(3, 8)
     batch["labels"] = torch.randint(3, 64, (3, 6))
     batch["labels"][1, 4:] = -100
-    distiller = Distiller(
-        teacher,
-        student,
-        selection=_selection(teacher),
-        weights={"task": 1, "logit": 1, "feature": 1},
-    )
-    distiller.eval()
+    distiller = _eval_distiller(teacher, student, {"task": 1, "logit": 1, "feature": 1})
     loss, terms = distiller(batch)
     assert terms["task"] == pytest.approx(student(**batch).loss.item(), rel=1e-5)
     assert terms["feature"] > 0 and terms["logit"] > 0
