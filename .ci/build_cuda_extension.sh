@@ -38,12 +38,11 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}")
 raise SystemExit(0 if torch.version.cuda else 1)
 EOF
 
-# 2. The toolkit root of the nvcc on PATH (it may be a wrapper script, so ask nvcc rather than the link).
+# 2. The toolkit root of the nvcc on PATH.
 if [[ -z "${CUDA_HOME:-}" ]]; then
   command -v nvcc >/dev/null || fail "nvcc is not on PATH and CUDA_HOME is not set"
-  top="$(nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n1)"
-  [[ -n "$top" ]] || top="$(dirname "$(readlink -f "$(command -v nvcc)")")/.."
-  CUDA_HOME="$(cd "$top" && pwd -P)"
+  source "$ROOT/tools/cuda_home.sh"
+  cuda_home_from_nvcc
 fi
 export CUDA_HOME
 [[ -x "$CUDA_HOME/bin/nvcc" ]] || fail "no nvcc in CUDA_HOME=$CUDA_HOME"

@@ -36,11 +36,8 @@ if [[ -z "${FLEXKD_CUDA_ARCH_LIST:-}" ]]; then
 fi
 export FLEXKD_CUDA_ARCH_LIST MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 if [[ -z "${CUDA_HOME:-}" ]] && command -v nvcc >/dev/null; then
-  # Ask nvcc for its toolkit root: the nvcc on PATH may be a wrapper script or a link.
-  top="$(nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n1)"
-  [[ -n "$top" ]] || top="$(dirname "$(readlink -f "$(command -v nvcc)")")/.."
-  CUDA_HOME="$(cd "$top" && pwd -P)"
-  export CUDA_HOME
+  source "$ROOT/tools/cuda_home.sh"
+  cuda_home_from_nvcc
 fi
 echo "FLEXKD_CUDA_ARCH_LIST=$FLEXKD_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CUDA_HOME=${CUDA_HOME:-unset}"
 

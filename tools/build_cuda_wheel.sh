@@ -32,11 +32,8 @@ unset FLEXKD_BUILD_CUDA  # a CUDA wheel must not be built with CUDA turned off
 }
 if [[ -z "${CUDA_HOME:-}" ]]; then
   command -v nvcc >/dev/null || { echo "build_cuda_wheel: set CUDA_HOME or put nvcc on PATH" >&2; exit 1; }
-  # Ask nvcc for its toolkit root: the nvcc on PATH may be a wrapper script or a link.
-  top="$(nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n1)"
-  [[ -n "$top" ]] || top="$(dirname "$(readlink -f "$(command -v nvcc)")")/.."
-  CUDA_HOME="$(cd "$top" && pwd -P)"
-  export CUDA_HOME
+  source "$ROOT/tools/cuda_home.sh"
+  cuda_home_from_nvcc
 fi
 
 echo "build_cuda_wheel: archs $FLEXKD_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS, CUDA_HOME=$CUDA_HOME"
