@@ -97,9 +97,22 @@ def test_run_teacher_check_evaluates_under_each_condition():
         zero_counts.append(int((hidden == 0).all(dim=(0, 1)).sum()))
         return {"zeros": float(zero_counts[-1])}
 
-    rows = run_teacher_check(model, -1, torch.rand(HIDDEN), 4, evaluate)
+    rows = run_teacher_check(model, {-1: torch.rand(HIDDEN)}, 4, evaluate)
     assert [r["dims_zeroed"] for r in rows] == [0, 4, 4, HIDDEN // 2]
+    assert [r["layer"] for r in rows] == [None, -1, -1, -1]
     assert zero_counts == [0, 4, 4, HIDDEN // 2]
+
+
+def test_run_teacher_check_evaluates_intact_once_and_each_layer():
+    model = build("bert")
+    calls = []
+    rows = run_teacher_check(
+        model, {1: torch.rand(HIDDEN), 2: torch.rand(HIDDEN)}, 4, lambda m: calls.append(1) or {}
+    )
+    assert len(calls) == 1 + 2 * 3
+    assert [(r["layer"], r["condition"]) for r in rows][:2] == [(None, "intact"), (1, "zero top-4")]
+    with pytest.raises(ValueError, match="scores"):
+        run_teacher_check(model, {}, 4, lambda m: {})
 
 
 # ---------------------------------------------------------------------------------------------- store
@@ -287,12 +300,25 @@ def test_markdown_table_layout():
 def test_study_checks_each_teacher_once_before_its_first_run(tmp_path, fake_study, monkeypatch):
     def fake_check(experiment):
         fake_study.calls.append((experiment.kit, "teacher-check", 0))
+        rows = [{"layer": None, "condition": "intact", "dims_zeroed": 0, "accuracy": 0.9}]
+        for layer in (1, 2):
+            for condition, dims, acc in (
+                ("zero top-4", 4, 0.3 * layer),
+                ("zero random 4", 4, 0.8),
+                ("zero lowest 4 (half)", 4, 0.85),
+            ):
+                rows.append(
+                    {"layer": layer, "condition": condition, "dims_zeroed": dims, "accuracy": acc}
+                )
         return {
             "method_label": "teacher check",
-            "layer": 6,
+            "layers": [1, 2],
+            "distilled_layers": [2],
             "k": 4,
             "hidden_size": 8,
-            "rows": [],
+            "stat": "grad_x_act",
+            "mass_in_top_k": {"1": 0.5, "2": 0.7},
+            "rows": rows,
             "metrics": {},
         }
 
@@ -304,7 +330,11 @@ def test_study_checks_each_teacher_once_before_its_first_run(tmp_path, fake_stud
     fake_study.calls.clear()
     study_module.run_study(tmp_path / "out", plan, **kwargs)
     assert fake_study.calls == []
-    assert "teacher check" in (tmp_path / "out" / "study.md").read_text()
+    report = (tmp_path / "out" / "study.md").read_text()
+    assert "teacher check" in report and "Intact teacher: 0.900" in report
+    assert "| 1 | 0.500 | 0.300 | 0.800 | 0.850 |" in report
+    assert "| 2 (distilled) | 0.700 | 0.600 | 0.800 | 0.850 |" in report
+    assert (tmp_path / "out" / "teacher_check.png").stat().st_size > 0
 
 
 def test_selection_profile_measures_the_selected_dims():

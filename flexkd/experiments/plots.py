@@ -97,3 +97,30 @@ def plot_mean_std_bars(
             ax.set_ylim(max(0.0, low - pad), high + pad)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_teacher_check(
+    panels: Sequence[tuple[str, Sequence[Mapping[str, Any]], float, str]], path: str | os.PathLike
+) -> Path:
+    """One panel per ``(task, rows, intact value, metric)``: the metric against the layer whose dims were
+    zeroed, one line per condition (``rows`` from ``flexkd.experiments.study.teacher_check_table``)."""
+    if not panels:
+        raise ValueError("panels: need at least one panel")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.6), squeeze=False)
+    for ax, (task, rows, intact, metric) in zip(axes[0], panels, strict=True):
+        layers = [int(str(r["layer"]).split()[0]) for r in rows]
+        for key, label in (
+            ("top", "zero top-k"),
+            ("random", "zero random k"),
+            ("lowest", "zero lowest half"),
+        ):
+            ax.plot(layers, [r[key] for r in rows], marker="o", label=label)
+        ax.axhline(intact, color="gray", ls="--", lw=1, label="intact")
+        ax.set_xticks(layers)
+        ax.set_xlabel("layer whose dims are zeroed")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{task}: teacher check", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)

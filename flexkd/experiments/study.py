@@ -9,18 +9,21 @@ finished.
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from flexkd._io import write_json, write_text
 from flexkd.experiments.budget import RunBudget, study_budget
 from flexkd.experiments.kits import TASK_METRICS, build_kit, quiet_transformers
 from flexkd.experiments.methods import ABLATION_METHODS, STUDY_METHODS, get_method
 from flexkd.experiments.pipeline import Experiment
-from flexkd.experiments.plots import plot_mean_std_bars
+from flexkd.experiments.plots import plot_mean_std_bars, plot_teacher_check
 from flexkd.experiments.store import ResultStore
 from flexkd.experiments.tables import markdown_table, summarize
 from flexkd.experiments.teacher_check import run_teacher_check
@@ -111,60 +114,139 @@ def run_study(
     work_dir: str | Path,
     command: str,
     progress: bool = True,
+    workers: int = 1,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run every pending part of ``plan``; results under ``out_dir/study-runs``, tables and plot in ``out_dir``."""
+    """Run every pending part of ``plan``; results under ``out_dir/study-runs``, tables and plot in ``out_dir``.
+
+    With ``workers > 1`` the runs go to that many processes, each with an equal share of the CPU threads;
+    this process first fine-tunes or loads each teacher and writes the data and selection files every run
+    reads, so the workers only read them.
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers: expected an int >= 1, got {workers!r}")
     quiet_transformers()
     out_dir = Path(out_dir)
     store = ResultStore(out_dir / RESULTS_FOLDER)
-    experiments = _Experiments(plan, Path(work_dir), Path(cache_dir), progress)
     todo = pending_runs(plan, store)
     checks = [t for t in plan.teacher_check_tasks if not store.has(t, TEACHER_CHECK, 0)]
     log(
         f"flexkd study: {len(plan.runs()) - len(todo)} of {len(plan.runs())} runs already done, {len(todo)} to go"
     )
+    # each task's teacher check right before its first run (or at the end when no run of it is left)
+    jobs: list[tuple[str, str, int]] = []
+    for task, method, seed in todo:
+        if task in checks and not any(job[0] == task for job in jobs):
+            jobs.append((task, TEACHER_CHECK, 0))
+        jobs.append((task, method, seed))
+    jobs += [(task, TEACHER_CHECK, 0) for task in checks if not any(j[0] == task for j in jobs)]
+    if not jobs:
+        return write_report(out_dir, plan, store, command)
 
-    def check_teacher(task: str) -> None:
-        started = time.perf_counter()
-        store.write(task, TEACHER_CHECK, 0, teacher_check(experiments[task]))
-        checks.remove(task)
-        log(f"[{task}] teacher check done in {time.perf_counter() - started:.0f} s")
-        write_report(out_dir, plan, store, command)
-
-    for i, (task, method_name, seed) in enumerate(todo, start=1):
-        if task in checks:  # right after the task's teacher is ready, before its first run
-            check_teacher(task)
-        result = experiments[task].run(get_method(method_name), seed)
-        store.write(task, method_name, seed, result)
-        headline = ", ".join(f"{k}={v:.3f}" for k, v in result["metrics"].items())
-        log(
-            f"[{i}/{len(todo)}] {task} {method_name} seed {seed}: {headline} ({result['train_seconds']:.0f} s train)"
+    settings = (plan, Path(work_dir), Path(cache_dir))
+    if workers == 1:
+        _init_worker(*settings, progress=progress)
+        finished = map(_run_job, jobs)
+    else:
+        experiments = _Experiments(*settings, progress=progress)
+        for task in dict.fromkeys(task for task, _, _ in jobs):
+            experiments[task].prepare(
+                [(get_method(m), s) for t, m, s in jobs if t == task and m != TEACHER_CHECK]
+            )
+        threads = max(1, torch.get_num_threads() // workers)
+        pool = multiprocessing.get_context("spawn").Pool(
+            workers, initializer=_init_worker, initargs=(*settings, False, threads)
         )
-        write_report(out_dir, plan, store, command)
-    for task in list(checks):
-        check_teacher(task)
+        finished = pool.imap_unordered(_run_job, jobs)
+    try:
+        for i, ((task, method_name, seed), result, seconds) in enumerate(finished, start=1):
+            store.write(task, method_name, seed, result)
+            if method_name == TEACHER_CHECK:
+                log(f"[{i}/{len(jobs)}] {task} teacher check done in {seconds:.0f} s")
+            else:
+                headline = ", ".join(f"{k}={v:.3f}" for k, v in result["metrics"].items())
+                log(
+                    f"[{i}/{len(jobs)}] {task} {method_name} seed {seed}: {headline} "
+                    f"({result['train_seconds']:.0f} s train)"
+                )
+            write_report(out_dir, plan, store, command)
+    finally:
+        if workers > 1:
+            pool.terminate()
     return write_report(out_dir, plan, store, command)
 
 
-def teacher_check(experiment: Experiment) -> dict[str, Any]:
-    """Re-evaluate the teacher with its top-k dims zeroed, k random dims zeroed, and its lowest half zeroed."""
-    teacher = experiment.kit.load_teacher()
-    selection = experiment.selection(teacher)
-    layer = selection.layers[-1]
+_worker_experiments: _Experiments | None = None
+
+
+def _init_worker(
+    plan: StudyPlan, work_dir: Path, cache_dir: Path, progress: bool = False, threads: int = 0
+) -> None:
+    global _worker_experiments
+    if threads:
+        torch.set_num_threads(threads)
+    quiet_transformers()
+    _worker_experiments = _Experiments(plan, work_dir, cache_dir, progress)
+
+
+def _run_job(job: tuple[str, str, int]) -> tuple[tuple[str, str, int], dict[str, Any], float]:
+    """One study job in this process: ``(task, method, seed)``, or ``(task, TEACHER_CHECK, 0)``."""
+    task, method_name, seed = job
+    experiment = _worker_experiments[task]
     started = time.perf_counter()
-    rows = run_teacher_check(
-        teacher, layer, selection.scores(layer), selection.k, experiment.kit.evaluate
+    if method_name == TEACHER_CHECK:
+        result = teacher_check(experiment)
+    else:
+        result = experiment.run(get_method(method_name), seed)
+    return job, result, time.perf_counter() - started
+
+
+def teacher_check(experiment: Experiment) -> dict[str, Any]:
+    """Score every layer of the teacher (one pass), then re-evaluate it with, at each layer in turn, its
+    top-k dims zeroed, k random dims zeroed, and its lowest-scored half zeroed."""
+    import flexkd
+    from flexkd.adapters import get_adapter
+
+    teacher = experiment.kit.load_teacher()
+    adapter = get_adapter(teacher)
+    layers = list(range(1, adapter.num_layers + 1))
+    k = experiment.kit.student_hidden_size
+    selection = flexkd.score(
+        teacher, experiment.score_batches(), layers=layers, k=k, progress=experiment.progress
     )
+    scores = {layer: selection.scores(layer) for layer in layers}
+    started = time.perf_counter()
+    rows = run_teacher_check(teacher, scores, k, experiment.kit.evaluate)
     return {
         "profile": experiment.selection_profile(teacher),
         "method_label": "teacher check",
-        "layer": layer,
-        "k": selection.k,
+        "layers": layers,
+        "distilled_layers": [adapter.resolve_layer(layer) for layer in experiment.teacher_layers],
+        "k": k,
         "hidden_size": selection.hidden_size,
+        "stat": selection.stat,
+        "mass_in_top_k": {
+            str(layer): float(s.topk(k).values.sum() / s.sum()) for layer, s in scores.items()
+        },
         "rows": rows,
         "metrics": {},
         "eval_seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def teacher_check_table(check: dict[str, Any], metric: str) -> list[dict[str, Any]]:
+    """One row per layer: ``metric`` of the teacher under each zeroing, and the top-k share of the scores."""
+    by_layer: dict[int, dict[str, Any]] = {}
+    for row in check["rows"]:
+        if row["layer"] is None:
+            continue
+        kind = row["condition"].split()[1].split("-")[0]  # "top" / "random" / "lowest"
+        by_layer.setdefault(row["layer"], {"layer": row["layer"]})[kind] = row[metric]
+    for layer, entry in by_layer.items():
+        entry["mass"] = check["mass_in_top_k"][str(layer)]
+        if layer in check.get("distilled_layers", ()):
+            entry["layer"] = f"{layer} (distilled)"
+    return list(by_layer.values())
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -189,7 +271,7 @@ def write_report(
         "planned_runs": planned,
         "tasks": {},
     }
-    panels = []
+    panels, teacher_panels = [], []
     for task in plan.tasks:
         metrics = TASK_METRICS[task]
         task_runs = [r for r in runs if r["task"] == task]
@@ -251,18 +333,31 @@ def write_report(
                 panels.append((f"{task}: selection ablation", ablation, metrics[0]))
         if task in checks:
             check = checks[task]
+            headline = metrics[0]
+            intact = next(r for r in check["rows"] if r["layer"] is None)
+            table = teacher_check_table(check, headline)
+            half = check["hidden_size"] // 2
             sections += [
-                f"### {task}: teacher check (dims zeroed at layer {check['layer']}, k = {check['k']} of "
-                f"{check['hidden_size']})",
+                f"### {task}: teacher check ({METRIC_HEADERS.get(headline, headline)} of the teacher with dims "
+                f"zeroed at one layer; k = {check['k']} of {check['hidden_size']}, scored by {check['stat']})",
+                "",
+                f"Intact teacher: {intact[headline]:.3f}. *top-k mass*: the share of the layer's importance "
+                "held by its top-k dims.",
                 "",
                 markdown_table(
-                    check["rows"],
-                    [("condition", "teacher with"), ("dims_zeroed", "dims zeroed")]
-                    + [(m, METRIC_HEADERS.get(m, m)) for m in metrics],
+                    table,
+                    [
+                        ("layer", "layer"),
+                        ("mass", "top-k mass"),
+                        ("top", f"zero top-{check['k']}"),
+                        ("random", f"zero random {check['k']}"),
+                        ("lowest", f"zero lowest {half} (half)"),
+                    ],
                 ),
                 "",
             ]
             task_summary["teacher_check"] = check["rows"]
+            teacher_panels.append((task, table, intact[headline], headline))
             if "profile" in check:
                 sections += [profile_sentence(check["profile"]), ""]
                 task_summary["selection_profile"] = check["profile"]
@@ -271,6 +366,8 @@ def write_report(
     write_json(out_dir / "study.json", summary)
     if panels:
         plot_mean_std_bars(panels, out_dir / "study.png")
+    if teacher_panels:
+        plot_teacher_check(teacher_panels, out_dir / "teacher_check.png")
     return summary
 
 

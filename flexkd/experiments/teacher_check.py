@@ -1,12 +1,13 @@
 """The paper's teacher check: zero chosen hidden dims of the teacher at one layer and re-evaluate it.
 
 If the scores mean what Flex-KD assumes, zeroing the k highest-scored dims should hurt the teacher far
-more than zeroing half of its dims, taken from the lowest-scored end.
+more than zeroing k random dims or half of its dims, taken from the lowest-scored end. The study runs the
+check at every layer, which shows where in the teacher the scores carry that meaning.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -94,18 +95,31 @@ def teacher_check_conditions(
 
 def run_teacher_check(
     teacher: nn.Module,
-    layer: int,
-    scores: torch.Tensor,
+    scores: Mapping[int, torch.Tensor],
     k: int,
     evaluate: Callable[[nn.Module], dict[str, float]],
     *,
     side: str | None = None,
     seed: int = 0,
 ) -> list[dict]:
-    """``evaluate(teacher)`` under each condition of :func:`teacher_check_conditions`; one row per condition."""
-    rows = []
-    for condition, dims in teacher_check_conditions(scores, k, seed=seed).items():
-        with ZeroDims(teacher, layer, dims, side=side):
-            metrics = evaluate(teacher)
-        rows.append({"condition": condition, "dims_zeroed": int(dims.numel()), **metrics})
+    """``evaluate(teacher)`` intact, then under each zeroing of :func:`teacher_check_conditions` at every
+    layer of ``scores`` (``{layer: that layer's scores}``); one row per (layer, condition), ``layer`` None
+    for the intact teacher."""
+    if not scores:
+        raise ValueError("scores: need the scores of at least one layer")
+    rows = [{"layer": None, "condition": "intact", "dims_zeroed": 0, **evaluate(teacher)}]
+    for layer, layer_scores in scores.items():
+        for condition, dims in teacher_check_conditions(layer_scores, k, seed=seed).items():
+            if not dims.numel():
+                continue  # the intact teacher, evaluated once above
+            with ZeroDims(teacher, layer, dims, side=side):
+                metrics = evaluate(teacher)
+            rows.append(
+                {
+                    "layer": layer,
+                    "condition": condition,
+                    "dims_zeroed": int(dims.numel()),
+                    **metrics,
+                }
+            )
     return rows
