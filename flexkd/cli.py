@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 
 SUBCOMMANDS = {
@@ -35,6 +36,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
+    args.command_line = shlex.join(["flexkd", *argv])  # how it was invoked, for records that say so
     return int(args._run(args) or 0)
 
 

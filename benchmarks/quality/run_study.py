@@ -7,6 +7,7 @@ python benchmarks/quality/run_study.py --seeds 0 --no-ablation
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 
@@ -16,7 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="run_study.py", description=study.__doc__.splitlines()[0])
     study.add_arguments(parser)
-    return study.run(parser.parse_args(argv), argv, prog="python benchmarks/quality/run_study.py")
+    args = parser.parse_args(argv)
+    args.command_line = shlex.join(["python", "benchmarks/quality/run_study.py", *argv])
+    return study.run(args)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ run in the background and be resumed after a kill. Tables (``study.md``, ``study
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
@@ -60,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="scratch folder for selections and runs (default: <cache>/study)",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes running the runs in parallel, sharing the CPU threads (default: 1)",
+    )
+    parser.add_argument(
         "--no-progress", dest="progress", action="store_false", help="hide progress bars"
     )
     parser.add_argument(
@@ -69,8 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace, argv: list[str] | None = None, prog: str = "flexkd study") -> int:
-    """Run the study; ``argv``/``prog`` only say how it was invoked (recorded with the tables)."""
+def run(args: argparse.Namespace) -> int:
+    """Run the study; ``args.command_line`` (set by the ``flexkd`` command) is recorded with the tables."""
     from flexkd.commands.demo import default_cache_dir
     from flexkd.experiments.study import StudyPlan, run_study
 
@@ -94,14 +99,12 @@ def run(args: argparse.Namespace, argv: list[str] | None = None, prog: str = "fl
         if args.work_dir is not None
         else cache_dir / ("study-quick" if args.quick else "study")
     )
-    command = f"{prog} " + shlex.join(argv if argv is not None else sys.argv[2:])
+    command = getattr(args, "command_line", None) or "flexkd study"
     if args.report_only:
         from flexkd.experiments.store import ResultStore
         from flexkd.experiments.study import RESULTS_FOLDER, write_report
 
-        summary = write_report(
-            args.out, plan, ResultStore(args.out / RESULTS_FOLDER), command.strip()
-        )
+        summary = write_report(args.out, plan, ResultStore(args.out / RESULTS_FOLDER), command)
         print(
             f"{summary['finished_runs']} of {summary['planned_runs']} runs finished; tables rewritten"
         )
@@ -112,8 +115,9 @@ def run(args: argparse.Namespace, argv: list[str] | None = None, prog: str = "fl
             plan,
             cache_dir=cache_dir,
             work_dir=work_dir,
-            command=command.strip(),
+            command=command,
             progress=args.progress,
+            workers=args.workers,
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"flexkd study: error: {error}", file=sys.stderr)

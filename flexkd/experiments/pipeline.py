@@ -158,6 +158,14 @@ class Experiment:
             ).save(path)
         return path
 
+    def prepare(self, runs: Sequence[tuple[Method, int]]) -> None:
+        """Write the training data and every selection file ``runs`` read, so that runs in other processes
+        only read them."""
+        self._train_data()
+        for method, seed in runs:
+            if method.uses_selection:
+                self._selection_file(method, seed)
+
     # ------------------------------------------------------------------------------ runs
     def config(self, method: Method, seed: int, output_dir: Path):
         """The validated :class:`flexkd.config.Config` of one run."""
