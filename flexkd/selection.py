@@ -157,6 +157,10 @@ class DimensionSelection:
             return 0.0
         return float(self._scores[key][self._indices[key]].sum()) / total
 
+    def resolve(self, layer: int) -> int:
+        """``layer`` (negative counts from the end) as the layer number this selection stores it under."""
+        return self._key(layer)
+
     def _key(self, layer: int) -> int:
         key = _resolve(layer, self.num_layers)
         if key not in self._indices:

@@ -377,4 +377,40 @@ def test_study_report_only_rewrites_tables_without_running(tmp_path, fake_study)
     assert main(argv) == 0
     assert fake_study.calls == []
     report = (tmp_path / "study.md").read_text()
-    assert "projector (mse) | 1 |" in report and "Teacher: teacher T." in report
+    assert "projector (mse) | 2<->3; 0.1 | 1 |" in report and "Teacher: teacher T." in report
+
+
+# ---------------------------------------------------------------------------------------------- tuned knobs
+def _tuned_budget(**tuned):
+    return RunBudget(
+        train_examples=8, score_examples=8, eval_examples=8, batch_size=4, steps=1, lr=1e-3,
+        layer_pairs="last", tuned=tuned,
+    )  # fmt: skip
+
+
+def test_budget_applies_a_methods_tuned_knobs_and_defaults_the_rest():
+    budget = _tuned_budget(**{"flex-corr": {"layer_pairs": [[2, 3]], "feature_weight": 0.1}})
+    assert budget.layer_pairs_for("flex-corr") == [[2, 3]]
+    assert budget.weights_for("flex-corr") == {"task": 1.0, "logit": 1.0, "feature": 0.1}
+    assert budget.layer_pairs_for("projector") == "last"
+    assert budget.weights_for("projector") == budget.weights
+    with pytest.raises(ValueError, match="tuned"):
+        _tuned_budget(cka={"lr": 1.0})
+
+
+def test_experiment_config_uses_the_tuned_knobs_of_the_methods_top_k_counterpart(tmp_path):
+    from flexkd.experiments.pipeline import Experiment
+
+    budget = _tuned_budget(
+        **{
+            "flex-corr": {"layer_pairs": [[2, 3]], "feature_weight": 0.5},
+            "cka": {"layer_pairs": [[1, 2]]},
+        }
+    )
+    experiment = Experiment(SimpleNamespace(), budget, tmp_path, progress=False)
+    assert experiment.teacher_layers == [-1, 2, 3]  # one selection file covers every method
+    assert experiment.teacher_layers_of("flex-corr") == [3]
+    ablation = study_module.get_method("flex-corr-random")
+    assert ablation.tuned_as == "flex-corr" and ablation.which == "random"
+    assert budget.weights_for(ablation.tuned_as)["feature"] == 0.5
+    assert study_module.get_method("flex-mse").tuned_as == "flex-mse"

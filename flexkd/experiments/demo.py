@@ -51,8 +51,10 @@ def run_demo(
     experiment = Experiment(kit, budget, out_dir, progress=progress)
     with timer.stage("score + select"):
         selection = experiment.selection()
-        selection.plot(out_dir / "importance.png")
-        profile = experiment.selection_profile()
+        flex_method = next(get_method(m) for m in DEMO_METHODS if get_method(m).uses_selection)
+        layer = selection.resolve(experiment.teacher_layers_of(flex_method.tuned_as)[-1])
+        selection.plot(out_dir / "importance.png", layer=layer)
+        profile = experiment.selection_profile(layer=layer)
 
     results: dict[str, dict[str, Any]] = {}
     methods = [get_method(name) for name in DEMO_METHODS]
@@ -80,8 +82,8 @@ def run_demo(
         header = (
             f"# flexkd demo: {DEMO_TASK}, seed {seed}{' (quick)' if quick else ''}\n\n"
             f"Teacher: {kit.teacher_description}; student: {kit.student_description}; "
-            f"k = {selection.k} of {selection.hidden_size} teacher dims at layer {selection.layers} "
-            f"({100 * selection.mass_in_top_k(selection.layers[0]):.1f}% of the importance mass).\n"
+            f"{flex_method.label} distills k = {selection.k} of {selection.hidden_size} teacher dims at layer "
+            f"{layer} ({100 * selection.mass_in_top_k(layer):.1f}% of the importance mass).\n"
             f"Inputs: {kit.input_description}. Budget per method: {budget.steps} steps x {budget.batch_size} rows, "
             f"lr {budget.lr}, loss weights {budget.weights}, T = {budget.temperature}. "
             f"Evaluated on {budget.eval_examples} rows of the {budget.eval_split} split.\n\n"
@@ -102,7 +104,8 @@ def run_demo(
                 "k": selection.k,
                 "hidden_size": selection.hidden_size,
                 "layers": selection.layers,
-                "mass_in_top_k": selection.mass_in_top_k(selection.layers[0]),
+                "flex_layer": layer,
+                "mass_in_top_k": selection.mass_in_top_k(layer),
                 "profile": profile,
             },
             "results": results,

@@ -10,7 +10,7 @@ class Method:
     """One way of distilling: which feature term the ``Distiller`` adds, and which teacher dims Flex-KD keeps.
 
     ``which`` only matters for ``feature="flex"``: ``"top"`` is Flex-KD, ``"random"``/``"bottom"`` the
-    selection ablation.
+    selection ablation, which runs with the tuned knobs of its top-k method (``tuned_as``).
     """
 
     name: str
@@ -18,6 +18,11 @@ class Method:
     feature: str
     feature_loss: str = "mse"
     which: str = "top"
+    tuned_as: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.tuned_as:
+            object.__setattr__(self, "tuned_as", self.name)
 
     @property
     def uses_selection(self) -> bool:
@@ -29,18 +34,36 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("none", "no feature KD", "none"),
         Method("projector", "projector (mse)", "projector"),
+        Method("projector-corr", "projector (corr)", "projector", "corr"),
         Method("cka", "CKA", "cka"),
         Method("flex-mse", "Flex-KD (mse)", "flex", "mse"),
         Method("flex-corr", "Flex-KD (corr)", "flex", "corr"),
-        Method("flex-mse-random", "Flex-KD mse, random-k dims", "flex", "mse", which="random"),
-        Method("flex-mse-bottom", "Flex-KD mse, bottom-k dims", "flex", "mse", which="bottom"),
+        *(
+            Method(
+                f"flex-{loss}-{which}",
+                f"Flex-KD {loss}, {which}-k dims",
+                "flex",
+                loss,
+                which,
+                f"flex-{loss}",
+            )
+            for loss in ("mse", "corr")
+            for which in ("random", "bottom")
+        ),
     )
 }
 
-DEMO_METHODS = ("flex-mse", "projector", "none")
-STUDY_METHODS = ("none", "flex-mse", "projector", "cka", "flex-corr")  # the demo trio first
-# top-k is flex-mse itself; the ablation adds the other two selections
-ABLATION_METHODS = ("flex-mse", "flex-mse-random", "flex-mse-bottom")
+DEMO_METHODS = ("flex-corr", "projector-corr", "none")
+STUDY_METHODS = (
+    "none",
+    "flex-corr",
+    "projector-corr",
+    "cka",
+    "flex-mse",
+    "projector",
+)  # demo trio first
+# Flex-KD with the loss the paper reports (corr): top-k is flex-corr itself, the ablation adds two selections
+ABLATION_METHODS = ("flex-corr", "flex-corr-random", "flex-corr-bottom")
 
 
 def get_method(name: str) -> Method:

@@ -125,16 +125,25 @@ class Experiment:
             for i in range(0, len(rows), size)
         ]
 
-    def selection_profile(self, teacher: nn.Module | None = None) -> dict[str, float]:
-        """:func:`flexkd.experiments.profile.selection_profile` of the top-k selection on the scoring rows."""
+    def selection_profile(
+        self, teacher: nn.Module | None = None, layer: int | None = None
+    ) -> dict[str, float]:
+        """:func:`flexkd.experiments.profile.selection_profile` of the top-k selection at ``layer`` (default:
+        the deepest scored) on the scoring rows."""
         from flexkd.experiments.profile import selection_profile
 
         teacher = teacher if teacher is not None else self.kit.load_teacher()
-        return selection_profile(teacher, self.selection(teacher), self.score_batches())
+        selection = self.selection(teacher)
+        return selection_profile(teacher, selection, self.score_batches(), layer=layer)
 
     @property
     def teacher_layers(self) -> list[int]:
-        pairs = self.budget.layer_pairs
+        """Every teacher layer some method of this experiment distills (one selection file covers them)."""
+        methods = [None, *self.budget.tuned]
+        return sorted({layer for m in methods for layer in self.teacher_layers_of(m)})
+
+    def teacher_layers_of(self, method: str | None) -> list[int]:
+        pairs = self.budget.layer_pairs if method is None else self.budget.layer_pairs_for(method)
         return [-1] if pairs == "last" else sorted({t for _, t in pairs})
 
     def _selection_file(self, method: Method, seed: int) -> Path:
@@ -182,8 +191,8 @@ class Experiment:
             "distill": {
                 "feature": method.feature,
                 "feature_loss": method.feature_loss,
-                "layer_pairs": b.layer_pairs,
-                "weights": dict(b.weights),
+                "layer_pairs": b.layer_pairs_for(method.tuned_as),
+                "weights": b.weights_for(method.tuned_as),
                 "temperature": b.temperature,
             },
             "train": {
@@ -201,15 +210,21 @@ class Experiment:
         if method.uses_selection:
             raw["selection"] = {
                 "path": str(self._selection_file(method, seed)),
-                "layers": self.teacher_layers,
+                "layers": self.teacher_layers_of(method.tuned_as),
             }
         return parse_config(raw, source=f"{self.kit.name}/{method.name}/seed-{seed}")
 
-    def run(self, method: Method, seed: int, *, keep_student: bool = False) -> dict[str, Any]:
-        """Distill one student with ``method`` and evaluate it; returns metrics, timings and the learning curve."""
+    def run(
+        self, method: Method, seed: int, *, keep_student: bool = False, run_name: str | None = None
+    ) -> dict[str, Any]:
+        """Distill one student with ``method`` and evaluate it; returns metrics, timings and the learning curve.
+
+        The run's scratch folder is ``runs/<run_name or method name>/seed-<seed>``: give runs of one method
+        that may overlap in time (other budgets, other processes) their own ``run_name``.
+        """
         from flexkd.train import train
 
-        output_dir = self.work_dir / "runs" / method.name / f"seed-{seed}"
+        output_dir = self.work_dir / "runs" / (run_name or method.name) / f"seed-{seed}"
         cfg = self.config(method, seed, output_dir)
         torch.manual_seed(seed)
         started = time.perf_counter()

@@ -275,6 +275,7 @@ def write_report(
     for task in plan.tasks:
         metrics = TASK_METRICS[task]
         task_runs = [r for r in runs if r["task"] == task]
+        budget = plan.budget(task)
         main = _ordered(
             summarize(
                 [r for r in task_runs if r["method"] in plan.methods],
@@ -282,8 +283,8 @@ def write_report(
                 digits={"train_seconds": 0},
             ),
             plan.methods,
+            budget,
         )
-        budget = plan.budget(task)
         inputs = next(
             (r["inputs"] for r in task_runs if r.get("inputs")), "inputs as the task defines them"
         )
@@ -293,7 +294,13 @@ def write_report(
             f"Budget per run (every method): {budget.steps} steps x {budget.batch_size} rows from "
             f"{budget.train_examples} train rows ({inputs}), lr {budget.lr}, "
             f"loss weights {budget.weights}, T = {budget.temperature}; scored on {budget.score_examples} rows; "
-            f"evaluated on {budget.eval_examples} rows of {budget.eval_split}.",
+            f"evaluated on {budget.eval_examples} rows of {budget.eval_split}."
+            + (
+                " Layer pair and feature weight per method as tuned on validation "
+                "(`benchmarks/results/diagnosis.md`)."
+                if budget.tuned
+                else ""
+            ),
             "",
             markdown_table(main, _columns(metrics)) if main else "_no finished run yet_",
             "",
@@ -319,9 +326,10 @@ def write_report(
                     [r for r in task_runs if r["method"] in plan.ablation_methods], list(metrics)
                 ),
                 plan.ablation_methods,
+                budget,
             )
             sections += [
-                f"### {task}: which teacher dims Flex-KD (mse) distills",
+                f"### {task}: which teacher dims Flex-KD distills (top-k by score, random k, bottom k)",
                 "",
                 markdown_table(ablation, _columns(metrics, timing=False))
                 if ablation
@@ -383,16 +391,23 @@ def profile_sentence(profile: dict[str, Any]) -> str:
     )
 
 
-def _ordered(rows: list[dict[str, Any]], methods: Sequence[str]) -> list[dict[str, Any]]:
+def _ordered(
+    rows: list[dict[str, Any]], methods: Sequence[str], budget: RunBudget
+) -> list[dict[str, Any]]:
     by_name = {r["method"]: r for r in rows}
     ordered = [by_name[m] for m in methods if m in by_name]
     for row in ordered:
-        row["label"] = get_method(row["method"]).label
+        method = get_method(row["method"])
+        row["label"] = method.label
+        if method.feature != "none":
+            pairs = budget.layer_pairs_for(method.tuned_as)
+            where = "last" if pairs == "last" else ", ".join(f"{s}<->{t}" for s, t in pairs)
+            row["knobs"] = f"{where}; {budget.weights_for(method.tuned_as)['feature']:g}"
     return ordered
 
 
 def _columns(metrics: Sequence[str], *, timing: bool = True) -> list[tuple[str, str]]:
-    columns = [("label", "method"), ("seeds", "seeds")] + [
+    columns = [("label", "method"), ("knobs", "layers; feature weight"), ("seeds", "seeds")] + [
         (m, METRIC_HEADERS.get(m, m)) for m in metrics
     ]
     return columns + ([("train_seconds", "train time (s)")] if timing else [])
