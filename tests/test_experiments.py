@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -414,3 +415,23 @@ def test_experiment_config_uses_the_tuned_knobs_of_the_methods_top_k_counterpart
     assert ablation.tuned_as == "flex-corr" and ablation.which == "random"
     assert budget.weights_for(ablation.tuned_as)["feature"] == 0.5
     assert study_module.get_method("flex-mse").tuned_as == "flex-mse"
+
+
+def test_sections_tuning_is_what_the_committed_diagnosis_chose():
+    """``SECTIONS_TUNED`` is not hand-picked: it is the grid's best per method in benchmarks/results."""
+    import importlib.util
+    from pathlib import Path
+
+    from flexkd.experiments.budget import SECTIONS_TUNED
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "diagnose", root / "benchmarks/quality/diagnose.py"
+    )
+    diagnose = importlib.util.module_from_spec(spec)
+    sys.modules["diagnose"] = diagnose  # dataclasses look their module up
+    spec.loader.exec_module(diagnose)
+    chosen = diagnose.tuning_choice(ResultStore(root / "benchmarks/results/diagnosis-runs"))
+    assert {m: {k: c[k] for k in ("layer_pairs", "feature_weight")} for m, c in chosen.items()} == (
+        SECTIONS_TUNED
+    )

@@ -13,7 +13,6 @@ which is what tells a feature term that fights the task apart from one that help
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -69,14 +68,39 @@ VARIANTS = (
 )
 
 
+def base_budget():
+    """The study's sections budget before tuning: every method at the same knobs, scored on validation."""
+    from flexkd.experiments.budget import study_budget
+
+    return study_budget(TASK).with_(tuned={}, eval_split="validation", eval_examples=1000)
+
+
 def _tail_mean(curve: list[dict[str, Any]], key: str, n: int = 10) -> float:
     values = [row[key] for row in curve[-n:] if key in row]
     return sum(values) / len(values) if values else float("nan")
 
 
+def tuning_choice(store) -> dict[str, dict[str, Any]]:
+    """Per feature method, the grid point ({last, 2<->3} x feature weight {1, 0.1}) of best validation
+    accuracy: what ``flexkd.experiments.budget.SECTIONS_TUNED`` must hold."""
+    best: dict[str, dict[str, Any]] = {}
+    for variant in VARIANTS:
+        if variant.method == "none" or set(variant.budget) - {"layer_pairs", "weights"}:
+            continue  # not a grid point (no feature term, or another knob such as lr)
+        if not store.has(TASK, variant.name, 0):
+            continue
+        accuracy = store.read(TASK, variant.name, 0)["metrics"]["accuracy"]
+        if variant.method not in best or accuracy > best[variant.method]["accuracy"]:
+            best[variant.method] = {
+                "layer_pairs": variant.budget.get("layer_pairs", "last"),
+                "feature_weight": variant.budget.get("weights", {}).get("feature", 1.0),
+                "accuracy": accuracy,
+            }
+    return best
+
+
 def write_report(store, command: str) -> Path:
     from flexkd._io import write_text
-    from flexkd.experiments.budget import study_budget
     from flexkd.experiments.methods import get_method
     from flexkd.experiments.tables import markdown_table
 
@@ -97,13 +121,13 @@ def write_report(store, command: str) -> Path:
                 "feature_end": _tail_mean(curve, "feature"),
             }
         )
-    base = study_budget(TASK)
+    base = base_budget()
     text = "\n".join(
         [
             "# Flex-KD diagnosis: one knob at a time (debian-sections, seed 0)",
             "",
             f"Made by `{command}` (last update {time.strftime('%Y-%m-%d %H:%M %Z')}). Base budget = the "
-            f"study's: {base.steps} steps x {base.batch_size} rows, lr {base.lr}, weights {base.weights}, "
+            f"study's before tuning: {base.steps} steps x {base.batch_size} rows, lr {base.lr}, weights {base.weights}, "
             f"last layer of both models; evaluated on {base.eval_examples} validation rows. Losses are "
             "unweighted; *end* is the mean of the last 10 steps (ln 20 = 3.00 is a uniform guess).",
             "",
@@ -123,6 +147,21 @@ def write_report(store, command: str) -> Path:
             if rows
             else "_no finished run yet_",
             "",
+            "## Chosen per method (best validation accuracy on the grid; the study uses these)",
+            "",
+            markdown_table(
+                [
+                    {"method": get_method(m).label, **c, "layer_pairs": str(c["layer_pairs"])}
+                    for m, c in tuning_choice(store).items()
+                ],
+                [
+                    ("method", "method"),
+                    ("layer_pairs", "layer pairs (student, teacher)"),
+                    ("feature_weight", "feature weight"),
+                    ("accuracy", "validation accuracy"),
+                ],
+            ),
+            "",
         ]
     )
     path = RESULTS / "diagnosis.md"
@@ -139,13 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from flexkd.commands.demo import default_cache_dir
-    from flexkd.experiments.budget import study_budget
     from flexkd.experiments.kits import build_kit, quiet_transformers
     from flexkd.experiments.methods import get_method
     from flexkd.experiments.pipeline import Experiment
     from flexkd.experiments.store import ResultStore
 
-    command = shlex.join(["python", "benchmarks/quality/diagnose.py", *argv])
+    command = (
+        "python benchmarks/quality/diagnose.py"  # what reproduces every row (--only just splits it)
+    )
     store = ResultStore(RESULTS / "diagnosis-runs")
     known = {v.name: v for v in VARIANTS}
     unknown = sorted(set(args.only or ()) - set(known))
@@ -157,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     quiet_transformers()
-    base = study_budget(TASK)
+    base = base_budget()
     cache = default_cache_dir()
     kit = build_kit(TASK, base, cache_dir=cache, progress=args.progress)
     for variant in todo:
