@@ -1,10 +1,11 @@
 """``flexkd study``: the quality study (also ``python benchmarks/quality/run_study.py``).
 
-Both tasks x {no feature KD, projector, CKA, Flex-KD mse, Flex-KD corr} x seeds, the selection ablation
-(top-k / random-k / bottom-k, Flex-KD mse) and the teacher check. Every (task, method, seed) result is
+Both tasks x {no feature KD, Flex-KD corr, projector corr, CKA, Flex-KD mse, projector mse} x seeds, the
+selection ablation (top-k / random-k / bottom-k, Flex-KD corr) and the teacher check at every teacher layer.
+``--workers N`` runs N processes in parallel. Every (task, method, seed) result is
 written atomically to its own JSON under ``<out>/study-runs``; rerunning skips finished ones, so the study can
-run in the background and be resumed after a kill. Tables (``study.md``, ``study.json``) and the plot
-(``study.png``) are rewritten after every run.
+run in the background and be resumed after a kill. Tables (``study.md``, ``study.json``) and the plots
+(``study.png``, ``teacher_check.png``) are rewritten after every run.
 """
 
 from __future__ import annotations
