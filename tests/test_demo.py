@@ -40,9 +40,11 @@ def test_demo_quick_writes_the_run_folder(demo_run, capsys):
         "results.json",
         "importance.png",
         "learning_curves.png",
-        "selection-top.safetensors",
     ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert [p.name for p in out.glob("selection-top-*.safetensors")] == [
+        "selection-top-last-n16.safetensors"
+    ]
     assert not (out / "runs").exists() or not any(
         (out / "runs").rglob("model.safetensors")
     )  # students not kept

@@ -91,10 +91,19 @@ class Experiment:
 
     @property
     def selection_path(self) -> Path:
-        return self.work_dir / "selection-top.safetensors"
+        return self._selection_path("top")
+
+    def _selection_path(self, which: str) -> Path:
+        """Named by what the selection depends on besides the teacher (the folder's), so a budget that scores
+        other layers or rows never reads a stale file."""
+        layers = "-".join("last" if layer == -1 else str(layer) for layer in self.teacher_layers)
+        return (
+            self.work_dir / f"selection-{which}-{layers}-n{self.budget.score_examples}.safetensors"
+        )
 
     def selection(self, teacher: nn.Module | None = None):
-        """The top-k selection of the teacher's last layer (k = the student's hidden size), scored once."""
+        """The top-k selection (k = the student's hidden size) of every teacher layer a method distills,
+        scored once."""
         import flexkd
         from flexkd.selection import DimensionSelection
 
@@ -153,7 +162,7 @@ class Experiment:
         top = self.selection()
         if method.which == "top":
             return self.selection_path
-        path = self.work_dir / f"selection-{method.which}-seed{seed}.safetensors"
+        path = self._selection_path(f"{method.which}-seed{seed}")
         if not path.exists():
             DimensionSelection.from_scores(
                 {layer: top.scores(layer) for layer in top.layers},
