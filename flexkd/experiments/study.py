@@ -296,8 +296,8 @@ def write_report(
             f"loss weights {budget.weights}, T = {budget.temperature}; scored on {budget.score_examples} rows; "
             f"evaluated on {budget.eval_examples} rows of {budget.eval_split}."
             + (
-                " Layer pair and feature weight per method as tuned on validation "
-                "(`benchmarks/results/diagnosis.md`)."
+                " The feature weight (and layer pair) of each method is the one the debian-sections tuning "
+                "chose on validation (column 2; `benchmarks/results/diagnosis.md`)."
                 if budget.tuned
                 else ""
             ),
@@ -382,7 +382,7 @@ def write_report(
 def profile_sentence(profile: dict[str, Any]) -> str:
     """One line on what the selected dims are (see :mod:`flexkd.experiments.profile`)."""
     return (
-        f"The top-{profile['k']} dims hold {100 * profile['mass_in_top_k']:.1f}% of the importance mass and "
+        f"At layer {profile['layer']}, the top-{profile['k']} dims hold {100 * profile['mass_in_top_k']:.1f}% of the importance mass and "
         f"{100 * profile['energy_share_selected']:.1f}% of the hidden state's energy (k/D = "
         f"{100 * profile['energy_share_uniform']:.1f}%); their mean |activation| is "
         f"{profile['mean_abs_ratio']:.2f}x that of the other dims, and "
