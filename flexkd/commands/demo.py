@@ -1,8 +1,9 @@
 """``flexkd demo``: the end-to-end Flex-KD demo on the bundled Debian data (classification).
 
-Fine-tunes (or reuses the cached) MiniLM teacher, scores its last-layer dims by |grad x activation|,
-keeps the top k (k = the student's hidden size), and distills the same student three ways under the
-same budget: Flex-KD (feature mse on the selected dims), a trained linear projector, and no feature KD.
+Fine-tunes (or reuses the cached) MiniLM teacher, scores its dims by |grad x activation|, keeps the top
+k (k = the student's hidden size), and distills the same student three ways under the same budget:
+Flex-KD (the paper's correlation loss on the selected dims), a trained linear projector (same loss), and
+no feature KD, each with the layer pair and feature weight the study's tuning chose.
 Writes a run folder with the table (markdown and JSON), the sorted-importance plot with k marked and
 the learning curves of every loss term, and prints a per-stage timing.
 """
