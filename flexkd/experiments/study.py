@@ -257,7 +257,9 @@ def write_report(
     records = store.all()
     runs = [r for r in records if r["method"] != TEACHER_CHECK]
     checks = {r["task"]: r for r in records if r["method"] == TEACHER_CHECK}
-    done, planned = len(runs), len(plan.runs())
+    planned_runs = set(plan.runs())
+    done = sum((r["task"], r["method"], r["seed"]) in planned_runs for r in runs)
+    planned = len(planned_runs)
     sections = [
         "# Flex-KD quality study",
         "",
