@@ -59,6 +59,12 @@ class RunBudget:
         weight = self.tuned.get(method, {}).get("feature_weight")
         return dict(self.weights) if weight is None else {**self.weights, "feature": weight}
 
+    def knobs_text(self, method: str) -> str:
+        """``"<layer pairs>; <feature weight>"`` of ``method``, as the tables print it."""
+        pairs = self.layer_pairs_for(method)
+        where = "last" if pairs == "last" else ", ".join(f"{s}<->{t}" for s, t in pairs)
+        return f"{where}; {self.weights_for(method)['feature']:g}"
+
     def with_(self, **changes: Any) -> RunBudget:
         return replace(self, **changes)
 

@@ -67,6 +67,9 @@ def run_demo(
             {
                 "method": name,
                 "method_label": r["method_label"],
+                "knobs": budget.knobs_text(get_method(name).tuned_as)
+                if get_method(name).feature != "none"
+                else "",
                 **r["metrics"],
                 "train_seconds": r["train_seconds"],
                 "eval_seconds": r["eval_seconds"],
@@ -85,7 +88,8 @@ def run_demo(
             f"{flex_method.label} distills k = {selection.k} of {selection.hidden_size} teacher dims at layer "
             f"{layer} ({100 * selection.mass_in_top_k(layer):.1f}% of the importance mass).\n"
             f"Inputs: {kit.input_description}. Budget per method: {budget.steps} steps x {budget.batch_size} rows, "
-            f"lr {budget.lr}, loss weights {budget.weights}, T = {budget.temperature}. "
+            f"lr {budget.lr}, loss weights {budget.weights} (the feature weight per method as in the table), "
+            f"T = {budget.temperature}. "
             f"Evaluated on {budget.eval_examples} rows of the {budget.eval_split} split.\n\n"
             f"{profile_sentence(profile)}\n\n"
         )
@@ -119,6 +123,7 @@ def _columns(metrics: tuple[str, ...]) -> list[tuple[str, str]]:
     names = {"accuracy": "accuracy", "macro_f1": "macro-F1", "rouge_l": "ROUGE-L"}
     return [
         ("method_label", "method"),
+        ("knobs", "layers; feature weight"),
         *[(m, names.get(m, m)) for m in metrics],
         ("train_seconds", "train time (s)"),
     ]

@@ -402,9 +402,7 @@ def _ordered(
         method = get_method(row["method"])
         row["label"] = method.label
         if method.feature != "none":
-            pairs = budget.layer_pairs_for(method.tuned_as)
-            where = "last" if pairs == "last" else ", ".join(f"{s}<->{t}" for s, t in pairs)
-            row["knobs"] = f"{where}; {budget.weights_for(method.tuned_as)['feature']:g}"
+            row["knobs"] = budget.knobs_text(method.tuned_as)
     return ordered
 
 
