@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flexkd.experiments.methods import Method
 
 
 @dataclass(frozen=True)
@@ -59,11 +62,14 @@ class RunBudget:
         weight = self.tuned.get(method, {}).get("feature_weight")
         return dict(self.weights) if weight is None else {**self.weights, "feature": weight}
 
-    def knobs_text(self, method: str) -> str:
-        """``"<layer pairs>; <feature weight>"`` of ``method``, as the tables print it."""
-        pairs = self.layer_pairs_for(method)
+    def knobs_text(self, method: Method) -> str:
+        """``"<layer pairs>; <feature weight>"`` of ``method`` as the tables print it ("" without a feature
+        term)."""
+        if method.feature == "none":
+            return ""
+        pairs = self.layer_pairs_for(method.tuned_as)
         where = "last" if pairs == "last" else ", ".join(f"{s}<->{t}" for s, t in pairs)
-        return f"{where}; {self.weights_for(method)['feature']:g}"
+        return f"{where}; {self.weights_for(method.tuned_as)['feature']:g}"
 
     def with_(self, **changes: Any) -> RunBudget:
         return replace(self, **changes)

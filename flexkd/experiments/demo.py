@@ -67,9 +67,7 @@ def run_demo(
             {
                 "method": name,
                 "method_label": r["method_label"],
-                "knobs": budget.knobs_text(get_method(name).tuned_as)
-                if get_method(name).feature != "none"
-                else "",
+                "knobs": budget.knobs_text(get_method(name)),
                 **r["metrics"],
                 "train_seconds": r["train_seconds"],
                 "eval_seconds": r["eval_seconds"],

@@ -401,8 +401,7 @@ def _ordered(
     for row in ordered:
         method = get_method(row["method"])
         row["label"] = method.label
-        if method.feature != "none":
-            row["knobs"] = budget.knobs_text(method.tuned_as)
+        row["knobs"] = budget.knobs_text(method)
     return ordered
 
 
