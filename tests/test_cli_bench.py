@@ -7,13 +7,10 @@ from pathlib import Path
 import pytest
 from setuptools import find_packages
 
-from flexkd import _native, cli
+from flexkd import cli
 from flexkd.bench import ops_cpu, ops_gpu
 
 ROOT = Path(__file__).resolve().parent.parent
-needs_native = pytest.mark.skipif(
-    _native.load() is None, reason=f"flexkd._C not built: {_native.load_error()}"
-)
 TINY = ["--n", "64", "--d", "32", "--impls", "flexkd,eager", "--copy-gib", "0"]
 
 
@@ -22,11 +19,19 @@ def test_help_lists_the_cpu_and_gpu_options(capsys):
         cli.main(["bench", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--device", "--quick", "--filter", "--n", "--dtypes", "--out", "--json", "--iters"):
+    for option in (
+        "--device",
+        "--quick",
+        "--filter",
+        "--n",
+        "--dtypes",
+        "--out",
+        "--json",
+        "--iters",
+    ):
         assert option in out
 
 
-@needs_native
 def test_tiny_cpu_run_prints_the_table_and_writes_csv_and_png(tmp_path, capsys):
     out = tmp_path / "ops"
     argv = ["bench", "--device", "cpu", "--quick", "--filter", "mse-fp32", *TINY, "--out", str(out)]
@@ -45,7 +50,10 @@ def test_sweep_keeps_the_target_shapes_and_takes_sizes():
     assert len(ops_cpu.sweep(False, ["corr"], ["bf16"])) == 27
     sized = ops_cpu.sweep(False, ["mse", "importance"], ["fp32"], n=64, d=32)
     assert [c.name for c in sized] == [
-        "mse-fp32-N64-D32-k4", "mse-fp32-N64-D32-k8", "mse-fp32-N64-D32-k12", "importance-fp32-N64-D32",
+        "mse-fp32-N64-D32-k4",
+        "mse-fp32-N64-D32-k8",
+        "mse-fp32-N64-D32-k12",
+        "importance-fp32-N64-D32",
     ]
     assert [c.k for c in ops_cpu.sweep(True, ["mse"], ["fp32"], d=32, k=5)] == [5]
 
