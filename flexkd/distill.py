@@ -390,19 +390,24 @@ class Distiller(nn.Module):
             self.weights["task"] > 0 or batch.get("labels") is not None
         ):
             labels, weights = self._target_weights(batch)
-            logits = self._align_logits(student_out.logits)
+            # Both logit terms read only these positions: gathering them first keeps the softmax (and its
+            # backward) off the prompt and padding, most of a causal LM's [batch, length, vocab].
+            positions = weights.to(student_out.logits.device)
+            logits = self._align_logits(student_out.logits)[positions]
             if labels is not None:
                 sums["task"] = task_loss(
-                    logits, labels, ignore_index=self.ignore_index, reduction="sum"
+                    logits,
+                    labels.to(positions.device)[positions],
+                    ignore_index=self.ignore_index,
+                    reduction="sum",
                 )
             if need_teacher_logits:
                 sums["logit"] = logit_kd(
                     logits,
-                    self._align_logits(teacher_out.logits),
+                    self._align_logits(teacher_out.logits)[positions],
                     kind=self.logit_kind,
                     temperature=self.temperature,
                     beta=self.beta,
-                    mask=weights.to(logits.device),
                     reduction="sum",
                 )
         pair_sums = []

@@ -17,6 +17,7 @@ from _train_helpers import (
 
 from flexkd.adapters import token_weights
 from flexkd.distill import Distiller
+from flexkd.losses import logit_kd
 from flexkd.ops import reference
 from flexkd.selection import DimensionSelection
 
@@ -73,6 +74,26 @@ def test_task_term_equals_the_models_own_loss(pair):
     distiller.eval()
     _, terms = distiller(batch)
     assert terms["task"] == pytest.approx(student(**batch).loss.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+def test_logit_term_equals_masked_kd_over_the_whole_sequence(pair, kind):
+    """The Distiller gathers the labelled positions before the softmax; the result must be the masked loss
+    over every position (a prompt labelled -100 and right padding both excluded)."""
+    teacher, student = pair
+    batch = causal_batch(4, 9)
+    batch["labels"][:, :3] = -100
+    distiller = Distiller(
+        teacher, student, feature="none", weights={"logit": 1.0}, logit_kind=kind, temperature=2.0
+    )
+    distiller.eval()
+    _, terms = distiller(batch)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        s_logits, t_logits = student(**inputs).logits[:, :-1], teacher(**inputs).logits[:, :-1]
+    mask = batch["labels"][:, 1:] != -100
+    want = logit_kd(s_logits, t_logits, kind=kind, temperature=2.0, mask=mask, reduction="mean")
+    assert terms["logit"] == pytest.approx(want.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("loss", ["mse", "corr"])
