@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from flexkd.adapters import get_adapter
-from flexkd.adapters.masks import detect_task, token_weights
+from flexkd.adapters.masks import aligned_logits, detect_task, logit_positions, token_weights
 from flexkd.losses import (
     FEATURE_LOSSES,
     LOGIT_KD_KINDS,
@@ -45,6 +45,7 @@ from flexkd.losses import (
     task_loss,
 )
 from flexkd.taps import LayerTap
+from flexkd.teacher_outputs import TeacherOutputs
 
 FEATURE_KINDS = ("flex", "projector", "cka", "none")
 TERMS = ("task", "logit", "feature")
@@ -290,25 +291,7 @@ class Distiller(nn.Module):
 
     def _target_weights(self, batch: Mapping[str, Any]) -> tuple[Tensor | None, Tensor]:
         """(labels aligned with the logits or None, bool weights of the logit positions)."""
-        labels = batch.get("labels")
-        if self.task == "sequence":
-            if labels is not None:
-                return labels, labels != self.ignore_index
-            return None, torch.ones(self._batch_size(batch), dtype=torch.bool)
-        if labels is not None:
-            if self.task == "causal_lm":
-                labels = labels[:, 1:]
-            return labels, labels != self.ignore_index
-        key = "decoder_attention_mask" if self.task == "seq2seq" else "attention_mask"
-        mask = batch.get(key)
-        if mask is None:
-            raise ValueError(
-                f"batch: logit KD without labels needs batch[{key!r}] to know the positions"
-            )
-        if self.task == "causal_lm":
-            # position t predicts token t + 1: both must be real tokens
-            return None, (mask[:, :-1] != 0) & (mask[:, 1:] != 0)
-        return None, mask != 0
+        return logit_positions(batch, task=self.task, ignore_index=self.ignore_index)
 
     def _feature_weights(self, batch: Mapping[str, Any]) -> Tensor:
         decoder = self.task == "seq2seq" and self.side == "decoder"
@@ -354,14 +337,18 @@ class Distiller(nn.Module):
         return self.weights["task"] > 0 or self.weights["logit"] > 0
 
     def forward(
-        self, batch: Mapping[str, Any], normalizers: Mapping[str, float] | None = None
+        self,
+        batch: Mapping[str, Any],
+        normalizers: Mapping[str, float] | None = None,
+        teacher_outputs: TeacherOutputs | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """``(total_loss, terms)``: ``terms`` holds every term (unweighted) and ``"total"`` as floats.
 
         With several layer pairs, ``"feature"`` is their mean and ``"feature/s<i>-t<j>"`` each pair's.
 
         ``normalizers`` (term -> units) defaults to ``count_units(batch)``; a term whose
-        normaliser is 0 contributes 0.
+        normaliser is 0 contributes 0. ``teacher_outputs`` (``TeacherOutputStore.batch`` of this batch's
+        rows) replaces running the teacher.
         """
         if normalizers is None:
             normalizers = self.count_units(batch)
@@ -370,8 +357,19 @@ class Distiller(nn.Module):
         teacher_layers = [t for _, t in self.layer_pairs] if self.feature != "none" else []
         student_layers = [s for s, _ in self.layer_pairs] if self.feature != "none" else []
 
-        teacher_out, teacher_hidden = None, {}
-        if teacher_layers or need_teacher_logits:
+        device = next(self.student.parameters()).device
+        labels, positions = None, None
+        if need_student_logits:
+            labels, positions = self._target_weights(batch)
+            positions = positions.to(device)
+        feature_mask = self._feature_weights(batch).to(device) if teacher_layers else None
+
+        teacher_logits, teacher_hidden = None, {}
+        if teacher_outputs is not None:
+            teacher_logits, teacher_hidden = self._unpack_teacher_outputs(
+                teacher_outputs, teacher_layers, positions if need_teacher_logits else None, feature_mask
+            )
+        elif teacher_layers or need_teacher_logits:
             with torch.no_grad():
                 teacher_out, teacher_hidden = self._run_tapped(
                     self.teacher,
@@ -380,31 +378,30 @@ class Distiller(nn.Module):
                     self._teacher_columns,
                     not need_teacher_logits,
                 )
+            if need_teacher_logits:
+                teacher_logits = self._align_logits(teacher_out.logits)[positions]
         student_out, student_hidden = self._run_tapped(
             self.student, batch, student_layers, None, not need_student_logits
         )
 
-        device = next(self.student.parameters()).device
         sums: dict[str, Tensor] = {}
         if student_out is not None and (
             self.weights["task"] > 0 or batch.get("labels") is not None
         ):
-            labels, weights = self._target_weights(batch)
             # Both logit terms read only these positions: gathering them first keeps the softmax (and its
             # backward) off the prompt and padding, most of a causal LM's [batch, length, vocab].
-            positions = weights.to(student_out.logits.device)
             logits = self._align_logits(student_out.logits)[positions]
             if labels is not None:
                 sums["task"] = task_loss(
                     logits,
-                    labels.to(positions.device)[positions],
+                    labels.to(device)[positions],
                     ignore_index=self.ignore_index,
                     reduction="sum",
                 )
             if need_teacher_logits:
                 sums["logit"] = logit_kd(
                     logits,
-                    self._align_logits(teacher_out.logits)[positions],
+                    teacher_logits,
                     kind=self.logit_kind,
                     temperature=self.temperature,
                     beta=self.beta,
@@ -412,10 +409,9 @@ class Distiller(nn.Module):
                 )
         pair_sums = []
         if self.feature != "none":
-            mask = self._feature_weights(batch).to(device)
             reduction = "sum" if self.feature_losses[0].per_token else "mean"
             pair_sums = [
-                loss_fn(student_hidden[s], teacher_hidden[t], mask, reduction=reduction)
+                loss_fn(student_hidden[s], teacher_hidden[t], feature_mask, reduction=reduction)
                 for (s, t), loss_fn in zip(self.layer_pairs, self.feature_losses, strict=True)
             ]
             sums["feature"] = sum(pair_sums)
@@ -438,6 +434,46 @@ class Distiller(nn.Module):
         terms["total"] = float(total.detach())
         return total, terms
 
+    def _unpack_teacher_outputs(
+        self,
+        stored: TeacherOutputs,
+        layers: list[int],
+        positions: Tensor | None,
+        feature_mask: Tensor | None,
+    ) -> tuple[Tensor | None, dict[int, Tensor]]:
+        """Stored (packed) teacher outputs as the live teacher path yields them: logits at ``positions``
+        (None: not needed), hidden states ``[batch, tokens, width]`` at ``layers`` (zero where
+        ``feature_mask`` is off), only the selected columns for ``flex``."""
+        device = next(self.student.parameters()).device
+        logits = None
+        if positions is not None:
+            if stored.logits is None:
+                raise ValueError("teacher_outputs: no logits stored, but logit KD is on")
+            if stored.logits.shape[0] != int(positions.sum()):
+                raise ValueError(
+                    f"teacher_outputs: {stored.logits.shape[0]} stored logit positions, the batch has "
+                    f"{int(positions.sum())}; the outputs were stored for other rows"
+                )
+            logits = stored.logits.to(device)
+        hidden = {}
+        for layer in layers:
+            if layer not in stored.hidden:
+                raise ValueError(
+                    f"teacher_outputs: no hidden states of teacher layer {layer} (stored: {sorted(stored.hidden)})"
+                )
+            packed = stored.hidden[layer].to(device)
+            if packed.shape[0] != int(feature_mask.sum()):
+                raise ValueError(
+                    f"teacher_outputs: {packed.shape[0]} stored positions of layer {layer}, the batch has "
+                    f"{int(feature_mask.sum())}; the outputs were stored for other rows"
+                )
+            if self._teacher_columns is not None:
+                packed = packed.index_select(-1, self._teacher_columns[layer].to(device))
+            full = packed.new_zeros(*feature_mask.shape, packed.shape[-1])
+            full[feature_mask] = packed
+            hidden[layer] = full
+        return logits, hidden
+
     def _run_tapped(
         self,
         model: nn.Module,
@@ -457,7 +493,7 @@ class Distiller(nn.Module):
             return outputs, dict(tap.hidden)
 
     def _align_logits(self, logits: Tensor) -> Tensor:
-        return logits[:, :-1] if self.task == "causal_lm" else logits
+        return aligned_logits(logits, self.task)
 
 
 def __getattr__(name: str):

@@ -566,6 +566,35 @@ def _window_units(
     return dict(zip(names, accelerator.reduce(units, reduction="sum").tolist(), strict=True))
 
 
+def _teacher_output_store(cfg: Config, distiller, train_rows, collate, accelerator):
+    """The store of ``distill.teacher_outputs`` (the main process writes it when missing), checked against
+    this run's teacher, rows, layers and logit KD."""
+    from flexkd.teacher_outputs import TeacherOutputStore, write_teacher_outputs
+
+    path = cfg.path(cfg.distill.teacher_outputs)
+    layers = [t for _, t in distiller.layer_pairs] if distiller.feature != "none" else []
+    logits = distiller.weights["logit"] > 0
+    if not (path / "meta.json").is_file() and accelerator.is_main_process:
+        write_teacher_outputs(
+            distiller.teacher,
+            train_rows,
+            path,
+            layers=layers,
+            collate=collate,
+            logits=logits,
+            batch_size=cfg.train.batch_size,
+            side=cfg.distill.side,
+            progress=cfg.train.progress,
+        )
+    accelerator.wait_for_everyone()
+    store = TeacherOutputStore(path)
+    try:
+        store.check(distiller.teacher, train_rows, layers=layers, logits=logits)
+    except ValueError as err:
+        raise ValueError(f"distill.{err}") from None
+    return store
+
+
 def make_accelerator(**kwargs: Any):
     """An ``Accelerator`` that also forms a process group on machines without an accelerator.
 
@@ -624,6 +653,11 @@ def train(cfg: Config) -> TrainResult:
         projector_direction=cfg.distill.projector_direction,
         side=cfg.distill.side,
     )
+    stored_teacher = (
+        _teacher_output_store(cfg, distiller, train_rows, collate, accelerator)
+        if cfg.distill.teacher_outputs
+        else None
+    )
     order = ShardedOrder(len(train_rows), tc.batch_size, seed=tc.seed, rank=rank, world_size=world)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * order.per_epoch / tc.grad_accum))
     optimizer = torch.optim.AdamW(
@@ -664,16 +698,18 @@ def train(cfg: Config) -> TrainResult:
     started = time.perf_counter()
     model.train()
     while state.step < total_steps:
-        window = []
+        window, window_rows = [], []
         for _ in range(tc.grad_accum):
             state.epoch, state.position, rows = next(batches)
             window.append(_to_device(collate([train_rows[i] for i in rows]), accelerator.device))
+            window_rows.append(rows)
         normalizers = _window_units(distiller, window, accelerator)
         logged: dict[str, float] = {}
-        for i, batch in enumerate(window):
+        for i, (batch, rows) in enumerate(zip(window, window_rows, strict=True)):
             sync = contextlib.nullcontext() if i == len(window) - 1 else accelerator.no_sync(model)
+            stored = stored_teacher.batch(rows) if stored_teacher is not None else None
             with sync:
-                loss, terms = model(batch, normalizers=normalizers)
+                loss, terms = model(batch, normalizers=normalizers, teacher_outputs=stored)
                 # DDP averages gradients over processes; the loss is already a global sum / units
                 accelerator.backward(loss * world)
             for name, value in terms.items():

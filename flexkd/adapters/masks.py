@@ -97,3 +97,40 @@ def _check_shape(t: torch.Tensor, name: str, shape: tuple[int, int]) -> None:
         raise ValueError(
             f"{name} has shape {tuple(t.shape)}, but the hidden state has (batch, tokens) {tuple(shape)}"
         )
+
+
+def logit_positions(
+    batch: Mapping[str, object], *, task: str, ignore_index: int = -100
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(labels aligned with the logits or None, bool mask of the logit positions that count)``.
+
+    Aligned means as :func:`aligned_logits` leaves them: for causal LMs position ``t`` of the logits
+    predicts ``labels[t + 1]``, so both drop one position. Without labels, every real token counts (for
+    causal LMs, every position whose next token is real too) and sequence tasks count every row.
+    """
+    check_task(task)
+    labels = batch.get("labels")
+    if task == "sequence":
+        if isinstance(labels, torch.Tensor):
+            return labels, labels != ignore_index
+        size = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+        return None, torch.ones(size, dtype=torch.bool)
+    if isinstance(labels, torch.Tensor):
+        if task == "causal_lm":
+            labels = labels[:, 1:]
+        return labels, labels != ignore_index
+    key = "decoder_attention_mask" if task == "seq2seq" else "attention_mask"
+    mask = batch.get(key)
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(
+            f"batch: logit KD without labels needs batch[{key!r}] to know the positions"
+        )
+    if task == "causal_lm":
+        # position t predicts token t + 1: both must be real tokens
+        return None, (mask[:, :-1] != 0) & (mask[:, 1:] != 0)
+    return None, mask != 0
+
+
+def aligned_logits(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """The logits :func:`logit_positions` indexes: a causal LM's last position predicts nothing."""
+    return logits[:, :-1] if task == "causal_lm" else logits

@@ -116,14 +116,15 @@ def study_budget(task: str, *, quick: bool = False) -> RunBudget:
     if task == "debian-sections":
         return demo_budget().with_(eval_examples=2000)  # the whole test split
     if task == "debian-synopsis":
-        # not tuned on this task: the sections weights, every method at the last layer
+        # Not tuned on this task: the sections weights, every method at the last layer. 300 steps: after
+        # 100 every student sat at ROUGE-L ~0.06 whatever the method; after 300, ~0.11 (teacher 0.139).
         weights = {m: {"feature_weight": t["feature_weight"]} for m, t in SECTIONS_TUNED.items()}
         return RunBudget(
-            train_examples=3200,
+            train_examples=9600,
             score_examples=256,
             eval_examples=500,
             batch_size=32,
-            steps=100,
+            steps=300,
             lr=1e-3,
             warmup_steps=10,
             eval_split="test",

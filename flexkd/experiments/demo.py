@@ -58,9 +58,12 @@ def run_demo(
 
     results: dict[str, dict[str, Any]] = {}
     methods = [get_method(name) for name in DEMO_METHODS]
+    with timer.stage("teacher outputs (run once, read by every method)"):
+        experiment.prepare([(method, seed) for method in methods])
     for method in tqdm(methods, desc="flexkd demo", unit="method", disable=not progress):
         with timer.stage(f"distill + eval: {method.name}"):
             results[method.name] = experiment.run(method, seed)
+    experiment.remove_teacher_outputs()
 
     with timer.stage("report"):
         rows = [

@@ -89,6 +89,31 @@ class Experiment:
             tmp.replace(self._train_data_dir)
         return self._train_data_dir
 
+    def _teacher_outputs(self, teacher: nn.Module | None = None) -> Path:
+        """The teacher's outputs on the training rows at every layer some method distills, stored once for
+        every (method, seed) run (``flexkd.teacher_outputs``)."""
+        from flexkd.teacher_outputs import write_teacher_outputs
+        from flexkd.train import Collator
+
+        layers = "-".join("last" if layer == -1 else str(layer) for layer in self.teacher_layers)
+        path = self.work_dir / f"teacher-outputs-{layers}-n{self.budget.train_examples}"
+        if not (path / "meta.json").is_file():
+            write_teacher_outputs(
+                teacher if teacher is not None else self.kit.load_teacher(),
+                self.kit.train_rows,
+                path,
+                layers=self.teacher_layers,
+                collate=Collator(self.kit.hf_task, self.kit.pad_token_id),
+                batch_size=self.budget.batch_size,
+                progress=self.progress,
+            )
+        return path
+
+    def remove_teacher_outputs(self) -> None:
+        """Delete the stored teacher outputs (scratch: about 1 GB for the classification task)."""
+        for path in self.work_dir.glob("teacher-outputs-*"):
+            shutil.rmtree(path, ignore_errors=True)
+
     @property
     def selection_path(self) -> Path:
         return self._selection_path("top")
@@ -180,6 +205,7 @@ class Experiment:
         """Write the training data and every selection file ``runs`` read, so that runs in other processes
         only read them."""
         self._train_data()
+        self._teacher_outputs()
         for method, seed in runs:
             if method.uses_selection:
                 self._selection_file(method, seed)
@@ -203,6 +229,7 @@ class Experiment:
                 "layer_pairs": b.layer_pairs_for(method.tuned_as),
                 "weights": b.weights_for(method.tuned_as),
                 "temperature": b.temperature,
+                "teacher_outputs": str(self._teacher_outputs()),
             },
             "train": {
                 "output_dir": str(output_dir),

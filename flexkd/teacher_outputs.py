@@ -1,0 +1,259 @@
+"""Offline distillation: the teacher's outputs on the training rows, computed once and read back per batch.
+
+A frozen teacher in eval mode gives a row the same logits and hidden states in every run, so when many
+students train on the same rows (methods x seeds of a study, or a sweep) the teacher needs to run once.
+:func:`write_teacher_outputs` stores, for every row, only what the :class:`~flexkd.distill.Distiller`
+reads: the logits at the row's logit positions (:func:`flexkd.adapters.masks.logit_positions`) and the
+hidden states of the chosen layers at its feature positions (:func:`flexkd.adapters.token_weights`).
+Rows are packed one after another (``data [positions, width]`` plus ``offsets [rows + 1]``), so a causal
+LM keeps only its labelled positions, not ``[rows, length, vocab]``.
+
+    store = write_teacher_outputs(teacher, rows, "teacher-outputs", layers=[-1], collate=collate)
+    loss, terms = distiller(batch, teacher_outputs=store.batch(row_indices))
+
+The store is a folder of ``.npy`` arrays (memory-mapped when read, so processes share one copy in the
+page cache) and a ``meta.json`` naming the teacher and a fingerprint of the rows; it appears whole or not
+at all. Stored in float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from flexkd._io import replace_dir
+from flexkd.adapters import TeacherIdentity, get_adapter, token_weights
+from flexkd.adapters.masks import aligned_logits, detect_task, logit_positions
+from flexkd.taps import LayerTap
+
+FORMAT = 1
+SUPPORTED_TASKS = ("sequence", "causal_lm", "token")
+
+
+@dataclass
+class TeacherOutputs:
+    """The teacher's outputs on one batch, packed: ``logits [logit positions, vocab]`` (None when not
+    stored) and ``hidden[layer] [feature positions, width]``, positions in row-major order of the batch."""
+
+    logits: Tensor | None
+    hidden: dict[int, Tensor]
+
+
+def rows_fingerprint(rows: Sequence[Mapping[str, Any]]) -> str:
+    """sha256 over every row's fields (sorted by name), as the training loop would batch them."""
+    digest = hashlib.sha256()
+    for i in range(len(rows)):
+        row = rows[i]
+        for key in sorted(row):
+            digest.update(key.encode())
+            value = row[key].tolist() if hasattr(row[key], "tolist") else row[key]
+            digest.update(json.dumps(value, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _row_counts(mask: Tensor, rows: int) -> list[int]:
+    return mask.reshape(rows, -1).sum(1).tolist()
+
+
+@torch.no_grad()
+def write_teacher_outputs(
+    teacher: nn.Module,
+    rows: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    *,
+    layers: Sequence[int],
+    collate: Callable[[list], dict[str, Tensor]],
+    logits: bool = True,
+    batch_size: int = 32,
+    side: str | None = None,
+    ignore_index: int = -100,
+    progress: bool = True,
+) -> TeacherOutputStore:
+    """Run ``teacher`` once over ``rows`` (batched by ``collate``) and store its outputs at ``path``.
+
+    ``layers`` are the teacher layers (HF ``hidden_states`` numbering, negative from the end) whose hidden
+    states are kept; ``logits=False`` stores no logits (for runs without logit KD).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    if len(rows) == 0:
+        raise ValueError("rows: nothing to run the teacher on")
+    task = detect_task(teacher)
+    if task not in SUPPORTED_TASKS:
+        raise ValueError(
+            f"teacher: stored outputs support {SUPPORTED_TASKS} models, {type(teacher).__name__} is {task!r}"
+        )
+    adapter = get_adapter(teacher, side=side)
+    try:
+        resolved = sorted({adapter.resolve_layer(layer) for layer in layers})
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"layers: {err}") from None
+    if not resolved and not logits:
+        raise ValueError("layers: nothing to store (no layer and logits=False)")
+    device = next(teacher.parameters()).device
+    teacher.eval()
+    spans = [range(i, min(i + batch_size, len(rows))) for i in range(0, len(rows), batch_size)]
+
+    def masks(batch):
+        positions = logit_positions(batch, task=task, ignore_index=ignore_index)[1]
+        shape = tuple(batch["input_ids"].shape[:2])
+        features = token_weights(
+            batch, task=task, side=adapter.side, shape=shape, ignore_index=ignore_index
+        )
+        return positions, features
+
+    logit_counts, feature_counts = [], []
+    for span in spans:  # the masks depend on the batch alone: size every array before the teacher runs
+        positions, features = masks(collate([rows[i] for i in span]))
+        logit_counts += _row_counts(positions, len(span))
+        feature_counts += _row_counts(features, len(span))
+    logit_offsets = np.concatenate([[0], np.cumsum(logit_counts)]).astype(np.int64)
+    feature_offsets = np.concatenate([[0], np.cumsum(feature_counts)]).astype(np.int64)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))  # one per writer
+    arrays = _PackedArrays(tmp)
+    try:
+        for span in tqdm(spans, desc="flexkd teacher outputs", unit="batch", disable=not progress):
+            batch = {k: v.to(device) for k, v in collate([rows[i] for i in span]).items()}
+            positions, features = masks(batch)
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            with LayerTap(teacher, resolved, stop_after_deepest=not logits, side=adapter.side) as tap:
+                out = tap.run(**inputs)
+                hidden = dict(tap.hidden)
+            rows_span = (span[0], span[-1] + 1)
+            if logits:
+                packed = aligned_logits(out.logits, task)[positions.to(out.logits.device)]
+                arrays.write("logits", packed, logit_offsets, rows_span)
+            for layer in resolved:
+                packed = hidden[layer][features.to(hidden[layer].device)]
+                arrays.write(f"hidden.{layer}", packed, feature_offsets, rows_span)
+        arrays.close()
+        np.save(tmp / "logit_offsets.npy", logit_offsets)
+        np.save(tmp / "feature_offsets.npy", feature_offsets)
+        meta = {
+            "format": FORMAT,
+            "task": task,
+            "side": adapter.side,
+            "layers": resolved,
+            "logits": logits,
+            "rows": len(rows),
+            "rows_fingerprint": rows_fingerprint(rows),
+            "ignore_index": ignore_index,
+            "teacher": TeacherIdentity.of(teacher, side=adapter.side).to_dict(),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    except BaseException:
+        arrays.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, path)
+    return TeacherOutputStore(path)
+
+
+class _PackedArrays:
+    """The store's float32 ``.npy`` arrays, created on first write (the width is known only then)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.arrays = folder, {}
+
+    def write(self, name: str, packed: Tensor, offsets: np.ndarray, rows: tuple[int, int]) -> None:
+        if name not in self.arrays:
+            self.arrays[name] = np.lib.format.open_memmap(
+                self.folder / f"{name}.npy",
+                mode="w+",
+                dtype=np.float32,
+                shape=(int(offsets[-1]), packed.shape[-1]),
+            )
+        self.arrays[name][offsets[rows[0]] : offsets[rows[1]]] = packed.float().cpu().numpy()
+
+    def close(self) -> None:
+        for array in self.arrays.values():
+            array.flush()
+        self.arrays.clear()
+
+class TeacherOutputStore:
+    """A folder written by :func:`write_teacher_outputs`, read row by row."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(
+                f"teacher_outputs: {self.path} is not a stored-teacher-outputs folder (no meta.json)"
+            )
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != FORMAT:
+            raise ValueError(
+                f"teacher_outputs: {self.path} has format {self.meta.get('format')!r}, this flexkd reads {FORMAT}"
+            )
+        self.layers: list[int] = list(self.meta["layers"])
+        self.has_logits: bool = bool(self.meta["logits"])
+        self._logit_offsets = np.load(self.path / "logit_offsets.npy")
+        self._feature_offsets = np.load(self.path / "feature_offsets.npy")
+        self._logits = (
+            np.load(self.path / "logits.npy", mmap_mode="r") if self.has_logits else None
+        )
+        self._hidden = {
+            layer: np.load(self.path / f"hidden.{layer}.npy", mmap_mode="r")
+            for layer in self.layers
+        }
+
+    def __len__(self) -> int:
+        return int(self.meta["rows"])
+
+    def check(
+        self,
+        teacher: nn.Module,
+        rows: Sequence[Mapping[str, Any]],
+        *,
+        layers: Sequence[int] = (),
+        logits: bool = False,
+    ) -> None:
+        """Raise ``ValueError`` unless this store was made by ``teacher`` on ``rows`` and holds ``layers``
+        (resolved against the teacher) and, when ``logits``, the logits."""
+        problems = TeacherIdentity.from_dict(self.meta["teacher"]).mismatches(
+            TeacherIdentity.of(teacher, side=self.meta["side"])
+        )
+        if len(rows) != len(self):
+            problems.append(f"rows: stored for {len(self)} rows, the data has {len(rows)}")
+        elif rows_fingerprint(rows) != self.meta["rows_fingerprint"]:
+            problems.append("rows: the data differs from the rows the outputs were stored for")
+        adapter = get_adapter(teacher, side=self.meta["side"])
+        missing = sorted({adapter.resolve_layer(layer) for layer in layers} - set(self.layers))
+        if missing:
+            problems.append(f"layers: {missing} not stored (it holds {self.layers})")
+        if logits and not self.has_logits:
+            problems.append("logits: not stored, but the run uses logit KD")
+        if problems:
+            raise ValueError(
+                f"teacher_outputs: {self.path} does not fit this run: " + "; ".join(problems)
+            )
+
+    def batch(self, indices: Sequence[int]) -> TeacherOutputs:
+        """The packed outputs of rows ``indices``, in that order."""
+        for i in indices:
+            if not 0 <= i < len(self):
+                raise IndexError(f"indices: row {i} is outside the store's {len(self)} rows")
+
+        def gather(data: np.ndarray, offsets: np.ndarray) -> Tensor:
+            parts = [data[offsets[i] : offsets[i + 1]] for i in indices]
+            return torch.from_numpy(np.concatenate(parts) if parts else data[:0].copy())
+
+        logits = gather(self._logits, self._logit_offsets) if self._logits is not None else None
+        hidden = {
+            layer: gather(data, self._feature_offsets) for layer, data in self._hidden.items()
+        }
+        return TeacherOutputs(logits=logits, hidden=hidden)
