@@ -77,13 +77,14 @@ class Experiment:
         self.kit, self.budget, self.progress = kit, budget, progress
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self._train_data_dir = self.work_dir / "data" / "train"
+        # named by the row count, so a budget with more rows never reads a stale folder
+        self._train_data_dir = self.work_dir / "data" / f"train-n{budget.train_examples}"
         self._selection = None
 
     # ------------------------------------------------------------------------------ data and selection
     def _train_data(self) -> Path:
         if not self._train_data_dir.exists():
-            tmp = self._train_data_dir.with_name(".train.tmp")
+            tmp = self._train_data_dir.with_name(f".{self._train_data_dir.name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             self.kit.train_rows.save_to_disk(str(tmp))
             tmp.replace(self._train_data_dir)
