@@ -417,6 +417,19 @@ def test_experiment_config_uses_the_tuned_knobs_of_the_methods_top_k_counterpart
     assert study_module.get_method("flex-mse").tuned_as == "flex-mse"
 
 
+def test_experiment_training_data_follows_the_budgets_row_count(tmp_path):
+    """A budget with more rows must not train on the folder an earlier, smaller budget wrote."""
+    import datasets
+
+    from flexkd.experiments.pipeline import Experiment
+
+    rows = datasets.Dataset.from_list([{"input_ids": [i], "labels": i} for i in range(8)])
+    for n in (4, 8, 4):
+        kit = SimpleNamespace(train_rows=rows.select(range(n)))
+        path = Experiment(kit, _tuned_budget().with_(train_examples=n), tmp_path)._train_data()
+        assert datasets.load_from_disk(str(path))["labels"] == list(range(n))
+
+
 def test_sections_tuning_is_what_the_committed_diagnosis_chose():
     """``SECTIONS_TUNED`` is not hand-picked: it is the grid's best per method in benchmarks/results."""
     import importlib.util
