@@ -38,9 +38,13 @@ def _metrics(cfg):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("stored", [False, True], ids=["live-teacher", "stored-teacher-outputs"])
+def test_two_processes_match_one_process(tmp_path, stored):
+    """``stored``: the two processes read the teacher's outputs from ``distill.teacher_outputs`` (rank 0
+    writes the store while rank 1 waits) and must still match the single process's live teacher."""
     common = {"max_steps": 3, "checkpoint_every": 2}
     distill = {"weights": {"task": 1.0, "logit": 0.5, "feature": 1.0}}
+    dual_distill = {**distill, "teacher_outputs": "teacher-outputs"} if stored else distill
     selection = {"batch_size": 4}  # 24 rows: 6 batches on one process, 3 on each of two
     single = load_config(
         write_causal_config(
@@ -56,7 +60,7 @@ def test_two_processes_match_one_process(tmp_path):
     dual_path = write_causal_config(
         tmp_path,
         train={**common, "batch_size": 2, "output_dir": "dual"},
-        distill=distill,
+        distill=dual_distill,
         selection=selection,
         dropout=0.0,
         name="dual.yaml",
@@ -84,6 +88,7 @@ def test_two_processes_match_one_process(tmp_path):
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (tmp_path / "teacher-outputs" / "meta.json").is_file() == stored
 
     ours, theirs = (
         DimensionSelection.load(dual.selection_path),
