@@ -253,7 +253,11 @@ def test_study_skips_finished_runs_and_resumes_the_rest(tmp_path, fake_study):
         log=lambda _: None,
     )
 
+    stored = tmp_path / "work" / "debian-sections" / "teacher" / "teacher-outputs-last-n8"
+    stored.mkdir(parents=True)
+    (stored / "logits.npy").write_bytes(b"0" * 64)
     summary = study_module.run_study(tmp_path / "out", plan, **kwargs)
+    assert not stored.exists()  # scratch that a finished study no longer needs
     assert [(m, s) for _, m, s in fake_study.calls] == [(m, s) for _, m, s in plan.runs()[2:]]
     assert all(store.read(*run).get("marker") == "old" for run in plan.runs()[:2])
     assert summary["finished_runs"] == len(plan.runs())

@@ -22,7 +22,7 @@ from flexkd._io import write_json, write_text
 from flexkd.experiments.budget import RunBudget, study_budget
 from flexkd.experiments.kits import TASK_METRICS, build_kit, quiet_transformers
 from flexkd.experiments.methods import ABLATION_METHODS, STUDY_METHODS, get_method
-from flexkd.experiments.pipeline import Experiment
+from flexkd.experiments.pipeline import Experiment, remove_teacher_outputs
 from flexkd.experiments.plots import plot_mean_std_bars, plot_teacher_check
 from flexkd.experiments.store import ResultStore
 from flexkd.experiments.tables import markdown_table, summarize
@@ -173,6 +173,10 @@ def run_study(
     finally:
         if workers > 1:
             pool.terminate()
+    if not pending_runs(plan, store):  # a resume still needs them; a finished study does not
+        freed = remove_teacher_outputs(work_dir)
+        if freed:
+            log(f"removed the stored teacher outputs under {work_dir} ({freed / 2**30:.1f} GiB)")
     return write_report(out_dir, plan, store, command)
 
 
