@@ -309,10 +309,6 @@ class Distiller(nn.Module):
             batch, task=self.task, side=self.side, shape=shape, ignore_index=self.ignore_index
         )
 
-    @staticmethod
-    def _batch_size(batch: Mapping[str, Any]) -> int:
-        return next(v.shape[0] for v in batch.values() if isinstance(v, Tensor))
-
     # ----------------------------------------------------------------- forward
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The student's parameters followed by the feature losses' (the projector's)."""
