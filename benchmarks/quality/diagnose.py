@@ -63,6 +63,12 @@ VARIANTS = (
         Variant(f"{method}-w0.1", method, "feature weight 0.1", {"weights": _weights(0.1)})
         for method in ("flex-corr", "projector-corr", "cka")
     ),
+    # does the selection matter once the feature term has weight? (the study's ablation runs at 0.1)
+    *(
+        Variant(f"flex-corr-{which}-mid", f"flex-corr-{which}", f"layers 2<->3, {which}-k dims",
+                {"layer_pairs": MIDDLE})  # fmt: skip
+        for which in ("random", "bottom")
+    ),
     Variant("none-lr3e-4", "none", "lr 3e-4", {"lr": 3e-4}),
     Variant("flex-corr-lr3e-4", "flex-corr", "lr 3e-4", {"lr": 3e-4}),
 )
@@ -83,10 +89,15 @@ def _tail_mean(curve: list[dict[str, Any]], key: str, n: int = 10) -> float:
 def tuning_choice(store) -> dict[str, dict[str, Any]]:
     """Per feature method, the grid point ({last, 2<->3} x feature weight {1, 0.1}) of best validation
     accuracy: what ``flexkd.experiments.budget.SECTIONS_TUNED`` must hold."""
+    from flexkd.experiments.methods import get_method
+
     best: dict[str, dict[str, Any]] = {}
     for variant in VARIANTS:
-        if variant.method == "none" or set(variant.budget) - {"layer_pairs", "weights"}:
-            continue  # not a grid point (no feature term, or another knob such as lr)
+        method = get_method(variant.method)
+        if method.feature == "none" or method.which != "top":
+            continue  # not a method to tune (no feature term, or a selection ablation)
+        if set(variant.budget) - {"layer_pairs", "weights"}:
+            continue  # not a grid point (another knob such as lr)
         if not store.has(TASK, variant.name, 0):
             continue
         accuracy = store.read(TASK, variant.name, 0)["metrics"]["accuracy"]
@@ -180,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     from flexkd.commands.demo import default_cache_dir
     from flexkd.experiments.kits import build_kit, quiet_transformers
     from flexkd.experiments.methods import get_method
-    from flexkd.experiments.pipeline import Experiment
+    from flexkd.experiments.pipeline import Experiment, remove_teacher_outputs
     from flexkd.experiments.store import ResultStore
 
     command = (
@@ -215,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         store.write(TASK, variant.name, 0, {**result, "change": variant.change})
         print(f"{variant.name}: {result['metrics']} ({result['train_seconds']:.0f} s)", flush=True)
         write_report(store, command)
+    freed = remove_teacher_outputs(cache / "diagnosis")
+    print(f"removed the stored teacher outputs ({freed / 2**30:.1f} GiB)")
     print(write_report(store, command))
     return 0
 

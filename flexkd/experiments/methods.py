@@ -50,6 +50,22 @@ METHODS: dict[str, Method] = {
             for loss in ("mse", "corr")
             for which in ("random", "bottom")
         ),
+        # the selection ablation again with the feature term at weight 1 (ABLATION_WEIGHT_1 in budget.py)
+        *(
+            Method(
+                f"flex-corr-w1{suffix}",
+                f"Flex-KD corr{label}, feature weight 1",
+                "flex",
+                "corr",
+                which,
+                "flex-corr-w1",
+            )
+            for which, suffix, label in (
+                ("top", "", ""),
+                ("random", "-random", ", random-k dims"),
+                ("bottom", "-bottom", ", bottom-k dims"),
+            )
+        ),
     )
 }
 
@@ -62,8 +78,16 @@ STUDY_METHODS = (
     "flex-mse",
     "projector",
 )  # demo trio first
-# Flex-KD with the loss the paper reports (corr): top-k is flex-corr itself, the ablation adds two selections
-ABLATION_METHODS = ("flex-corr", "flex-corr-random", "flex-corr-bottom")
+# Flex-KD with the loss the paper reports (corr): top-k is flex-corr itself, the ablation adds two selections;
+# then all three with the feature term at weight 1 instead of the tuned 0.1, where it is a larger share of the loss
+ABLATION_METHODS = (
+    "flex-corr",
+    "flex-corr-random",
+    "flex-corr-bottom",
+    "flex-corr-w1",
+    "flex-corr-w1-random",
+    "flex-corr-w1-bottom",
+)
 
 
 def get_method(name: str) -> Method:

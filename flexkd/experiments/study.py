@@ -335,7 +335,8 @@ def write_report(
                 budget,
             )
             sections += [
-                f"### {task}: which teacher dims Flex-KD distills (top-k by score, random k, bottom k)",
+                f"### {task}: which teacher dims Flex-KD distills (top-k by score, random k, bottom k; "
+                "at the tuned feature weight and at weight 1)",
                 "",
                 markdown_table(ablation, _columns(metrics, timing=False))
                 if ablation
