@@ -109,7 +109,7 @@ def test_check_names_every_mismatch(setup, tmp_path):
     with pytest.raises(ValueError, match="rows: stored for 11 rows, the data has 10"):
         store.check(teacher, rows[:10])
     changed = [dict(row) for row in rows]
-    changed[3]["input_ids"] = list(reversed(changed[3]["input_ids"]))
+    changed[3]["input_ids"] = [*changed[3]["input_ids"][:-1], changed[3]["input_ids"][-1] + 1]
     with pytest.raises(ValueError, match="rows: the data differs"):
         store.check(teacher, changed)
     other = build(TASKS[task](TEACHER_HIDDEN, 2))
