@@ -329,6 +329,11 @@ class Distiller(nn.Module):
             )
         return inputs
 
+    @property
+    def teacher_layers(self) -> list[int]:
+        """The teacher layers the feature term reads (none without one)."""
+        return [t for _, t in self.layer_pairs] if self.feature != "none" else []
+
     def _needs_student_logits(self) -> bool:
         return self.weights["task"] > 0 or self.weights["logit"] > 0
 
@@ -350,7 +355,7 @@ class Distiller(nn.Module):
             normalizers = self.count_units(batch)
         need_teacher_logits = self.weights["logit"] > 0
         need_student_logits = self._needs_student_logits()
-        teacher_layers = [t for _, t in self.layer_pairs] if self.feature != "none" else []
+        teacher_layers = self.teacher_layers
         student_layers = [s for s, _ in self.layer_pairs] if self.feature != "none" else []
 
         device = next(self.student.parameters()).device
@@ -363,7 +368,11 @@ class Distiller(nn.Module):
         teacher_logits, teacher_hidden = None, {}
         if teacher_outputs is not None:
             teacher_logits, teacher_hidden = self._unpack_teacher_outputs(
-                teacher_outputs, teacher_layers, positions if need_teacher_logits else None, feature_mask
+                teacher_outputs,
+                teacher_layers,
+                positions if need_teacher_logits else None,
+                feature_mask,
+                device,
             )
         elif teacher_layers or need_teacher_logits:
             with torch.no_grad():
@@ -436,11 +445,11 @@ class Distiller(nn.Module):
         layers: list[int],
         positions: Tensor | None,
         feature_mask: Tensor | None,
+        device: torch.device,
     ) -> tuple[Tensor | None, dict[int, Tensor]]:
         """Stored (packed) teacher outputs as the live teacher path yields them: logits at ``positions``
         (None: not needed), hidden states ``[batch, tokens, width]`` at ``layers`` (zero where
-        ``feature_mask`` is off), only the selected columns for ``flex``."""
-        device = next(self.student.parameters()).device
+        ``feature_mask`` is off), only the selected columns for ``flex``; on ``device``."""
         logits = None
         if positions is not None:
             if stored.logits is None:
@@ -452,16 +461,17 @@ class Distiller(nn.Module):
                 )
             logits = stored.logits.to(device)
         hidden = {}
+        feature_positions = int(feature_mask.sum()) if layers else 0
         for layer in layers:
             if layer not in stored.hidden:
                 raise ValueError(
                     f"teacher_outputs: no hidden states of teacher layer {layer} (stored: {sorted(stored.hidden)})"
                 )
             packed = stored.hidden[layer].to(device)
-            if packed.shape[0] != int(feature_mask.sum()):
+            if packed.shape[0] != feature_positions:
                 raise ValueError(
                     f"teacher_outputs: {packed.shape[0]} stored positions of layer {layer}, the batch has "
-                    f"{int(feature_mask.sum())}; the outputs were stored for other rows"
+                    f"{feature_positions}; the outputs were stored for other rows"
                 )
             if self._teacher_columns is not None:
                 packed = packed.index_select(-1, self._teacher_columns[layer].to(device))

@@ -113,9 +113,11 @@ def write_teacher_outputs(
         )
         return positions, features
 
+    # the masks depend on the batch alone: every array is sized before the teacher runs
+    batches = [collate([rows[i] for i in span]) for span in spans]
+    batch_masks = [masks(batch) for batch in batches]
     logit_counts, feature_counts = [], []
-    for span in spans:  # the masks depend on the batch alone: size every array before the teacher runs
-        positions, features = masks(collate([rows[i] for i in span]))
+    for span, (positions, features) in zip(spans, batch_masks, strict=True):
         logit_counts += _row_counts(positions, len(span))
         feature_counts += _row_counts(features, len(span))
     logit_offsets = np.concatenate([[0], np.cumsum(logit_counts)]).astype(np.int64)
@@ -126,10 +128,9 @@ def write_teacher_outputs(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))  # one per writer
     arrays = _PackedArrays(tmp)
     try:
-        for span in tqdm(spans, desc="flexkd teacher outputs", unit="batch", disable=not progress):
-            batch = {k: v.to(device) for k, v in collate([rows[i] for i in span]).items()}
-            positions, features = masks(batch)
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
+        progress_bar = tqdm(spans, desc="flexkd teacher outputs", unit="batch", disable=not progress)
+        for span, batch, (positions, features) in zip(progress_bar, batches, batch_masks, strict=True):
+            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
             with LayerTap(teacher, resolved, stop_after_deepest=not logits, side=adapter.side) as tap:
                 out = tap.run(**inputs)
                 hidden = dict(tap.hidden)

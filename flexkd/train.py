@@ -572,7 +572,7 @@ def _teacher_output_store(cfg: Config, distiller, train_rows, collate, accelerat
     from flexkd.teacher_outputs import TeacherOutputStore, write_teacher_outputs
 
     path = cfg.path(cfg.distill.teacher_outputs)
-    layers = [t for _, t in distiller.layer_pairs] if distiller.feature != "none" else []
+    layers = distiller.teacher_layers
     logits = distiller.weights["logit"] > 0
     if not (path / "meta.json").is_file() and accelerator.is_main_process:
         write_teacher_outputs(

@@ -156,23 +156,21 @@ def test_bad_arguments(tmp_path):
 
 def test_a_failed_write_leaves_nothing_behind(tmp_path):
     teacher, _ = _pair("causal_lm")
-    rows = _rows("causal_lm", 9)
-    collate = Collator("causal_lm", pad_token_id=0)
     calls = 0
 
-    def failing_collate(batch_rows):
+    def fail_on_the_second_batch(*_):
         nonlocal calls
         calls += 1
-        if calls > 4:  # fails while the teacher runs, after the arrays were sized
+        if calls > 1:  # the teacher fails mid-run, after the first batch was written
             raise RuntimeError("killed")
-        return collate(batch_rows)
 
+    teacher.register_forward_pre_hook(fail_on_the_second_batch)
     with pytest.raises(RuntimeError, match="killed"):
         write_teacher_outputs(
-            teacher, rows, tmp_path / "out", layers=[-1], collate=failing_collate, batch_size=4,
-            progress=False,
+            teacher, _rows("causal_lm", 9), tmp_path / "out", layers=[-1],
+            collate=Collator("causal_lm", pad_token_id=0), batch_size=4, progress=False,
         )  # fmt: skip
-    assert list(tmp_path.iterdir()) == []
+    assert calls == 2 and list(tmp_path.iterdir()) == []
 
 
 def test_training_from_stored_outputs_is_the_same_run(tmp_path):

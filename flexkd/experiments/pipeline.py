@@ -101,17 +101,16 @@ class Experiment:
             tmp.replace(self._train_data_dir)
         return self._train_data_dir
 
-    def _teacher_outputs(self, teacher: nn.Module | None = None) -> Path:
+    def _teacher_outputs(self) -> Path:
         """The teacher's outputs on the training rows at every layer some method distills, stored once for
         every (method, seed) run (``flexkd.teacher_outputs``)."""
         from flexkd.teacher_outputs import write_teacher_outputs
         from flexkd.train import Collator
 
-        layers = "-".join("last" if layer == -1 else str(layer) for layer in self.teacher_layers)
-        path = self.work_dir / f"teacher-outputs-{layers}-n{self.budget.train_examples}"
+        path = self.work_dir / f"teacher-outputs-{self._layers_tag}-n{self.budget.train_examples}"
         if not (path / "meta.json").is_file():
             write_teacher_outputs(
-                teacher if teacher is not None else self.kit.load_teacher(),
+                self.kit.load_teacher(),
                 self.kit.train_rows,
                 path,
                 layers=self.teacher_layers,
@@ -132,10 +131,15 @@ class Experiment:
     def _selection_path(self, which: str) -> Path:
         """Named by what the selection depends on besides the teacher (the folder's), so a budget that scores
         other layers or rows never reads a stale file."""
-        layers = "-".join("last" if layer == -1 else str(layer) for layer in self.teacher_layers)
         return (
-            self.work_dir / f"selection-{which}-{layers}-n{self.budget.score_examples}.safetensors"
+            self.work_dir
+            / f"selection-{which}-{self._layers_tag}-n{self.budget.score_examples}.safetensors"
         )
+
+    @property
+    def _layers_tag(self) -> str:
+        """``teacher_layers`` in file names: ``last-3``."""
+        return "-".join("last" if layer == -1 else str(layer) for layer in self.teacher_layers)
 
     def selection(self, teacher: nn.Module | None = None):
         """The top-k selection (k = the student's hidden size) of every teacher layer a method distills,
