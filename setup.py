@@ -64,7 +64,6 @@ packages, package_dir = _packages()
 setup(
     packages=packages,
     package_dir=package_dir,
-    package_data={"flexkd.data": ["debian/*"]},  # the bundled snapshot the demo runs on
     ext_modules=[_extension()],
     cmdclass={"build_ext": _build_ext()},
     zip_safe=False,

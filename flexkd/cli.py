@@ -1,10 +1,15 @@
 """The ``flexkd`` command. Each subcommand lives in its own module exposing
-``add_arguments(parser)`` and ``run(args) -> int``, imported only when it is used."""
+``add_arguments(parser)`` and ``run(args) -> int``, imported only when it is used.
+
+Other distributions add subcommands through the ``flexkd.commands`` entry-point group (flexkd-lab adds
+``demo`` and ``study``): each entry names a module that also exposes ``HELP``, the one-line description,
+and imports nothing heavy at module level, since listing the subcommands imports it."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import shlex
 import sys
 
@@ -13,10 +18,20 @@ SUBCOMMANDS = {
     "score": ("flexkd.commands.score", "score teacher dimensions and write a selection file"),
     "distill": ("flexkd.commands.distill", "distil a student from a YAML config"),
     "eval": ("flexkd.commands.eval", "evaluate a student from a YAML config"),
-    "demo": ("flexkd.commands.demo", "the end-to-end demo on the bundled data"),
     "bench": ("flexkd.commands.bench", "kernel microbenchmarks"),
-    "study": ("flexkd.commands.study", "the quality study (all methods, seeds and ablations)"),
 }
+ENTRY_POINT_GROUP = "flexkd.commands"
+
+
+def plugin_subcommands() -> dict[str, tuple[str, str]]:
+    """``{name: (module, help)}`` of the subcommands installed distributions add through
+    ``ENTRY_POINT_GROUP``; a name the library already uses stays the library's."""
+    found: dict[str, tuple[str, str]] = {}
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name in SUBCOMMANDS or entry.name in found:
+            continue
+        found[entry.name] = (entry.module, importlib.import_module(entry.module).HELP)
+    return found
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -24,7 +39,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexkd", description="Flex-KD feature distillation")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = next((arg for arg in argv if not arg.startswith("-")), None)
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
+    for name, (module_name, help_text) in {**SUBCOMMANDS, **plugin_subcommands()}.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
             module = importlib.import_module(module_name)

@@ -76,7 +76,7 @@ VARIANTS = (
 
 def base_budget():
     """The study's sections budget before tuning: every method at the same knobs, scored on validation."""
-    from flexkd.experiments.budget import study_budget
+    from flexkd_lab.experiments.budget import study_budget
 
     return study_budget(TASK).with_(tuned={}, eval_split="validation", eval_examples=1000)
 
@@ -89,7 +89,7 @@ def _tail_mean(curve: list[dict[str, Any]], key: str, n: int = 10) -> float:
 def tuning_choice(store) -> dict[str, dict[str, Any]]:
     """Per feature method, the grid point ({last, 2<->3} x feature weight {1, 0.1}) of best validation
     accuracy: what ``flexkd.experiments.budget.SECTIONS_TUNED`` must hold."""
-    from flexkd.experiments.methods import get_method
+    from flexkd_lab.experiments.methods import get_method
 
     best: dict[str, dict[str, Any]] = {}
     for variant in VARIANTS:
@@ -112,8 +112,8 @@ def tuning_choice(store) -> dict[str, dict[str, Any]]:
 
 def write_report(store, command: str) -> Path:
     from flexkd._io import write_text
-    from flexkd.experiments.methods import get_method
-    from flexkd.experiments.tables import markdown_table
+    from flexkd_lab.experiments.methods import get_method
+    from flexkd_lab.experiments.tables import markdown_table
 
     rows = []
     for variant in VARIANTS:
@@ -188,11 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
 
-    from flexkd.commands.demo import default_cache_dir
-    from flexkd.experiments.kits import build_kit, quiet_transformers
-    from flexkd.experiments.methods import get_method
-    from flexkd.experiments.pipeline import Experiment, remove_teacher_outputs
-    from flexkd.experiments.store import ResultStore
+    from flexkd_lab.commands.demo import default_cache_dir
+    from flexkd_lab.experiments.kits import build_kit, quiet_transformers
+    from flexkd_lab.experiments.methods import get_method
+    from flexkd_lab.experiments.pipeline import Experiment, remove_teacher_outputs
+    from flexkd_lab.experiments.store import ResultStore
 
     command = (
         "python benchmarks/quality/diagnose.py"  # what reproduces every row (--only just splits it)

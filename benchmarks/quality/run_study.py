@@ -12,7 +12,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flexkd.commands import study
+    from flexkd_lab.commands import study
 
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="run_study.py", description=study.__doc__.splitlines()[0])

@@ -9,7 +9,7 @@ import os
 import torch
 from torch.utils.data import DataLoader
 
-from flexkd.data import SNAPSHOT_DIR, SPLITS, load_task, task_spec
+from flexkd_lab.data import SNAPSHOT_DIR, SPLITS, load_task, task_spec
 
 from .training import FitConfig
 

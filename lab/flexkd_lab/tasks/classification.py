@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flexkd.data import SNAPSHOT_DIR, label_names
+from flexkd_lab.data import SNAPSHOT_DIR, label_names
 
 from .base import DebianTask, pad_sequences
 from .metrics import accuracy, macro_f1

@@ -11,12 +11,12 @@ import subprocess
 
 import pytest
 
-from flexkd.data import SNAPSHOT_DIR, SPLITS, label_names, load_task, read_rows, snapshot_meta
-from flexkd.data.apt_lists import iter_stanzas, read_list_file, release_info
-from flexkd.data.build_debian import BuildConfig, build, split_of, water_fill_cap
-from flexkd.data.near_dup import near_duplicate_clusters
-from flexkd.data.provenance import render_provenance
-from flexkd.data.text import (
+from flexkd_lab.data import SNAPSHOT_DIR, SPLITS, label_names, load_task, read_rows, snapshot_meta
+from flexkd_lab.data.apt_lists import iter_stanzas, read_list_file, release_info
+from flexkd_lab.data.build_debian import BuildConfig, build, split_of, water_fill_cap
+from flexkd_lab.data.near_dup import near_duplicate_clusters
+from flexkd_lab.data.provenance import render_provenance
+from flexkd_lab.data.text import (
     mask_names,
     name_stem,
     names_to_mask,

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from flexkd.experiments.methods import Method
+    from flexkd_lab.experiments.methods import Method
 
 
 @dataclass(frozen=True)

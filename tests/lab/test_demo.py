@@ -7,9 +7,9 @@ import json
 import pytest
 
 from flexkd.cli import main
-from flexkd.experiments.budget import demo_budget
-from flexkd.experiments.kits import QUICK_TASK_CONFIG, build_kit
-from flexkd.experiments.methods import DEMO_METHODS, get_method
+from flexkd_lab.experiments.budget import demo_budget
+from flexkd_lab.experiments.kits import QUICK_TASK_CONFIG, build_kit
+from flexkd_lab.experiments.methods import DEMO_METHODS, get_method
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +102,8 @@ def test_demo_rejects_a_negative_seed(tmp_path, capsys):
 def test_quick_study_with_two_workers_matches_the_plan(tmp_path):
     """The study's runs in two spawned processes: every planned run and the teacher check land in the
     store once, and the tables cover them."""
-    from flexkd.experiments.store import ResultStore
-    from flexkd.experiments.study import RESULTS_FOLDER, TEACHER_CHECK
+    from flexkd_lab.experiments.store import ResultStore
+    from flexkd_lab.experiments.study import RESULTS_FOLDER, TEACHER_CHECK
 
     out = tmp_path / "out"
     argv = ["study", "--quick", "--no-progress", "--workers", "2", "--out", str(out)]

@@ -9,14 +9,14 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from flexkd._io import write_json, write_text
-from flexkd.experiments.budget import demo_budget
-from flexkd.experiments.kits import build_kit, quiet_transformers
-from flexkd.experiments.methods import DEMO_METHODS, get_method
-from flexkd.experiments.pipeline import Experiment
-from flexkd.experiments.plots import plot_learning_curves
-from flexkd.experiments.study import profile_sentence
-from flexkd.experiments.tables import markdown_table
-from flexkd.experiments.timing import StageTimer
+from flexkd_lab.experiments.budget import demo_budget
+from flexkd_lab.experiments.kits import build_kit, quiet_transformers
+from flexkd_lab.experiments.methods import DEMO_METHODS, get_method
+from flexkd_lab.experiments.pipeline import Experiment
+from flexkd_lab.experiments.plots import plot_learning_curves
+from flexkd_lab.experiments.study import profile_sentence
+from flexkd_lab.experiments.tables import markdown_table
+from flexkd_lab.experiments.timing import StageTimer
 
 DEMO_TASK = "debian-sections"
 

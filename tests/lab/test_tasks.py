@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from flexkd.tasks import (
+from flexkd_lab.tasks import (
     FitConfig,
     SectionsConfig,
     SynopsisConfig,
@@ -19,7 +19,7 @@ from flexkd.tasks import (
     macro_f1,
     rouge_l,
 )
-from flexkd.tasks.student_init import principal_directions
+from flexkd_lab.tasks.student_init import principal_directions
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_synopsis_model_factories():
 
 
 def test_teacher_key_ignores_student_settings(synopsis):
-    from flexkd.tasks.teacher_cache import teacher_key
+    from flexkd_lab.tasks.teacher_cache import teacher_key
 
     fit_config = FitConfig()
     wider_student = get_task(

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from flexkd.experiments.budget import RunBudget
-from flexkd.experiments.methods import Method
+from flexkd_lab.experiments.budget import RunBudget
+from flexkd_lab.experiments.methods import Method
 
 
 @dataclass
@@ -179,7 +179,7 @@ class Experiment:
     ) -> dict[str, float]:
         """:func:`flexkd.experiments.profile.selection_profile` of the top-k selection at ``layer`` (default:
         the deepest scored) on the scoring rows."""
-        from flexkd.experiments.profile import selection_profile
+        from flexkd_lab.experiments.profile import selection_profile
 
         teacher = teacher if teacher is not None else self.kit.load_teacher()
         selection = self.selection(teacher)

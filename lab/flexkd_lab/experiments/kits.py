@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from flexkd.experiments.budget import RunBudget
-from flexkd.experiments.pipeline import TaskKit
+from flexkd_lab.experiments.budget import RunBudget
+from flexkd_lab.experiments.pipeline import TaskKit
 
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "debian-sections": ("accuracy", "macro_f1"),
@@ -106,7 +106,7 @@ def build_kit(
 ) -> TaskKit:
     """The :class:`TaskKit` of ``task_name``; trains and caches its teacher under ``cache_dir/teachers``
     when the cache lacks it."""
-    from flexkd.tasks import FitConfig, get_task, get_teacher
+    from flexkd_lab.tasks import FitConfig, get_task, get_teacher
 
     if task_name not in TASK_METRICS:
         raise ValueError(f"task: expected one of {sorted(TASK_METRICS)}, got {task_name!r}")

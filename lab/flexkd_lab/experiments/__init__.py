@@ -10,11 +10,15 @@
   resumable per-run JSON results, mean ± std tables, plots.
 """
 
-from flexkd.experiments.budget import RunBudget, demo_budget, study_budget
-from flexkd.experiments.methods import METHODS, Method, get_method
-from flexkd.experiments.pipeline import Experiment, TaskKit
-from flexkd.experiments.store import ResultStore
-from flexkd.experiments.teacher_check import ZeroDims, run_teacher_check, teacher_check_conditions
+from flexkd_lab.experiments.budget import RunBudget, demo_budget, study_budget
+from flexkd_lab.experiments.methods import METHODS, Method, get_method
+from flexkd_lab.experiments.pipeline import Experiment, TaskKit
+from flexkd_lab.experiments.store import ResultStore
+from flexkd_lab.experiments.teacher_check import (
+    ZeroDims,
+    run_teacher_check,
+    teacher_check_conditions,
+)
 
 __all__ = [
     "METHODS",

@@ -11,12 +11,16 @@ import torch
 from _tiny_hf import HIDDEN, LAYERS, build, padded_batch
 
 from flexkd._io import write_json
-from flexkd.experiments import study as study_module
-from flexkd.experiments.budget import RunBudget
-from flexkd.experiments.store import ResultStore
-from flexkd.experiments.tables import markdown_table, mean_std, summarize
-from flexkd.experiments.teacher_check import ZeroDims, run_teacher_check, teacher_check_conditions
 from flexkd.taps import LayerTap
+from flexkd_lab.experiments import study as study_module
+from flexkd_lab.experiments.budget import RunBudget
+from flexkd_lab.experiments.store import ResultStore
+from flexkd_lab.experiments.tables import markdown_table, mean_std, summarize
+from flexkd_lab.experiments.teacher_check import (
+    ZeroDims,
+    run_teacher_check,
+    teacher_check_conditions,
+)
 
 
 # ---------------------------------------------------------------------------------------------- teacher check
@@ -343,8 +347,8 @@ def test_study_checks_each_teacher_once_before_its_first_run(tmp_path, fake_stud
 
 
 def test_selection_profile_measures_the_selected_dims():
-    from flexkd.experiments.profile import selection_profile
     from flexkd.selection import DimensionSelection
+    from flexkd_lab.experiments.profile import selection_profile
 
     model = build("bert")
     batch = {k: v for k, v in padded_batch().items() if k != "labels"}
@@ -404,7 +408,7 @@ def test_budget_applies_a_methods_tuned_knobs_and_defaults_the_rest():
 
 
 def test_experiment_config_uses_the_tuned_knobs_of_the_methods_top_k_counterpart(tmp_path):
-    from flexkd.experiments.pipeline import Experiment
+    from flexkd_lab.experiments.pipeline import Experiment
 
     budget = _tuned_budget(
         **{
@@ -425,7 +429,7 @@ def test_experiment_training_data_follows_the_budgets_row_count(tmp_path):
     """A budget with more rows must not train on the folder an earlier, smaller budget wrote."""
     import datasets
 
-    from flexkd.experiments.pipeline import Experiment
+    from flexkd_lab.experiments.pipeline import Experiment
 
     rows = datasets.Dataset.from_list([{"input_ids": [i], "labels": i} for i in range(8)])
     for n in (4, 8, 4):
@@ -439,9 +443,9 @@ def test_sections_tuning_is_what_the_committed_diagnosis_chose():
     import importlib.util
     from pathlib import Path
 
-    from flexkd.experiments.budget import SECTIONS_TUNED
+    from flexkd_lab.experiments.budget import SECTIONS_TUNED
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     spec = importlib.util.spec_from_file_location(
         "diagnose", root / "benchmarks/quality/diagnose.py"
     )

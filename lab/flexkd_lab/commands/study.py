@@ -14,11 +14,13 @@ import argparse
 import sys
 from pathlib import Path
 
+HELP = "the quality study (all methods, seeds and ablations)"
+
 DEFAULT_OUT = Path("benchmarks") / "results"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from flexkd.experiments.methods import STUDY_METHODS
+    from flexkd_lab.experiments.methods import STUDY_METHODS
 
     parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default: {DEFAULT_OUT})"
@@ -77,8 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the study; ``args.command_line`` (set by the ``flexkd`` command) is recorded with the tables."""
-    from flexkd.commands.demo import default_cache_dir
-    from flexkd.experiments.study import StudyPlan, run_study
+    from flexkd_lab.commands.demo import default_cache_dir
+    from flexkd_lab.experiments.study import StudyPlan, run_study
 
     try:
         plan = StudyPlan(
@@ -102,8 +104,8 @@ def run(args: argparse.Namespace) -> int:
     )
     command = getattr(args, "command_line", None) or "flexkd study"
     if args.report_only:
-        from flexkd.experiments.store import ResultStore
-        from flexkd.experiments.study import RESULTS_FOLDER, write_report
+        from flexkd_lab.experiments.store import ResultStore
+        from flexkd_lab.experiments.study import RESULTS_FOLDER, write_report
 
         summary = write_report(args.out, plan, ResultStore(args.out / RESULTS_FOLDER), command)
         print(

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flexkd.data import SNAPSHOT_DIR, synopsis_tokenizer_file
-from flexkd.data.bpe import BOS, EOS, PAD, SEP
+from flexkd_lab.data import SNAPSHOT_DIR, synopsis_tokenizer_file
+from flexkd_lab.data.bpe import BOS, EOS, PAD, SEP
 
 from .base import DebianTask, pad_sequences
 from .metrics import rouge_l

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+HELP = "the end-to-end demo on the bundled data"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seed < 0:
         print("flexkd demo: error: --seed must be >= 0", file=sys.stderr)
         return 2
-    from flexkd.experiments.demo import run_demo
+    from flexkd_lab.experiments.demo import run_demo
 
     out = args.out if args.out is not None else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     cache_dir = args.cache_dir if args.cache_dir is not None else default_cache_dir()

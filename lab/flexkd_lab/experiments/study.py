@@ -19,14 +19,14 @@ from typing import Any
 import torch
 
 from flexkd._io import write_json, write_text
-from flexkd.experiments.budget import RunBudget, study_budget
-from flexkd.experiments.kits import TASK_METRICS, build_kit, quiet_transformers
-from flexkd.experiments.methods import ABLATION_METHODS, STUDY_METHODS, get_method
-from flexkd.experiments.pipeline import Experiment, remove_teacher_outputs
-from flexkd.experiments.plots import plot_mean_std_bars, plot_teacher_check
-from flexkd.experiments.store import ResultStore
-from flexkd.experiments.tables import markdown_table, summarize
-from flexkd.experiments.teacher_check import run_teacher_check
+from flexkd_lab.experiments.budget import RunBudget, study_budget
+from flexkd_lab.experiments.kits import TASK_METRICS, build_kit, quiet_transformers
+from flexkd_lab.experiments.methods import ABLATION_METHODS, STUDY_METHODS, get_method
+from flexkd_lab.experiments.pipeline import Experiment, remove_teacher_outputs
+from flexkd_lab.experiments.plots import plot_mean_std_bars, plot_teacher_check
+from flexkd_lab.experiments.store import ResultStore
+from flexkd_lab.experiments.tables import markdown_table, summarize
+from flexkd_lab.experiments.teacher_check import run_teacher_check
 
 TEACHER_CHECK = "teacher-check"
 RESULTS_FOLDER = (
