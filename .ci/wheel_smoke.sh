@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Builds the CPU wheel (`python -m build --wheel --no-isolation`, against the torch installed here),
-# installs it into a fresh virtual environment (system site-packages visible, for torch) and, from
-# outside the source tree, proves that the installed package carries flexkd._C and flexkd.kernels and
-# that the ops run: the C++ kernels against the torch reference, and the Triton kernels under
-# TRITON_INTERPRET=1. Usage: bash .ci/wheel_smoke.sh   (FLEXKD_WHEEL_DIR keeps the wheel there)
+# Builds both wheels (`python -m build --wheel --no-isolation`, against the torch installed here): the
+# library (flexkd, CPU) and the lab (flexkd-lab, lab/). Checks what each holds (the library: flexkd._C
+# and flexkd.kernels, no data set, no lab code, no hard matplotlib; the lab: the bundled snapshot and the
+# entry points), then installs them one after the other into a fresh virtual environment (system
+# site-packages visible, for torch) and, from outside the source tree, proves that the library alone
+# works (`import flexkd`, `flexkd info`, the C++ and Triton kernels against the torch reference, no demo
+# or study subcommand) and that the lab adds `flexkd demo` / `flexkd study` through its entry points and
+# reads its bundled data. Usage: bash .ci/wheel_smoke.sh   (FLEXKD_WHEEL_DIR keeps the wheels there)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,32 +17,78 @@ DIST="${FLEXKD_WHEEL_DIR:-$WORK/dist}"
 START=$SECONDS
 step() { printf '[wheel_smoke %4ds] %s\n' "$((SECONDS - START))" "$*"; }
 
-step "building the CPU wheel"
-FLEXKD_BUILD_CUDA=0 "$PY" -m build --wheel --no-isolation --outdir "$DIST" "$ROOT" >"$WORK/build.log" 2>&1 ||
-  { tail -n 60 "$WORK/build.log" >&2; echo "wheel_smoke: the wheel build failed" >&2; exit 1; }
-WHEEL="$(ls -t "$DIST"/flexkd-*.whl | head -n1)"
+build_wheel() {  # build_wheel <source dir> <log name>
+  "$PY" -m build --wheel --no-isolation --outdir "$DIST" "$1" >"$WORK/$2.log" 2>&1 ||
+    { tail -n 60 "$WORK/$2.log" >&2; echo "wheel_smoke: the $2 wheel build failed" >&2; exit 1; }
+}
+
+step "building the library's CPU wheel"
+FLEXKD_BUILD_CUDA=0 build_wheel "$ROOT" flexkd
+WHEEL="$(ls -t "$DIST"/flexkd-[0-9]*.whl | head -n1)"
 step "built $(basename "$WHEEL") ($(du -h "$WHEEL" | cut -f1))"
-"$PY" - "$WHEEL" <<'EOF'
+step "building the lab's wheel"
+build_wheel "$ROOT/lab" flexkd-lab
+LAB_WHEEL="$(ls -t "$DIST"/flexkd_lab-*.whl | head -n1)"
+step "built $(basename "$LAB_WHEEL") ($(du -h "$LAB_WHEEL" | cut -f1))"
+
+"$PY" - "$WHEEL" "$LAB_WHEEL" <<'EOF'
 import sys
 import zipfile
 
-names = zipfile.ZipFile(sys.argv[1]).namelist()
-required = ["flexkd/__init__.py", "flexkd/ops/__init__.py", "flexkd/kernels/__init__.py"]
+
+def contents(path):
+    wheel = zipfile.ZipFile(path)
+    names = wheel.namelist()
+    meta = {n.split("/", 1)[1]: wheel.read(n).decode() for n in names if ".dist-info/" in n}
+    return names, meta
+
+
+names, meta = contents(sys.argv[1])
+required = ["flexkd/__init__.py", "flexkd/ops/__init__.py", "flexkd/kernels/__init__.py", "flexkd/cli.py"]
 missing = [n for n in required if n not in names]
-assert not missing, f"missing from the wheel: {missing}"
+assert not missing, f"missing from the library wheel: {missing}"
 assert any(n.startswith("flexkd/_C") and n.endswith((".so", ".pyd")) for n in names), "no flexkd/_C in the wheel"
 assert not any(n.startswith("kernels/") for n in names), "kernels/ must ship as flexkd.kernels only"
-print(f"wheel holds {len(names)} files, flexkd/_C and flexkd/kernels among them")
+lab_files = [n for n in names if n.startswith(("flexkd_lab/", "flexkd/data/", "flexkd/tasks/", "flexkd/experiments/"))
+             or n in ("flexkd/commands/demo.py", "flexkd/commands/study.py")]
+assert not lab_files, f"the library wheel carries the lab: {lab_files[:5]}"
+data = [n for n in names if n.endswith((".jsonl.gz", ".jsonl", ".parquet", ".csv"))]
+assert not data, f"the library wheel carries data: {data[:5]}"
+requires = [line for line in meta["METADATA"].splitlines() if line.startswith("Requires-Dist:")]
+hard = [r for r in requires if "extra ==" not in r]
+assert not any("matplotlib" in r for r in hard), f"matplotlib is a hard dependency: {hard}"
+assert any("matplotlib" in r and 'extra == "plot"' in r for r in requires), "no flexkd[plot] extra"
+assert "flexkd.commands" not in meta.get("entry_points.txt", ""), "the library registers lab commands"
+print(f"library wheel: {len(names)} files, flexkd/_C and flexkd/kernels among them, no data, no lab code;")
+print("  hard dependencies: " + ", ".join(r.split(":", 1)[1].strip() for r in hard))
+
+names, meta = contents(sys.argv[2])
+snapshot = [n for n in names if n.startswith("flexkd_lab/data/debian/")]
+assert sum(n.endswith(".jsonl.gz") for n in snapshot) == 6, f"the lab wheel misses the snapshot: {snapshot}"
+assert "flexkd_lab/data/debian/meta.json" in names and "flexkd_lab/commands/demo.py" in names
+entry_points = meta["entry_points.txt"]
+for line in ("[flexkd.commands]", "demo = flexkd_lab.commands.demo", "study = flexkd_lab.commands.study"):
+    assert line in entry_points, f"{line!r} not in the lab's entry_points.txt:\n{entry_points}"
+assert not any(n.startswith("flexkd/") for n in names), "the lab wheel carries library files"
+print(f"lab wheel: {len(names)} files, {len(snapshot)} of them the bundled snapshot; entry points demo, study")
 EOF
 
-step "installing it into a fresh virtual environment"
+step "installing the library wheel alone into a fresh virtual environment"
 "$PY" -m venv --system-site-packages "$WORK/venv"
-"$WORK/venv/bin/python" -m pip install --quiet --no-deps --no-index "$WHEEL"
+VPY="$WORK/venv/bin/python"
+"$VPY" -m pip install --quiet --no-deps --no-index "$WHEEL"
+if "$VPY" -c "import flexkd_lab" 2>/dev/null; then
+  echo "wheel_smoke: flexkd_lab is importable before the lab wheel is installed" >&2; exit 1
+fi
 
-step "smoke test from outside the source tree"
+step "smoke test of the library from outside the source tree"
 cd "$WORK"
-FLEXKD_SOURCE="$ROOT" TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 "$WORK/venv/bin/python" -W ignore - <<'EOF'
+export FLEXKD_SOURCE="$ROOT" TRITON_INTERPRET=1 HF_HUB_OFFLINE=1
+"$WORK/venv/bin/flexkd" info >"$WORK/info.txt" || { cat "$WORK/info.txt"; exit 1; }
+head -n 3 "$WORK/info.txt"
+"$VPY" -W ignore - <<'EOF'
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -47,6 +96,7 @@ import torch
 import flexkd
 import flexkd._C
 import flexkd.kernels
+from flexkd.cli import main
 from flexkd.ops import flex_feature_loss, importance_scores, reference
 
 source = Path(os.environ["FLEXKD_SOURCE"]).resolve()
@@ -71,5 +121,36 @@ for backend in ("cpu", "triton"):
     scores = importance_scores(teacher, teacher * 0.5, mask, backend=backend)
     torch.testing.assert_close(scores, reference.importance_scores(teacher, teacher * 0.5, mask))
     print(f"importance_scores via {backend}: ok")
+assert "matplotlib" not in sys.modules, "the ops imported matplotlib"
+
+for lab_command in ("demo", "study"):  # without the lab the library has no such subcommand
+    try:
+        main([lab_command, "--help"])
+    except SystemExit as exit:
+        assert exit.code == 2, f"flexkd {lab_command} --help exited {exit.code} without the lab"
+    else:
+        raise AssertionError(f"flexkd {lab_command} ran without the lab installed")
+print("library alone: no demo or study subcommand")
 EOF
-step "OK: the wheel installs and its native and Triton kernels run outside the source tree"
+
+step "installing the lab wheel next to it"
+"$VPY" -m pip install --quiet --no-deps --no-index "$LAB_WHEEL"
+"$WORK/venv/bin/flexkd" --help | tee "$WORK/help.txt" | grep -E "^    (demo|study) "
+grep -qE "^    demo " "$WORK/help.txt" && grep -qE "^    study " "$WORK/help.txt"
+"$WORK/venv/bin/flexkd" demo --help >/dev/null
+"$WORK/venv/bin/flexkd" study --help >/dev/null
+"$VPY" -W ignore - <<'EOF'
+import os
+from pathlib import Path
+
+import flexkd_lab
+from flexkd_lab.data import SNAPSHOT_DIR, load_task
+
+source = Path(os.environ["FLEXKD_SOURCE"]).resolve()
+where = Path(flexkd_lab.__file__).resolve()
+assert source not in where.parents, f"flexkd_lab was imported from the source tree: {where}"
+rows = load_task("debian-sections", "validation", limit=5)
+assert len(rows) == 5, rows
+print(f"flexkd_lab: {where}; bundled snapshot at {SNAPSHOT_DIR}: {sorted(os.listdir(SNAPSHOT_DIR))[:3]}...")
+EOF
+step "OK: both wheels install; the library runs alone, the lab adds demo and study and ships the data"

@@ -88,7 +88,7 @@ def _tail_mean(curve: list[dict[str, Any]], key: str, n: int = 10) -> float:
 
 def tuning_choice(store) -> dict[str, dict[str, Any]]:
     """Per feature method, the grid point ({last, 2<->3} x feature weight {1, 0.1}) of best validation
-    accuracy: what ``flexkd.experiments.budget.SECTIONS_TUNED`` must hold."""
+    accuracy: what ``flexkd_lab.experiments.budget.SECTIONS_TUNED`` must hold."""
     from flexkd_lab.experiments.methods import get_method
 
     best: dict[str, dict[str, Any]] = {}

@@ -14,8 +14,6 @@ from typing import Literal
 
 from torch import nn
 
-SITE_KINDS = ("input", "output")
-
 
 @dataclass(frozen=True)
 class HookSite:

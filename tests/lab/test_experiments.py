@@ -15,7 +15,7 @@ from flexkd.taps import LayerTap
 from flexkd_lab.experiments import study as study_module
 from flexkd_lab.experiments.budget import RunBudget
 from flexkd_lab.experiments.store import ResultStore
-from flexkd_lab.experiments.tables import markdown_table, mean_std, summarize
+from flexkd_lab.experiments.tables import markdown_table, mean_std, method_columns, summarize
 from flexkd_lab.experiments.teacher_check import (
     ZeroDims,
     run_teacher_check,
@@ -304,6 +304,19 @@ def test_mean_std_and_summary():
 def test_markdown_table_layout():
     text = markdown_table([{"a": 1, "b": 0.12345}, {"a": "x"}], [("a", "A"), ("b", "B")])
     assert text.splitlines() == ["| A | B |", "|---|---|", "| 1 | 0.123 |", "| x |  |"]
+
+
+def test_method_columns_are_the_demo_and_study_headers():
+    """One definition of the per-method table: the demo's (no seeds) and the study's (with seeds)."""
+    demo = method_columns(("accuracy", "macro_f1"))
+    assert [h for _, h in demo] == [
+        "method", "layers; feature weight", "accuracy", "macro-F1", "train time (s)"
+    ]  # fmt: skip
+    ablation = method_columns(("rouge_l", "other"), seeds=True, timing=False)
+    assert ablation == [
+        ("label", "method"), ("knobs", "layers; feature weight"), ("seeds", "seeds"),
+        ("rouge_l", "ROUGE-L"), ("other", "other"),
+    ]  # fmt: skip
 
 
 def test_study_checks_each_teacher_once_before_its_first_run(tmp_path, fake_study, monkeypatch):

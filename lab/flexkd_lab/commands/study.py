@@ -16,14 +16,12 @@ from pathlib import Path
 
 HELP = "the quality study (all methods, seeds and ablations)"
 
-DEFAULT_OUT = Path("benchmarks") / "results"
+DEFAULT_OUT = Path("flexkd-study")  # under the current directory, wherever that is
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from flexkd_lab.experiments.methods import STUDY_METHODS
-
     parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default: {DEFAULT_OUT})"
+        "--out", type=Path, default=DEFAULT_OUT, help="results folder (default: %(default)s)"
     )
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)"
@@ -35,7 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tasks (default: both)",
     )
     parser.add_argument(
-        "--methods", nargs="+", default=list(STUDY_METHODS), help="methods compared on every task"
+        "--methods",
+        nargs="+",
+        default=None,
+        help="methods compared on every task (default: the study's six, STUDY_METHODS)",
     )
     parser.add_argument(
         "--no-ablation", dest="ablation", action="store_false", help="skip the selection ablation"
@@ -80,12 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the study; ``args.command_line`` (set by the ``flexkd`` command) is recorded with the tables."""
     from flexkd_lab.commands.demo import default_cache_dir
+    from flexkd_lab.experiments.methods import STUDY_METHODS
     from flexkd_lab.experiments.study import StudyPlan, run_study
 
     try:
         plan = StudyPlan(
             tasks=tuple(args.tasks),
-            methods=tuple(args.methods),
+            methods=tuple(args.methods or STUDY_METHODS),
             seeds=tuple(args.seeds),
             ablation_tasks=("debian-sections",)
             if args.ablation and "debian-sections" in args.tasks

@@ -2,7 +2,7 @@
 
 ``load_task("debian-sections" | "debian-synopsis", split, limit=None)`` returns a
 ``datasets.Dataset``; ``label_names("debian-sections")`` the class names. Rebuild the
-snapshot with ``python -m flexkd.data.build_debian`` (see debian/PROVENANCE.md)."""
+snapshot with ``python -m flexkd_lab.data.build_debian`` (see debian/PROVENANCE.md)."""
 
 from .loaders import (
     SNAPSHOT_DIR,

@@ -1,7 +1,7 @@
 """Build the committed Debian snapshot from the local apt lists.
 
     apt-get -o Acquire::Languages=en update      # fills /var/lib/apt/lists
-    python -m flexkd.data.build_debian           # rewrites flexkd/data/debian/
+    python -m flexkd_lab.data.build_debian       # rewrites flexkd_lab/data/debian/
 
 Two tasks come out of the same descriptions (see PROVENANCE.md for the numbers):
 ``debian-sections`` (long description with package names masked -> archive section, the
@@ -296,7 +296,7 @@ def build(lists_dir: str, out_dir: str, suite: str, config: BuildConfig) -> dict
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m flexkd.data.build_debian",
+        prog="python -m flexkd_lab.data.build_debian",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -30,7 +30,7 @@ def synopsis_tokenizer_file(data_dir: str = SNAPSHOT_DIR) -> str:
     path = os.path.join(data_dir, "synopsis-tokenizer.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"no synopsis tokenizer at {path}; run `python -m flexkd.data.build_debian`"
+            f"no synopsis tokenizer at {path}; run `python -m flexkd_lab.data.build_debian`"
         )
     return path
 
@@ -47,7 +47,7 @@ def snapshot_meta(data_dir: str = SNAPSHOT_DIR) -> dict:
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"no snapshot at {data_dir}; run `python -m flexkd.data.build_debian`"
+            f"no snapshot at {data_dir}; run `python -m flexkd_lab.data.build_debian`"
         )
     with open(path, encoding="utf-8") as f:
         return json.load(f)

@@ -15,7 +15,7 @@ from flexkd_lab.experiments.methods import DEMO_METHODS, get_method
 from flexkd_lab.experiments.pipeline import Experiment
 from flexkd_lab.experiments.plots import plot_learning_curves
 from flexkd_lab.experiments.study import profile_sentence
-from flexkd_lab.experiments.tables import markdown_table
+from flexkd_lab.experiments.tables import markdown_table, method_columns
 from flexkd_lab.experiments.timing import StageTimer
 
 DEMO_TASK = "debian-sections"
@@ -69,7 +69,7 @@ def run_demo(
         rows = [
             {
                 "method": name,
-                "method_label": r["method_label"],
+                "label": r["method_label"],
                 "knobs": budget.knobs_text(get_method(name)),
                 **r["metrics"],
                 "train_seconds": r["train_seconds"],
@@ -77,7 +77,7 @@ def run_demo(
             }
             for name, r in results.items()
         ]
-        table = markdown_table(rows, [(k, h) for k, h in _columns(kit.metrics)])
+        table = markdown_table(rows, method_columns(kit.metrics))
         plot_learning_curves(
             {r["method_label"]: r["curve"] for r in results.values()},
             out_dir / "learning_curves.png",
@@ -118,13 +118,3 @@ def run_demo(
         },
     )
     return DemoReport(rows, table, timer.table(), out_dir)
-
-
-def _columns(metrics: tuple[str, ...]) -> list[tuple[str, str]]:
-    names = {"accuracy": "accuracy", "macro_f1": "macro-F1", "rouge_l": "ROUGE-L"}
-    return [
-        ("method_label", "method"),
-        ("knobs", "layers; feature weight"),
-        *[(m, names.get(m, m)) for m in metrics],
-        ("train_seconds", "train time (s)"),
-    ]

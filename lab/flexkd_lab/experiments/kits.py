@@ -1,8 +1,8 @@
-"""Task kits for the demo and the study, built on :mod:`flexkd.tasks`.
+"""Task kits for the demo and the study, built on :mod:`flexkd_lab.tasks`.
 
-``flexkd.tasks`` owns the tasks (tokenisation, teachers trained once and cached, students whose
+``flexkd_lab.tasks`` owns the tasks (tokenisation, teachers trained once and cached, students whose
 embeddings start from the teacher's, metrics); this module turns one into a
-:class:`~flexkd.experiments.pipeline.TaskKit`: the cached teacher's folder, the tokenized rows in the
+:class:`~flexkd_lab.experiments.pipeline.TaskKit`: the cached teacher's folder, the tokenized rows in the
 form :func:`flexkd.train.train` reads, a named student factory for the training loop, and the evaluation.
 A file lock around the teacher fine-tune lets a demo and a study started together share one teacher.
 """

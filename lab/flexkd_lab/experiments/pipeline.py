@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,7 +177,7 @@ class Experiment:
     def selection_profile(
         self, teacher: nn.Module | None = None, layer: int | None = None
     ) -> dict[str, float]:
-        """:func:`flexkd.experiments.profile.selection_profile` of the top-k selection at ``layer`` (default:
+        """:func:`flexkd_lab.experiments.profile.selection_profile` of the top-k selection at ``layer`` (default:
         the deepest scored) on the scoring rows."""
         from flexkd_lab.experiments.profile import selection_profile
 
@@ -307,10 +307,3 @@ class Experiment:
                 for r in curve
             ],
         }
-
-
-def summarize_curves(
-    results: Mapping[str, Mapping[str, Any]],
-) -> dict[str, Sequence[Mapping[str, Any]]]:
-    """``{method label: curve}`` of finished runs, for :func:`flexkd.experiments.plots.plot_learning_curves`."""
-    return {r["method_label"]: r["curve"] for r in results.values()}

@@ -25,14 +25,13 @@ from flexkd_lab.experiments.methods import ABLATION_METHODS, STUDY_METHODS, get_
 from flexkd_lab.experiments.pipeline import Experiment, remove_teacher_outputs
 from flexkd_lab.experiments.plots import plot_mean_std_bars, plot_teacher_check
 from flexkd_lab.experiments.store import ResultStore
-from flexkd_lab.experiments.tables import markdown_table, summarize
+from flexkd_lab.experiments.tables import METRIC_HEADERS, markdown_table, method_columns, summarize
 from flexkd_lab.experiments.teacher_check import run_teacher_check
 
 TEACHER_CHECK = "teacher-check"
 RESULTS_FOLDER = (
     "study-runs"  # not "runs": that name is git-ignored, and these results are committed
 )
-METRIC_HEADERS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "rouge_l": "ROUGE-L"}
 
 
 @dataclass(frozen=True)
@@ -308,7 +307,7 @@ def write_report(
                 else ""
             ),
             "",
-            markdown_table(main, _columns(metrics)) if main else "_no finished run yet_",
+            markdown_table(main, method_columns(metrics, seeds=True)) if main else "_no finished run yet_",
             "",
         ]
         teachers = sorted({r["teacher"] for r in task_runs if r.get("teacher")})
@@ -338,7 +337,7 @@ def write_report(
                 f"### {task}: which teacher dims Flex-KD distills (top-k by score, random k, bottom k; "
                 "at the tuned feature weight and at weight 1)",
                 "",
-                markdown_table(ablation, _columns(metrics, timing=False))
+                markdown_table(ablation, method_columns(metrics, seeds=True, timing=False))
                 if ablation
                 else "_no finished run yet_",
                 "",
@@ -387,7 +386,7 @@ def write_report(
 
 
 def profile_sentence(profile: dict[str, Any]) -> str:
-    """One line on what the selected dims are (see :mod:`flexkd.experiments.profile`)."""
+    """One line on what the selected dims are (see :mod:`flexkd_lab.experiments.profile`)."""
     return (
         f"At layer {profile['layer']}, the top-{profile['k']} dims hold {100 * profile['mass_in_top_k']:.1f}% of the importance mass and "
         f"{100 * profile['energy_share_selected']:.1f}% of the hidden state's energy (k/D = "
@@ -408,10 +407,3 @@ def _ordered(
         row["label"] = method.label
         row["knobs"] = budget.knobs_text(method)
     return ordered
-
-
-def _columns(metrics: Sequence[str], *, timing: bool = True) -> list[tuple[str, str]]:
-    columns = [("label", "method"), ("knobs", "layers; feature weight"), ("seeds", "seeds")] + [
-        (m, METRIC_HEADERS.get(m, m)) for m in metrics
-    ]
-    return columns + ([("train_seconds", "train time (s)")] if timing else [])

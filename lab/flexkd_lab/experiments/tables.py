@@ -7,6 +7,19 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+METRIC_HEADERS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "rouge_l": "ROUGE-L"}
+
+
+def method_columns(
+    metrics: Sequence[str], *, seeds: bool = False, timing: bool = True
+) -> list[tuple[str, str]]:
+    """The columns of a table with one row per method: its label and knobs, the seeds it ran (the study),
+    its metrics and its train time."""
+    columns = [("label", "method"), ("knobs", "layers; feature weight")]
+    columns += [("seeds", "seeds")] if seeds else []
+    columns += [(m, METRIC_HEADERS.get(m, m)) for m in metrics]
+    return columns + ([("train_seconds", "train time (s)")] if timing else [])
+
 
 def format_value(value: Any, digits: int = 3) -> str:
     if isinstance(value, bool) or value is None:

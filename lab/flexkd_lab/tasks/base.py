@@ -48,7 +48,7 @@ class DebianTask(abc.ABC):
 
     # data -----------------------------------------------------------------------------
     def dataset(self, split: str, limit: int | None = None):
-        """The raw split as a ``datasets.Dataset`` (see ``flexkd.data.load_task``)."""
+        """The raw split as a ``datasets.Dataset`` (see ``flexkd_lab.data.load_task``)."""
         return load_task(self.name, split, limit, self.data_dir)
 
     @abc.abstractmethod

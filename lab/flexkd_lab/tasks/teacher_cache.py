@@ -67,7 +67,7 @@ def get_teacher(
     the train split, evaluated on ``eval_limit`` validation rows, and saved atomically
     (written to a temporary folder, then renamed into place).
 
-    ``task`` is a task name or a task object from ``flexkd.tasks.get_task``."""
+    ``task`` is a task name or a task object from ``flexkd_lab.tasks.get_task``."""
     from . import get_task
 
     task = get_task(task) if isinstance(task, str) else task
