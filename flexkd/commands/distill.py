@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexkd.train import train
+    from flexkd.training import train
 
     try:
         result = train(config_from_args(args))

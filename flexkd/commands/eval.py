@@ -96,7 +96,7 @@ def evaluate(
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexkd.train import (
+    from flexkd.training import (
         Collator,
         auto_class,
         build_model,

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexkd.train import (
+    from flexkd.training import (
         Collator,
         build_model,
         build_splits,

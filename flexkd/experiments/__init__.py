@@ -3,7 +3,7 @@
 - :mod:`~flexkd.experiments.kits`: per task, the tokenizer, the cached fine-tuned teacher, the student
   config, tokenized rows and the evaluation function (a :class:`~flexkd.experiments.pipeline.TaskKit`).
 - :mod:`~flexkd.experiments.pipeline`: score once, then distill and evaluate any (method, seed) with
-  :func:`flexkd.train.train` under one :class:`~flexkd.experiments.budget.RunBudget`.
+  :func:`flexkd.train` under one :class:`~flexkd.experiments.budget.RunBudget`.
 - :mod:`~flexkd.experiments.demo` / :mod:`~flexkd.experiments.study`: the two commands' drivers.
 - :mod:`~flexkd.experiments.teacher_check`: zero teacher dims at a layer and re-evaluate.
 - :mod:`~flexkd.experiments.store`, :mod:`~flexkd.experiments.tables`, :mod:`~flexkd.experiments.plots`:

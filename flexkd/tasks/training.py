@@ -1,5 +1,5 @@
 """A plain supervised fine-tuning loop (AdamW, linear warm-up/decay, progress bar), used to
-train the teachers. Distillation has its own loop in ``flexkd.train``."""
+train the teachers. Distillation has its own loop in ``flexkd.training``."""
 
 from __future__ import annotations
 
