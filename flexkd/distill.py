@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from flexkd.adapters import get_adapter
 from flexkd.adapters.masks import aligned_logits, detect_task, logit_positions, token_weights
+from flexkd.errors import ConfigError, FlexKDError, SelectionMismatchError, StoreMismatchError
 from flexkd.losses import (
     FEATURE_LOSSES,
     LOGIT_KD_KINDS,
@@ -214,20 +215,25 @@ class Distiller(nn.Module):
         """The distiller a :class:`~flexkd.config.Config`'s ``distill`` section describes (a
         ``Config`` or its ``DistillSection``)."""
         section = getattr(cfg, "distill", cfg)
-        return cls(
-            teacher,
-            student,
-            selection=selection,
-            feature=section.feature,
-            feature_loss=section.feature_loss,
-            layer_pairs=section.layer_pairs,
-            weights=section.weights.model_dump(),
-            logit_kind=section.logit_kind,
-            temperature=section.temperature,
-            beta=section.beta,
-            projector_direction=section.projector_direction,
-            side=section.side,
-        )
+        try:
+            return cls(
+                teacher,
+                student,
+                selection=selection,
+                feature=section.feature,
+                feature_loss=section.feature_loss,
+                layer_pairs=section.layer_pairs,
+                weights=section.weights.model_dump(),
+                logit_kind=section.logit_kind,
+                temperature=section.temperature,
+                beta=section.beta,
+                projector_direction=section.projector_direction,
+                side=section.side,
+            )
+        except FlexKDError:
+            raise
+        except ValueError as err:  # the section passed validation but does not fit these models
+            raise ConfigError(f"distill: {err}") from None
 
     # ----------------------------------------------------------------- construction
     def _resolve_pairs(self, pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -274,28 +280,28 @@ class Distiller(nn.Module):
             try:
                 selection.validate(self.teacher)
             except ValueError as err:
-                raise ValueError(f"selection: {err}") from None
+                raise SelectionMismatchError(f"selection: {err}") from None
         selected_layers = {self._teacher_adapter.resolve_layer(layer) for layer in selection.layers}
         indices = []
         for s_layer, t_layer in self.layer_pairs:
             teacher_width = self._teacher_adapter.layer_width(t_layer)
             student_width = self._student_adapter.layer_width(s_layer)
             if int(selection.hidden_size) != teacher_width:
-                raise ValueError(
+                raise SelectionMismatchError(
                     f"selection: made for a teacher of hidden size {selection.hidden_size}, but this "
                     f"teacher's layer {t_layer} has width {teacher_width}; it does not belong to this teacher"
                 )
             if selection.k > teacher_width:
-                raise ValueError(
+                raise SelectionMismatchError(
                     f"selection: k={selection.k} is larger than the teacher's hidden size {teacher_width}"
                 )
             if selection.k != student_width:
-                raise ValueError(
+                raise SelectionMismatchError(
                     f"selection: k={selection.k} must equal the student's hidden size {student_width} "
                     f"(student layer {s_layer}) for feature='flex'"
                 )
             if t_layer not in selected_layers:
-                raise ValueError(
+                raise SelectionMismatchError(
                     f"selection: has no dimensions for teacher layer {t_layer} (it covers layers "
                     f"{sorted(selected_layers)}); score that layer or change layer_pairs"
                 )
@@ -519,9 +525,9 @@ class Distiller(nn.Module):
         logits = None
         if positions is not None:
             if stored.logits is None:
-                raise ValueError("teacher_outputs: no logits stored, but logit KD is on")
+                raise StoreMismatchError("teacher_outputs: no logits stored, but logit KD is on")
             if stored.logits.shape[0] != int(positions.sum()):
-                raise ValueError(
+                raise StoreMismatchError(
                     f"teacher_outputs: {stored.logits.shape[0]} stored logit positions, the batch has "
                     f"{int(positions.sum())}; the outputs were stored for other rows"
                 )
@@ -530,12 +536,12 @@ class Distiller(nn.Module):
         feature_positions = int(feature_mask.sum()) if layers else 0
         for layer in layers:
             if layer not in stored.hidden:
-                raise ValueError(
+                raise StoreMismatchError(
                     f"teacher_outputs: no hidden states of teacher layer {layer} (stored: {sorted(stored.hidden)})"
                 )
             packed = stored.hidden[layer].to(device)
             if packed.shape[0] != feature_positions:
-                raise ValueError(
+                raise StoreMismatchError(
                     f"teacher_outputs: {packed.shape[0]} stored positions of layer {layer}, the batch has "
                     f"{feature_positions}; the outputs were stored for other rows"
                 )

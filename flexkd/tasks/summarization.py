@@ -14,8 +14,9 @@ import torch
 
 from flexkd.data import SNAPSHOT_DIR, synopsis_tokenizer_file
 from flexkd.data.bpe import BOS, EOS, PAD, SEP
+from flexkd.training.data import pad_sequences
 
-from .base import DebianTask, pad_sequences
+from .base import DebianTask
 from .metrics import rouge_l
 from .student_init import EMBEDDING_INITS, init_embeddings_from_teacher
 from .training import FitConfig
