@@ -120,3 +120,24 @@ def test_distiller_from_config_maps_the_distill_section(tmp_path):
     assert distiller.layer_pairs == [(1, 2)]
     with pytest.raises(errors.ConfigError, match="distill: selection: feature='flex' needs"):
         flexkd.Distiller.from_config(cfg.distill.model_copy(update={"feature": "flex"}), teacher, student)
+
+
+def test_readme_python_api_example_runs():
+    import re
+    from pathlib import Path
+
+    import torch
+    from _train_helpers import STUDENT_HIDDEN, TEACHER_HIDDEN, build, causal_batch, gpt2_config
+
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    block = text.split("## The Python API and the training loop", 1)[1]
+    code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
+    torch.manual_seed(0)
+    teacher = build(gpt2_config(TEACHER_HIDDEN, 2), seed=0)
+    student = build(gpt2_config(STUDENT_HIDDEN, 1), seed=1)
+    batches = [causal_batch() for _ in range(2)]
+    before = [p.detach().clone() for p in student.parameters()]
+    namespace = dict(torch=torch, teacher=teacher, student=student, scoring_batches=batches, loader=batches)
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert float(namespace["terms"]["feature"]) > 0 and float(namespace["terms"]["logit"]) > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
