@@ -14,16 +14,9 @@ User errors are :class:`flexkd.FlexKDError` subclasses (``flexkd.errors``).
 
 import importlib as _importlib
 
+from flexkd import errors as _errors
 from flexkd._version import __version__
-from flexkd.errors import (
-    ConfigError,
-    FlexKDError,
-    NonFiniteLossError,
-    RunFolderLockedError,
-    SelectionMismatchError,
-    StoreMismatchError,
-    UnsupportedModelError,
-)
+from flexkd.errors import *  # noqa: F403  (the FlexKDError hierarchy)
 
 # name -> (module, attribute): loaded on first access by __getattr__
 _LAZY = {
@@ -37,17 +30,7 @@ _LAZY = {
     "load_config": ("flexkd.config", "load_config"),
 }
 
-__all__ = [
-    "__version__",
-    *_LAZY,
-    "ConfigError",
-    "FlexKDError",
-    "NonFiniteLossError",
-    "RunFolderLockedError",
-    "SelectionMismatchError",
-    "StoreMismatchError",
-    "UnsupportedModelError",
-]
+__all__ = ["__version__", *_LAZY, *_errors.__all__]
 
 
 def __getattr__(name: str):
