@@ -40,7 +40,7 @@ class RunState:
     """Where a run is: optimizer steps taken and the data order's position.
 
     ``epoch`` and ``position`` (micro-batches of this rank's shard already consumed in that
-    epoch) plus ``seed`` fix the rest of the data order; see ``flexkd.train.ShardedOrder``.
+    epoch) plus ``seed`` fix the rest of the data order; see ``flexkd.training.ShardedOrder``.
     """
 
     step: int

@@ -13,6 +13,8 @@ import importlib.metadata
 import shlex
 import sys
 
+from flexkd.errors import FlexKDError
+
 SUBCOMMANDS = {
     "info": ("flexkd.info", "versions, compiled kernels and the backend each op resolves to"),
     "score": ("flexkd.commands.score", "score teacher dimensions and write a selection file"),
@@ -52,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     args.command_line = shlex.join(["flexkd", *argv])  # how it was invoked, for records that say so
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except FlexKDError as error:  # the user's to fix: one line, no traceback; anything else is a bug
+        print(f"flexkd {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

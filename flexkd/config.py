@@ -37,11 +37,9 @@ from pydantic import (
     model_validator,
 )
 
+from flexkd.errors import ConfigError
+
 TaskName = Literal["causal_lm", "sequence", "seq2seq", "token"]
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the field."""
 
 
 class _Section(BaseModel):

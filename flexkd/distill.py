@@ -6,7 +6,7 @@ registered, so it is never in ``state_dict()``, never moved by ``.to()`` or wrap
 with the student, and it is always frozen and in eval mode.
 
     distiller = Distiller(teacher, student, selection=sel, weights=dict(task=1, logit=0.5, feature=1))
-    loss, terms = distiller(batch)      # terms: {"task", "logit", "feature", "total"} as floats
+    loss, terms = distiller(batch)      # terms: {"task", "logit", "feature", "total"}, detached tensors
     loss.backward()
 
 Each term is a sum over its units divided by a normaliser: by default the units of this
@@ -22,18 +22,16 @@ token when the batch has no labels; the feature term uses the same positions sco
 
 from __future__ import annotations
 
-import functools
-import inspect
-import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from flexkd.adapters import get_adapter
 from flexkd.adapters.masks import aligned_logits, detect_task, logit_positions, token_weights
+from flexkd.errors import ConfigError, FlexKDError, SelectionMismatchError, StoreMismatchError
 from flexkd.losses import (
     FEATURE_LOSSES,
     LOGIT_KD_KINDS,
@@ -86,6 +84,18 @@ def _check_layer_pairs(layer_pairs: str | Sequence[Sequence[int]]) -> list[tuple
     if not pairs:
         raise ValueError("layer_pairs must not be empty")
     return pairs
+
+
+@dataclass
+class _Positions:
+    """Where the terms read a batch, on the student's device: the labels aligned with the logits (None
+    without labels), the bool logit positions (None when no term reads logits) and the feature term's
+    token weights (None without a feature term)."""
+
+    device: torch.device
+    labels: Tensor | None
+    logits: Tensor | None
+    feature: Tensor | None
 
 
 def _output_size(model: nn.Module) -> int | None:
@@ -198,6 +208,33 @@ class Distiller(nn.Module):
             else None
         )
 
+    @classmethod
+    def from_config(
+        cls, cfg: Any, teacher: nn.Module, student: nn.Module, *, selection: Any = None
+    ) -> Distiller:
+        """The distiller a :class:`~flexkd.config.Config`'s ``distill`` section describes (a
+        ``Config`` or its ``DistillSection``)."""
+        section = getattr(cfg, "distill", cfg)
+        try:
+            return cls(
+                teacher,
+                student,
+                selection=selection,
+                feature=section.feature,
+                feature_loss=section.feature_loss,
+                layer_pairs=section.layer_pairs,
+                weights=section.weights.model_dump(),
+                logit_kind=section.logit_kind,
+                temperature=section.temperature,
+                beta=section.beta,
+                projector_direction=section.projector_direction,
+                side=section.side,
+            )
+        except FlexKDError:
+            raise
+        except ValueError as err:  # the section passed validation but does not fit these models
+            raise ConfigError(f"distill: {err}") from None
+
     # ----------------------------------------------------------------- construction
     def _resolve_pairs(self, pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
         resolved = []
@@ -243,28 +280,28 @@ class Distiller(nn.Module):
             try:
                 selection.validate(self.teacher)
             except ValueError as err:
-                raise ValueError(f"selection: {err}") from None
+                raise SelectionMismatchError(f"selection: {err}") from None
         selected_layers = {self._teacher_adapter.resolve_layer(layer) for layer in selection.layers}
         indices = []
         for s_layer, t_layer in self.layer_pairs:
             teacher_width = self._teacher_adapter.layer_width(t_layer)
             student_width = self._student_adapter.layer_width(s_layer)
             if int(selection.hidden_size) != teacher_width:
-                raise ValueError(
+                raise SelectionMismatchError(
                     f"selection: made for a teacher of hidden size {selection.hidden_size}, but this "
                     f"teacher's layer {t_layer} has width {teacher_width}; it does not belong to this teacher"
                 )
             if selection.k > teacher_width:
-                raise ValueError(
+                raise SelectionMismatchError(
                     f"selection: k={selection.k} is larger than the teacher's hidden size {teacher_width}"
                 )
             if selection.k != student_width:
-                raise ValueError(
+                raise SelectionMismatchError(
                     f"selection: k={selection.k} must equal the student's hidden size {student_width} "
                     f"(student layer {s_layer}) for feature='flex'"
                 )
             if t_layer not in selected_layers:
-                raise ValueError(
+                raise SelectionMismatchError(
                     f"selection: has no dimensions for teacher layer {t_layer} (it covers layers "
                     f"{sorted(selected_layers)}); score that layer or change layer_pairs"
                 )
@@ -342,8 +379,9 @@ class Distiller(nn.Module):
         batch: Mapping[str, Any],
         normalizers: Mapping[str, float] | None = None,
         teacher_outputs: TeacherOutputs | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
-        """``(total_loss, terms)``: ``terms`` holds every term (unweighted) and ``"total"`` as floats.
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(total_loss, terms)``: ``terms`` holds every term (unweighted) and ``"total"`` as detached
+        0-d fp32 tensors (no device sync; ``float(terms[name])`` reads one).
 
         With several layer pairs, ``"feature"`` is their mean and ``"feature/s<i>-t<j>"`` each pair's.
 
@@ -353,57 +391,78 @@ class Distiller(nn.Module):
         """
         if normalizers is None:
             normalizers = self.count_units(batch)
-        need_teacher_logits = self.weights["logit"] > 0
-        need_student_logits = self._needs_student_logits()
-        teacher_layers = self.teacher_layers
-        student_layers = [s for s, _ in self.layer_pairs] if self.feature != "none" else []
-
-        device = next(self.student.parameters()).device
-        labels, positions = None, None
-        if need_student_logits:
-            labels, positions = self._target_weights(batch)
-            positions = positions.to(device)
-        feature_mask = self._feature_weights(batch).to(device) if teacher_layers else None
-
-        teacher_logits, teacher_hidden = None, {}
-        if teacher_outputs is not None:
-            teacher_logits, teacher_hidden = self._unpack_teacher_outputs(
-                teacher_outputs,
-                teacher_layers,
-                positions if need_teacher_logits else None,
-                feature_mask,
-                device,
-            )
-        elif teacher_layers or need_teacher_logits:
-            with torch.no_grad():
-                teacher_out, teacher_hidden = self._run_tapped(
-                    self.teacher,
-                    batch,
-                    teacher_layers,
-                    self._teacher_columns,
-                    not need_teacher_logits,
-                )
-            if need_teacher_logits:
-                teacher_logits = self._align_logits(teacher_out.logits)[positions]
-        student_out, student_hidden = self._run_tapped(
-            self.student, batch, student_layers, None, not need_student_logits
+        positions = self._positions(batch)
+        teacher_logits, teacher_hidden = self._teacher_side(batch, positions, teacher_outputs)
+        student_out, student_hidden = self._run_student(batch)
+        sums, pair_sums = self._term_sums(
+            batch, positions, teacher_logits, teacher_hidden, student_out, student_hidden
         )
+        return self._normalise(sums, pair_sums, normalizers, positions.device)
 
+    def _positions(self, batch: Mapping[str, Any]) -> _Positions:
+        """Where each term reads the batch, on the student's device."""
+        device = next(self.student.parameters()).device
+        labels, logits = None, None
+        if self._needs_student_logits():
+            labels, logits = self._target_weights(batch)
+            logits = logits.to(device)
+            labels = labels.to(device) if labels is not None else None
+        feature = self._feature_weights(batch).to(device) if self.teacher_layers else None
+        return _Positions(device, labels, logits, feature)
+
+    def _teacher_side(
+        self, batch: Mapping[str, Any], positions: _Positions, stored: TeacherOutputs | None
+    ) -> tuple[Tensor | None, dict[int, Tensor]]:
+        """The teacher's logits at the logit positions (None without logit KD) and its hidden states at
+        the feature term's layers: from ``stored`` outputs when given, else from a live forward."""
+        need_logits = self.weights["logit"] > 0
+        if stored is not None:
+            return self._unpack_teacher_outputs(
+                stored,
+                self.teacher_layers,
+                positions.logits if need_logits else None,
+                positions.feature,
+                positions.device,
+            )
+        if not (self.teacher_layers or need_logits):
+            return None, {}
+        with torch.no_grad():
+            out, hidden = self._run_tapped(
+                self.teacher, batch, self.teacher_layers, self._teacher_columns, not need_logits
+            )
+        logits = self._align_logits(out.logits)[positions.logits] if need_logits else None
+        return logits, hidden
+
+    def _run_student(self, batch: Mapping[str, Any]) -> tuple[Any, dict[int, Tensor]]:
+        """The student's outputs (None when it stops after its deepest tap) and tapped hidden states."""
+        layers = [s for s, _ in self.layer_pairs] if self.feature != "none" else []
+        return self._run_tapped(self.student, batch, layers, None, not self._needs_student_logits())
+
+    def _term_sums(
+        self,
+        batch: Mapping[str, Any],
+        positions: _Positions,
+        teacher_logits: Tensor | None,
+        teacher_hidden: dict[int, Tensor],
+        student_out: Any,
+        student_hidden: dict[int, Tensor],
+    ) -> tuple[dict[str, Tensor], list[Tensor]]:
+        """Each term summed over its units (before normalisation), and the feature term per layer pair."""
         sums: dict[str, Tensor] = {}
         if student_out is not None and (
             self.weights["task"] > 0 or batch.get("labels") is not None
         ):
             # Both logit terms read only these positions: gathering them first keeps the softmax (and its
             # backward) off the prompt and padding, most of a causal LM's [batch, length, vocab].
-            logits = self._align_logits(student_out.logits)[positions]
-            if labels is not None:
+            logits = self._align_logits(student_out.logits)[positions.logits]
+            if positions.labels is not None:
                 sums["task"] = task_loss(
                     logits,
-                    labels.to(device)[positions],
+                    positions.labels[positions.logits],
                     ignore_index=self.ignore_index,
                     reduction="sum",
                 )
-            if need_teacher_logits:
+            if teacher_logits is not None:
                 sums["logit"] = logit_kd(
                     logits,
                     teacher_logits,
@@ -416,27 +475,40 @@ class Distiller(nn.Module):
         if self.feature != "none":
             reduction = "sum" if self.feature_losses[0].per_token else "mean"
             pair_sums = [
-                loss_fn(student_hidden[s], teacher_hidden[t], feature_mask, reduction=reduction)
+                loss_fn(
+                    student_hidden[s], teacher_hidden[t], positions.feature, reduction=reduction
+                )
                 for (s, t), loss_fn in zip(self.layer_pairs, self.feature_losses, strict=True)
             ]
             sums["feature"] = sum(pair_sums)
+        return sums, pair_sums
 
-        total = torch.zeros((), device=device)
-        terms: dict[str, float] = {}
+    def _normalise(
+        self,
+        sums: Mapping[str, Tensor],
+        pair_sums: list[Tensor],
+        normalizers: Mapping[str, float],
+        device: torch.device,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted total of ``sum / units`` per term, and every term as a detached tensor."""
+        zero = torch.zeros((), device=device)
+        total = zero
+        terms: dict[str, Tensor] = {}
         for name in TERMS:
             if name not in sums or not normalizers.get(name, 0):
-                terms[name] = 0.0
+                terms[name] = zero
                 continue
-            value = sums[name] / float(normalizers[name])
-            terms[name] = float(value.detach())
+            value = sums[name].float() / float(normalizers[name])
+            terms[name] = value.detach()
             if self.weights[name] > 0:
                 total = total + self.weights[name] * value
         if len(pair_sums) > 1:  # "feature" is the mean over pairs; report each pair too
             per_pair_units = float(normalizers.get("feature", 0)) / len(pair_sums)
             for (s, t), pair_sum in zip(self.layer_pairs, pair_sums, strict=True):
-                value = float(pair_sum.detach()) / per_pair_units if per_pair_units else 0.0
-                terms[f"feature/s{s}-t{t}"] = value
-        terms["total"] = float(total.detach())
+                terms[f"feature/s{s}-t{t}"] = (
+                    pair_sum.detach().float() / per_pair_units if per_pair_units else zero
+                )
+        terms["total"] = total.detach()
         return total, terms
 
     def _unpack_teacher_outputs(
@@ -453,9 +525,9 @@ class Distiller(nn.Module):
         logits = None
         if positions is not None:
             if stored.logits is None:
-                raise ValueError("teacher_outputs: no logits stored, but logit KD is on")
+                raise StoreMismatchError("teacher_outputs: no logits stored, but logit KD is on")
             if stored.logits.shape[0] != int(positions.sum()):
-                raise ValueError(
+                raise StoreMismatchError(
                     f"teacher_outputs: {stored.logits.shape[0]} stored logit positions, the batch has "
                     f"{int(positions.sum())}; the outputs were stored for other rows"
                 )
@@ -464,12 +536,12 @@ class Distiller(nn.Module):
         feature_positions = int(feature_mask.sum()) if layers else 0
         for layer in layers:
             if layer not in stored.hidden:
-                raise ValueError(
+                raise StoreMismatchError(
                     f"teacher_outputs: no hidden states of teacher layer {layer} (stored: {sorted(stored.hidden)})"
                 )
             packed = stored.hidden[layer].to(device)
             if packed.shape[0] != feature_positions:
-                raise ValueError(
+                raise StoreMismatchError(
                     f"teacher_outputs: {packed.shape[0]} stored positions of layer {layer}, the batch has "
                     f"{feature_positions}; the outputs were stored for other rows"
                 )
@@ -500,106 +572,3 @@ class Distiller(nn.Module):
 
     def _align_logits(self, logits: Tensor) -> Tensor:
         return aligned_logits(logits, self.task)
-
-
-def __getattr__(name: str):
-    # FlexKDTrainer subclasses transformers.Trainer, whose import takes seconds; build it on first use.
-    if name == "FlexKDTrainer":
-        return _flexkd_trainer_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-@functools.cache
-def _flexkd_trainer_class() -> type:
-    from transformers import Trainer
-
-    class FlexKDTrainer(Trainer):
-        """A Hugging Face ``Trainer`` whose loss is a :class:`Distiller`'s.
-
-        ``model`` is the distiller, so the optimizer gets the student's and the projector's
-        parameters and DDP wraps both. Every term is logged (averaged over the logging
-        interval) as ``distill/<term>``. Saving writes the student alone with
-        ``save_pretrained`` (loadable with ``from_pretrained``) plus the feature-loss
-        parameters in ``flexkd_feature_losses.safetensors``, which resuming restores.
-        Gradient accumulation follows the ``Trainer``'s rule (mean of micro-batch means); the
-        ``flexkd distill`` loop normalises by the valid tokens of the whole window instead.
-
-            trainer = FlexKDTrainer(distiller, args=TrainingArguments(...), train_dataset=ds, data_collator=collate)
-            trainer.train()
-        """
-
-        FEATURE_LOSSES_FILE = "flexkd_feature_losses.safetensors"
-
-        def __init__(self, distiller: Distiller, *args: Any, **kwargs: Any) -> None:
-            if not isinstance(distiller, Distiller):
-                raise TypeError(
-                    f"distiller must be a flexkd Distiller, got {type(distiller).__name__}"
-                )
-            if "model" in kwargs:
-                raise TypeError("pass the Distiller as the first argument, not model=")
-            super().__init__(distiller, *args, **kwargs)
-            self._term_sums: dict[str, float] = {}
-            self._term_calls = 0
-
-        @property
-        def distiller(self) -> Distiller:
-            return self.accelerator.unwrap_model(self.model)
-
-        def _set_signature_columns_if_needed(self) -> None:
-            if self._signature_columns is None:
-                student_inputs = inspect.signature(self.distiller.student.forward).parameters
-                self._signature_columns = list(
-                    dict.fromkeys([*student_inputs, "labels", "label", "label_ids"])
-                )
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, terms = model(inputs)
-            if model.training:
-                for name, value in terms.items():
-                    self._term_sums[name] = self._term_sums.get(name, 0.0) + value
-                self._term_calls += 1
-            return (loss, {"terms": terms}) if return_outputs else loss
-
-        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            inputs = self._prepare_inputs(inputs)
-            with torch.no_grad():
-                loss, _ = model(inputs)
-            return loss.detach(), None, None
-
-        def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-            if "loss" in logs and self._term_calls:
-                for name, total in self._term_sums.items():
-                    logs[f"distill/{name}"] = total / self._term_calls
-                self._term_sums, self._term_calls = {}, 0
-            super().log(logs, *args, **kwargs)
-
-        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-            output_dir = output_dir if output_dir is not None else self.args.output_dir
-            if not self.args.should_save:
-                return
-            os.makedirs(output_dir, exist_ok=True)
-            distiller = self.distiller
-            distiller.student.save_pretrained(output_dir)
-            feature_state = {
-                k: v.detach().cpu().contiguous()
-                for k, v in distiller.feature_losses.state_dict().items()
-            }
-            if feature_state:
-                save_file(feature_state, os.path.join(output_dir, self.FEATURE_LOSSES_FILE))
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(output_dir)
-            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-        def _load_from_checkpoint(
-            self, resume_from_checkpoint: str, model: nn.Module | None = None
-        ) -> None:
-            distiller = self.accelerator.unwrap_model(model if model is not None else self.model)
-            saved = type(distiller.student).from_pretrained(resume_from_checkpoint)
-            distiller.student.load_state_dict(saved.state_dict())
-            feature_file = os.path.join(resume_from_checkpoint, self.FEATURE_LOSSES_FILE)
-            if os.path.exists(feature_file):
-                distiller.feature_losses.load_state_dict(load_file(feature_file))
-
-    FlexKDTrainer.__qualname__ = "FlexKDTrainer"
-    FlexKDTrainer.__module__ = __name__
-    return FlexKDTrainer

@@ -19,6 +19,7 @@ from torch import nn
 from flexkd import _io
 from flexkd._version import __version__
 from flexkd.adapters import TeacherIdentity, check_layer_number
+from flexkd.errors import SelectionMismatchError
 from flexkd.ops import STATS, select_top_k
 
 FORMAT = "flexkd.selection"
@@ -229,7 +230,7 @@ class DimensionSelection:
             )
         meta = json.loads(header["flexkd"])
         if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
+            raise SelectionMismatchError(
                 f"path: {path} has format {meta.get('format')!r} version {meta.get('format_version')!r}; "
                 f"this flexkd reads {FORMAT!r} version {FORMAT_VERSION}"
             )
@@ -270,7 +271,7 @@ class DimensionSelection:
         current = TeacherIdentity.of(teacher, side=self.teacher.side)
         problems = self.teacher.mismatches(current, check_weights=check_weights)
         if problems:
-            raise ValueError(
+            raise SelectionMismatchError(
                 f"teacher: the selection (scored on {self.teacher_id!r}) does not match this teacher:\n  - "
                 + "\n  - ".join(problems)
             )

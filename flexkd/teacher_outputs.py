@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from flexkd._io import replace_dir
 from flexkd.adapters import TeacherIdentity, get_adapter, token_weights
 from flexkd.adapters.masks import aligned_logits, detect_task, logit_positions
+from flexkd.errors import StoreMismatchError
 from flexkd.taps import LayerTap
 
 FORMAT = 1
@@ -197,7 +198,7 @@ class TeacherOutputStore:
             )
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("format") != FORMAT:
-            raise ValueError(
+            raise StoreMismatchError(
                 f"teacher_outputs: {self.path} has format {self.meta.get('format')!r}, this flexkd reads {FORMAT}"
             )
         self.layers: list[int] = list(self.meta["layers"])
@@ -223,7 +224,7 @@ class TeacherOutputStore:
         layers: Sequence[int] = (),
         logits: bool = False,
     ) -> None:
-        """Raise ``ValueError`` unless this store was made by ``teacher`` on ``rows`` and holds ``layers``
+        """Raise ``StoreMismatchError`` (a ``ValueError``) unless this store was made by ``teacher`` on ``rows`` and holds ``layers``
         (resolved against the teacher) and, when ``logits``, the logits."""
         problems = TeacherIdentity.from_dict(self.meta["teacher"]).mismatches(
             TeacherIdentity.of(teacher, side=self.meta["side"])
@@ -239,7 +240,7 @@ class TeacherOutputStore:
         if logits and not self.has_logits:
             problems.append("logits: not stored, but the run uses logit KD")
         if problems:
-            raise ValueError(
+            raise StoreMismatchError(
                 f"teacher_outputs: {self.path} does not fit this run: " + "; ".join(problems)
             )
 

@@ -20,7 +20,7 @@ from flexkd.config import load_config
 from flexkd.distill import Distiller
 from flexkd.selection import DimensionSelection
 from flexkd.teacher_outputs import TeacherOutputStore, rows_fingerprint, write_teacher_outputs
-from flexkd.train import Collator, train
+from flexkd.training import Collator, train
 
 TASKS = {"causal_lm": gpt2_config, "sequence": bert_config}
 

@@ -14,7 +14,14 @@ from transformers import AutoModelForCausalLM
 from flexkd.checkpoint import list_checkpoints
 from flexkd.config import load_config, parse_config
 from flexkd.distill import Distiller
-from flexkd.train import Collator, ShardedOrder, build_model, build_splits, build_tokenizer, train
+from flexkd.training import (
+    Collator,
+    ShardedOrder,
+    build_model,
+    build_splits,
+    build_tokenizer,
+    train,
+)
 
 
 def _metrics(cfg):
@@ -124,7 +131,7 @@ def test_accumulation_normalises_by_valid_tokens_of_the_window(tmp_path):
 def test_cli_score_distill_eval_end_to_end(tmp_path, capsys):
     from flexkd.cli import main
     from flexkd.selection import DimensionSelection
-    from flexkd.train import build_model
+    from flexkd.training import build_model
 
     path = write_causal_config(
         tmp_path,
@@ -310,7 +317,7 @@ def test_pretrained_backbone_gets_a_head_sized_from_the_data_and_teacher_dtype(t
     ],
 )
 def test_pairing_errors_fail_before_scoring(tmp_path, capsys, monkeypatch, overrides, message):
-    from flexkd import train as train_module
+    import flexkd.training as train_module
     from flexkd.cli import main
 
     def must_not_score(*args, **kwargs):

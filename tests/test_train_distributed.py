@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from flexkd.config import load_config
 from flexkd.selection import DimensionSelection
-from flexkd.train import train
+from flexkd.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 

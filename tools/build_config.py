@@ -21,6 +21,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 EXTENSION_NAME = "flexkd._C"
 
+# The floors, stated here once. TORCH_FLOOR is the oldest torch CI builds and tests against (CPU torch
+# 2.13 for the tests, CUDA torch 2.14 for the nvcc build); pyproject's `torch>=` must equal it (a test
+# checks). The code needs at least torch.accelerator (2.6) and C++20 (std::bit_cast in the CPU engine)
+# with the torch.library headers of recent torch; no older torch is tested, so none is promised.
+TORCH_FLOOR = "2.13"
+PYTHON_FLOOR = "3.10"
+CXX_STANDARD = 20
+
 # The module (schemas + build_info), the torch-facing CPU ops, runtime ISA selection and one
 # translation unit per instruction set that the same engine header is compiled for.
 CPU_SOURCES = [
@@ -38,12 +46,13 @@ INCLUDE_DIRS = ["csrc/include", "csrc"]
 
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
 
+# nvcc gets -std from torch (it refuses a second -std); CMake sets CUDA_STANDARD from CXX_STANDARD.
 # Portable code only: the wider instruction sets come from the per-ISA translation units, chosen at
 # run time. fp-contract=off keeps results independent of whether the ISA has FMA.
-_GNU_CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-Wall", "-Wextra",
+_GNU_CXX_FLAGS = [f"-std=c++{CXX_STANDARD}", "-O3", "-g0", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-Wall", "-Wextra",
                   "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
 _GNU_LINK_FLAGS = ["-fopenmp"]
-_MSVC_CXX_FLAGS = ["/O2", "/openmp", "/fp:precise"]
+_MSVC_CXX_FLAGS = [f"/std:c++{CXX_STANDARD}", "/O2", "/openmp", "/fp:precise"]
 _NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
 
@@ -136,6 +145,7 @@ def cmake_text(with_cuda: bool) -> str:
                     [a.removesuffix("+PTX").replace(".", "") for a in cuda_arch_list()]),
         _cmake_list("FLEXKD_DEFINITIONS", definitions(with_cuda)),
         f"set(FLEXKD_WITH_CUDA {'ON' if with_cuda else 'OFF'})\n",
+        f"set(FLEXKD_CXX_STANDARD {CXX_STANDARD})\n",
     ])
 
 
@@ -165,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cpu sources: {' '.join(cpu_sources())}")
         print(f"cuda sources: {' '.join(cuda_sources())}")
         print(f"cxx flags: {' '.join(cxx_flags())}")
+        print(f"floors: torch>={TORCH_FLOOR}, python>={PYTHON_FLOOR}, C++{CXX_STANDARD}")
     return 0
 
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from flexkd.adapters.base import ModelAdapter
 from flexkd.adapters.masks import detect_task
+from flexkd.errors import UnsupportedModelError
 
 SIDES = ("encoder", "decoder")
 
@@ -94,7 +95,7 @@ def get_adapter(model: nn.Module, side: str | None = None) -> ModelAdapter:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if config is None or not model_type:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"model: {type(model).__name__} has no config.model_type; flexkd adapters need a Hugging Face "
             f"PreTrainedModel (looked for model.config.model_type)"
         )
@@ -119,7 +120,7 @@ def get_adapter(model: nn.Module, side: str | None = None) -> ModelAdapter:
         family_name = "generic"
     hidden_size = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
     if hidden_size is None:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"model: config of {model_type!r} has no hidden_size (looked for hidden_size, d_model)"
         )
     final_width = getattr(final, "out_features", None) if isinstance(final, nn.Linear) else None
@@ -152,7 +153,7 @@ def _choose_side(side: str | None, sides: tuple[str, ...], model_type: str) -> s
     if side is None:
         return sides[0]
     if side not in sides:
-        raise ValueError(f"side {side!r} does not exist in this {model_type} model; it has {sides}")
+        raise UnsupportedModelError(f"side {side!r} does not exist in this {model_type} model; it has {sides}")
     return side
 
 
@@ -179,7 +180,7 @@ def _generic_roots(model: nn.Module, base: nn.Module) -> dict[str, nn.Module]:
         get_encoder = getattr(base, "get_encoder", None) or getattr(model, "get_encoder", None)
         get_decoder = getattr(base, "get_decoder", None) or getattr(model, "get_decoder", None)
         if get_encoder is None or get_decoder is None:
-            raise ValueError(
+            raise UnsupportedModelError(
                 f"model: no adapter for model_type {model.config.model_type!r} and the generic fallback "
                 f"found no get_encoder()/get_decoder() on this encoder-decoder model"
             )
@@ -202,7 +203,7 @@ def _generic_blocks(root: nn.Module, config, side: str, model_type: str) -> list
     ]
     if len(candidates) == 1:
         return list(candidates[0])
-    raise ValueError(
+    raise UnsupportedModelError(
         f"model: no adapter for model_type {model_type!r}. Registered families: {registered_model_types()}. "
         f"The generic fallback looked for the block class in _can_record_outputs['hidden_states'] and for "
         f"exactly one nn.ModuleList of {expected} blocks (config num_hidden_layers) in the {side}, and found "

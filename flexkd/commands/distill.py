@@ -7,7 +7,6 @@ Resumes from the latest checkpoint under ``<output_dir>/checkpoints`` unless
 from __future__ import annotations
 
 import argparse
-import sys
 
 from flexkd.config import add_config_arguments, config_from_args
 
@@ -17,13 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexkd.train import train
+    from flexkd.training import train
 
-    try:
-        result = train(config_from_args(args))
-    except (ValueError, FileNotFoundError) as error:
-        print(f"flexkd distill: error: {error}", file=sys.stderr)
-        return 2
+    result = train(config_from_args(args))
     if result.is_main_process:
         print(
             f"student after {result.steps} steps: {result.student_dir} (metrics: {result.metrics_path})"

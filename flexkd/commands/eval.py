@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -20,6 +19,8 @@ from tqdm.auto import tqdm
 
 from flexkd._io import write_text
 from flexkd.config import add_config_arguments, config_from_args
+from flexkd.errors import ConfigError
+from flexkd.training.data import move_to_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +53,7 @@ def evaluate(
     from flexkd.losses import task_loss
 
     if len(rows) == 0:
-        raise ValueError("rows: the evaluation split is empty")
+        raise ConfigError("eval.split: the evaluation split is empty")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -60,15 +61,12 @@ def evaluate(
     all_predictions, all_labels = [], []
     starts = range(0, len(rows), batch_size)
     for start in tqdm(starts, desc="flexkd eval", unit="batch", disable=not progress):
-        batch = {
-            k: v.to(device)
-            for k, v in collate(
-                [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
-            ).items()
-        }
+        batch = move_to_device(
+            collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))]), device
+        )
         labels = batch.pop("labels", None)
         if labels is None:
-            raise ValueError("rows: evaluation needs labelled rows")
+            raise ConfigError("eval.split: evaluation needs labelled rows")
         if task == "seq2seq":
             batch["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
         logits = model(**batch).logits
@@ -83,7 +81,7 @@ def evaluate(
         all_labels.append(labels[mask].cpu())
     model.train(was_training)
     if valid == 0:
-        raise ValueError("rows: no valid (non-ignored) label in the evaluation split")
+        raise ConfigError("eval.split: no valid (non-ignored) label in the evaluation split")
     metrics = {"loss": loss_sum / valid, "accuracy": correct / valid, "targets": valid}
     if task == "causal_lm":
         metrics["perplexity"] = math.exp(min(metrics["loss"], 700.0))
@@ -96,7 +94,7 @@ def evaluate(
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexkd.train import (
+    from flexkd.training import (
         Collator,
         auto_class,
         build_model,
@@ -105,35 +103,31 @@ def run(args: argparse.Namespace) -> int:
         pad_token_id,
     )
 
-    try:
-        cfg = config_from_args(args)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        tokenizer = build_tokenizer(cfg)
-        splits = build_splits(cfg, tokenizer)
-        rows = splits.get(cfg.eval.split)
-        results = {}
-        for which in cfg.eval.models:
-            if which == "student":
-                if not cfg.student_path.is_dir():
-                    raise FileNotFoundError(
-                        f"eval.student_path: no student at {cfg.student_path}; run flexkd distill first"
-                    )
-                model = auto_class(cfg.data.task).from_pretrained(str(cfg.student_path))
-            else:
-                model = build_model(cfg, "teacher", num_labels=splits.num_labels)
-            model.to(device)
-            collate = Collator(cfg.data.task, pad_token_id(tokenizer, model))
-            results[which] = evaluate(
-                model,
-                rows,
-                collate,
-                task=cfg.data.task,
-                batch_size=cfg.eval.batch_size,
-                progress=cfg.train.progress,
-            )
-    except (ValueError, FileNotFoundError) as error:
-        print(f"flexkd eval: error: {error}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = build_tokenizer(cfg)
+    splits = build_splits(cfg, tokenizer)
+    rows = splits.get(cfg.eval.split)
+    results = {}
+    for which in cfg.eval.models:
+        if which == "student":
+            if not cfg.student_path.is_dir():
+                raise ConfigError(
+                    f"eval.student_path: no student at {cfg.student_path}; run flexkd distill first"
+                )
+            model = auto_class(cfg.data.task).from_pretrained(str(cfg.student_path))
+        else:
+            model = build_model(cfg, "teacher", num_labels=splits.num_labels)
+        model.to(device)
+        collate = Collator(cfg.data.task, pad_token_id(tokenizer, model))
+        results[which] = evaluate(
+            model,
+            rows,
+            collate,
+            task=cfg.data.task,
+            batch_size=cfg.eval.batch_size,
+            progress=cfg.train.progress,
+        )
     report = {"split": cfg.eval.split, "rows": len(rows), "models": results}
     target = cfg.eval_output
     write_text(target, json.dumps(report, indent=2) + "\n")

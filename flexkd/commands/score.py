@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from flexkd.config import add_config_arguments, config_from_args
+from flexkd.errors import FlexKDError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexkd.train import (
+    from flexkd.training import (
         Collator,
         build_model,
         build_splits,
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
         )
-    except (ValueError, FileNotFoundError) as error:
+    except FlexKDError as error:
         print(f"flexkd score: error: {error}", file=sys.stderr)
         return 2
     if accelerator.is_main_process:

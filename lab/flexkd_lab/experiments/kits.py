@@ -3,7 +3,7 @@
 ``flexkd_lab.tasks`` owns the tasks (tokenisation, teachers trained once and cached, students whose
 embeddings start from the teacher's, metrics); this module turns one into a
 :class:`~flexkd_lab.experiments.pipeline.TaskKit`: the cached teacher's folder, the tokenized rows in the
-form :func:`flexkd.train.train` reads, a named student factory for the training loop, and the evaluation.
+form :func:`flexkd.train` reads, a named student factory for the training loop, and the evaluation.
 A file lock around the teacher fine-tune lets a demo and a study started together share one teacher.
 """
 
@@ -79,9 +79,9 @@ def training_rows(task, split: str, limit: int | None):
 
 
 def _register_student_factory(task, *, quick: bool) -> str:
-    """Register (once) the named factory ``flexkd.train`` builds this task's student with: the task's
+    """Register (once) the named factory ``flexkd.training`` builds this task's student with: the task's
     student, embeddings from the teacher of the run's config, seeded by the run's seed."""
-    from flexkd.train import MODEL_FACTORIES, register_model_factory
+    from flexkd.training import MODEL_FACTORIES, register_model_factory
 
     name = f"flexkd-experiments:{task.name}{':quick' if quick else ''}"
     if name not in MODEL_FACTORIES:

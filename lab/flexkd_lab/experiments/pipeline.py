@@ -2,7 +2,7 @@
 
 A :class:`TaskKit` bundles what a task provides (tokenizer, fine-tuned teacher, student config, tokenized
 rows, an evaluation function). :class:`Experiment` scores the teacher once, writes the selections every
-method needs, and runs each method through the library's own training loop (:func:`flexkd.train.train`,
+method needs, and runs each method through the library's own training loop (:func:`flexkd.train`,
 driven by a validated :class:`flexkd.config.Config`), so every method gets the same data order, steps,
 loss weights and learning rate; only the feature term differs.
 """
@@ -52,12 +52,12 @@ class TaskKit:
     input_description: str = ""
 
     def load_teacher(self) -> nn.Module:
-        from flexkd.train import auto_class
+        from flexkd.training import auto_class
 
         return auto_class(self.hf_task).from_pretrained(self.teacher_dir).eval()
 
     def load_student(self, path: str | Path) -> nn.Module:
-        from flexkd.train import auto_class
+        from flexkd.training import auto_class
 
         return auto_class(self.hf_task).from_pretrained(str(path)).eval()
 
@@ -74,7 +74,7 @@ def remove_teacher_outputs(folder: str | Path) -> int:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The per-step records of a ``metrics.jsonl`` written by :func:`flexkd.train.train`."""
+    """The per-step records of a ``metrics.jsonl`` written by :func:`flexkd.train`."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -105,7 +105,7 @@ class Experiment:
         """The teacher's outputs on the training rows at every layer some method distills, stored once for
         every (method, seed) run (``flexkd.teacher_outputs``)."""
         from flexkd.teacher_outputs import write_teacher_outputs
-        from flexkd.train import Collator
+        from flexkd.training import Collator
 
         path = self.work_dir / f"teacher-outputs-{self._layers_tag}-n{self.budget.train_examples}"
         if not (path / "meta.json").is_file():
@@ -165,7 +165,7 @@ class Experiment:
 
     def score_batches(self) -> list[dict[str, torch.Tensor]]:
         """The scoring rows as model-ready batches of ``budget.batch_size``."""
-        from flexkd.train import Collator
+        from flexkd.training import Collator
 
         collate = Collator(self.kit.hf_task, self.kit.pad_token_id)
         rows, size = self.kit.score_rows, self.budget.batch_size
@@ -273,7 +273,7 @@ class Experiment:
         The run's scratch folder is ``runs/<run_name or method name>/seed-<seed>``: give runs of one method
         that may overlap in time (other budgets, other processes) their own ``run_name``.
         """
-        from flexkd.train import train
+        from flexkd.training import train
 
         output_dir = self.work_dir / "runs" / (run_name or method.name) / f"seed-{seed}"
         cfg = self.config(method, seed, output_dir)

@@ -14,24 +14,6 @@ from flexkd_lab.data import SNAPSHOT_DIR, SPLITS, load_task, task_spec
 from .training import FitConfig
 
 
-def pad_sequences(
-    sequences: list[list[int]], pad_value: int, *, left: bool = False
-) -> torch.Tensor:
-    """A ``[B, T]`` int64 tensor of ``sequences`` padded to the longest one."""
-    if not sequences:
-        raise ValueError("sequences: expected at least one sequence")
-    width = max(len(s) for s in sequences)
-    out = torch.full((len(sequences), width), pad_value, dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            values = torch.as_tensor(seq, dtype=torch.long)
-            if left:
-                out[row, width - len(seq) :] = values
-            else:
-                out[row, : len(seq)] = values
-    return out
-
-
 class DebianTask(abc.ABC):
     """Base class: subclasses set ``name``/``kind`` and implement the model-specific parts
     (``tokenizer``, ``encode_row``, ``collate``, ``build_teacher``, ``build_student``,

@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flexkd.training.data import move_to_device, pad_sequences
 from flexkd_lab.data import SNAPSHOT_DIR, label_names
 
-from .base import DebianTask, pad_sequences
+from .base import DebianTask
 from .metrics import accuracy, macro_f1
 from .minilm import minilm_identity, minilm_path
 from .student_init import EMBEDDING_INITS, init_embeddings_from_teacher
-from .training import FitConfig, move_batch
+from .training import FitConfig
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ class SectionsTask(DebianTask):
             leave=False,
         ):
             logits = model(
-                **move_batch({k: v for k, v in batch.items() if k != "labels"}, device)
+                **move_to_device({k: v for k, v in batch.items() if k != "labels"}, device)
             ).logits
             predictions += logits.argmax(-1).tolist()
             references += batch["labels"].tolist()

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flexkd.training.data import pad_sequences
 from flexkd_lab.data import SNAPSHOT_DIR, synopsis_tokenizer_file
 from flexkd_lab.data.bpe import BOS, EOS, PAD, SEP
 
-from .base import DebianTask, pad_sequences
+from .base import DebianTask
 from .metrics import rouge_l
 from .student_init import EMBEDDING_INITS, init_embeddings_from_teacher
 from .training import FitConfig

@@ -1,16 +1,17 @@
 """A plain supervised fine-tuning loop (AdamW, linear warm-up/decay, progress bar), used to
-train the teachers. Distillation has its own loop in ``flexkd.train``."""
+train the teachers. Distillation has its own loop in ``flexkd.training``."""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from flexkd.training.data import move_to_device
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def fit(
         for batch in loader:
             if step >= total:
                 break
-            loss = model(**move_batch(batch, device)).loss
+            loss = model(**move_to_device(batch, device)).loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step}")
             loss.backward()
@@ -108,7 +109,3 @@ def fit(
         "first_loss": losses[0],
         "last_loss_mean20": sum(losses[-20:]) / len(losses[-20:]),
     }
-
-
-def move_batch(batch: Mapping[str, torch.Tensor], device: torch.device | str) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -1,0 +1,149 @@
+"""The run folder (``train.output_dir``): its lock, its metrics log and the saved student.
+
+<output_dir>/run.lock          {"pid", "host", "started"} of the process writing the folder
+<output_dir>/metrics.jsonl     one JSON object per logged step (non-finite numbers as null)
+<output_dir>/checkpoints/      see flexkd.checkpoint
+<output_dir>/student/          the final student (save_pretrained)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from flexkd._io import replace_dir, write_text
+from flexkd.errors import RunFolderLockedError
+
+LOCK_NAME = "run.lock"
+
+
+class RunLock:
+    """Holds ``folder`` for one process: a second run into it fails at once, naming the holder.
+
+    The lock is a file created with ``O_EXCL``. A lock left by a process that died on this host
+    (its PID no longer runs) is taken over with a message on stderr; a lock from another host
+    cannot be checked, so it is refused and the message says which file to delete if it is stale.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self._held = False
+
+    def acquire(self) -> RunLock:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):  # a second try after removing a stale lock
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_holder(self.path)
+                if not _is_stale(holder):
+                    raise RunFolderLockedError(
+                        f"train.output_dir: {self.folder} is in use by process {holder.get('pid')} "
+                        f"on {holder.get('host')} (since {holder.get('started')}); wait for it, or "
+                        f"pick another output_dir (if that process is gone, delete {self.path})"
+                    ) from None
+                print(
+                    f"flexkd: taking over {self.path}: process {holder.get('pid')} on "
+                    f"{holder.get('host')} that held it is no longer running",
+                    file=sys.stderr,
+                )
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+                continue
+            with os.fdopen(fd, "w") as handle:
+                json.dump(_this_process(), handle)
+            self._held = True
+            return self
+        raise RunFolderLockedError(f"train.output_dir: could not lock {self.folder}")
+
+    def release(self) -> None:
+        if self._held:
+            with contextlib.suppress(FileNotFoundError):
+                if _read_holder(self.path).get("pid") == os.getpid():
+                    os.unlink(self.path)
+            self._held = False
+
+    def __enter__(self) -> RunLock:
+        return self if self._held else self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _this_process() -> dict[str, Any]:
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _read_holder(path: Path) -> dict[str, Any]:
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # being written right now, or unreadable: treated as held
+    return holder if isinstance(holder, dict) else {}
+
+
+def _is_stale(holder: Mapping[str, Any]) -> bool:
+    """True when ``holder`` is a process of this host that no longer runs."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # runs, under another user
+        return False
+    return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics and the final student.
+
+
+def start_metrics(path: Path, *, resume_step: int | None) -> None:
+    """Drop the lines a resumed run will write again (all of them when not resuming)."""
+    if resume_step is None:
+        path.unlink(missing_ok=True)
+    elif path.exists():
+        kept = [
+            line
+            for line in path.read_text().splitlines()
+            if line and json.loads(line)["step"] <= resume_step
+        ]
+        write_text(path, "".join(line + "\n" for line in kept))
+
+
+def append_metrics(path: Path, record: Mapping[str, Any]) -> None:
+    """One line of strict JSON: NaN and infinities are written as null."""
+    clean = {
+        key: None if isinstance(value, float) and not math.isfinite(value) else value
+        for key, value in record.items()
+    }
+    with path.open("a") as f:
+        f.write(json.dumps(clean, allow_nan=False) + "\n")
+
+
+def save_student(student: nn.Module, tokenizer, target: Path) -> None:
+    """``save_pretrained`` into a temporary folder, then swap it into ``target`` atomically."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, target)

@@ -1,0 +1,165 @@
+"""What a run needs from the teacher before the first step: the dimension selection (loaded, or scored
+on the configured split and saved) and, with ``distill.teacher_outputs``, the store of its outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from flexkd.config import Config
+from flexkd.errors import ConfigError, StoreMismatchError
+from flexkd.training.data import IGNORE_INDEX, ShardedOrder, Splits
+
+
+def default_selection_layers(cfg: Config) -> list[int]:
+    pairs = cfg.distill.layer_pairs
+    return [-1] if pairs == "last" else sorted({t for _, t in pairs})
+
+
+def selection_k(cfg: Config, teacher: nn.Module, student: nn.Module) -> int:
+    """The k to score with (the paired student layers' width), after checking the layer pairing,
+    ``selection.layers`` and ``selection.k`` against both models, so that a config that cannot
+    work fails before the scoring pass rather than after it."""
+    from flexkd.adapters import get_adapter
+
+    t_adapter = get_adapter(teacher, side=cfg.distill.side)
+    s_adapter = get_adapter(student, side=cfg.distill.side)
+    pairs = [(-1, -1)] if cfg.distill.layer_pairs == "last" else cfg.distill.layer_pairs
+    teacher_layers, student_widths = set(), set()
+    for i, (s_layer, t_layer) in enumerate(pairs):
+        try:
+            student_widths.add(s_adapter.layer_width(s_layer))
+            teacher_layers.add(t_adapter.resolve_layer(t_layer))
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"distill.layer_pairs[{i}]: {error}") from None
+    scored = set()
+    for layer in cfg.selection.layers or default_selection_layers(cfg):
+        try:
+            scored.add(t_adapter.resolve_layer(layer))
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"selection.layers: {error}") from None
+    k = cfg.selection.k or min(student_widths)
+    teacher_width = min(t_adapter.layer_width(layer) for layer in scored)
+    if k > teacher_width:
+        raise ConfigError(
+            f"selection.k: {k} is larger than the teacher's hidden size {teacher_width}"
+        )
+    if cfg.distill.feature == "flex":
+        if teacher_layers - scored:
+            raise ConfigError(
+                f"selection.layers: teacher layers {sorted(teacher_layers - scored)} of "
+                "distill.layer_pairs would not be scored"
+            )
+        if student_widths != {k}:
+            raise ConfigError(
+                f"selection.k: feature 'flex' needs k equal to the paired student layers' width "
+                f"{sorted(student_widths)}, got {k}"
+            )
+    return k
+
+
+def summed_task_loss(task: str) -> Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor]:
+    """``loss_fn(outputs, batch)`` for scoring: the task loss *summed* over valid targets.
+
+    With a per-batch mean (a model's own ``.loss``) each token's gradient is scaled by 1 / tokens
+    in its batch, so scores would depend on how the data was split into batches and processes;
+    with the sum they do not.
+    """
+    from flexkd.losses import task_loss
+
+    def loss_fn(outputs, batch):
+        logits, labels = outputs.logits, batch["labels"]
+        if task == "causal_lm":
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        return task_loss(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    return loss_fn
+
+
+def score_selection(
+    cfg: Config, teacher: nn.Module, k: int, rows, collate, *, rank: int = 0, world_size: int = 1
+):
+    """Score ``teacher`` on this process's shard of ``rows``; scores are summed over processes."""
+    import flexkd
+    from flexkd.selection import DimensionSelection
+
+    order = ShardedOrder(
+        len(rows), cfg.selection.batch_size, seed=cfg.train.seed, rank=rank, world_size=world_size
+    )
+    batches = (collate([rows[i] for i in idx]) for idx in order.epoch_batches(0))
+    selection = flexkd.score(
+        teacher,
+        batches,
+        layers=cfg.selection.layers or default_selection_layers(cfg),
+        k=k,
+        stat=cfg.selection.stat,
+        loss_fn=summed_task_loss(cfg.data.task),
+        max_batches=cfg.selection.max_batches,
+        side=cfg.distill.side,
+        order=cfg.selection.order,
+        progress=cfg.train.progress and rank == 0,
+    )
+    if cfg.selection.which == "top":
+        return selection
+    return DimensionSelection.from_scores(
+        {layer: selection.scores(layer) for layer in selection.layers},
+        k,
+        which=cfg.selection.which,
+        order=cfg.selection.order,
+        seed=cfg.train.seed,
+        stat=selection.stat,
+        tokens_seen=selection.tokens_seen,
+        teacher=selection.teacher,
+        data_fingerprint=selection.data_fingerprint,
+    )
+
+
+def selection_for(
+    cfg: Config, teacher, student, splits: Splits, collate, *, rank: int, world_size: int
+):
+    """The run's DimensionSelection for feature 'flex' (loaded, or scored and saved), else None."""
+    from flexkd.selection import DimensionSelection
+
+    if cfg.distill.feature != "flex" or cfg.distill.weights.feature == 0:
+        return None
+    path = cfg.selection_path
+    if path.exists():
+        return DimensionSelection.load(path, teacher)
+    k = selection_k(cfg, teacher, student)
+    rows = splits.get(cfg.selection.split)
+    selection = score_selection(cfg, teacher, k, rows, collate, rank=rank, world_size=world_size)
+    if rank == 0:
+        selection.save(path)
+    return selection
+
+
+def teacher_output_store(cfg: Config, distiller, train_rows, collate, accelerator):
+    """The store of ``distill.teacher_outputs`` (the main process writes it when missing), checked against
+    this run's teacher, rows, layers and logit KD."""
+    from flexkd.teacher_outputs import TeacherOutputStore, write_teacher_outputs
+
+    path = cfg.path(cfg.distill.teacher_outputs)
+    layers = distiller.teacher_layers
+    logits = distiller.weights["logit"] > 0
+    if not (path / "meta.json").is_file() and accelerator.is_main_process:
+        write_teacher_outputs(
+            distiller.teacher,
+            train_rows,
+            path,
+            layers=layers,
+            collate=collate,
+            logits=logits,
+            batch_size=cfg.train.batch_size,
+            side=cfg.distill.side,
+            progress=cfg.train.progress,
+        )
+    accelerator.wait_for_everyone()
+    store = TeacherOutputStore(path)
+    try:
+        store.check(distiller.teacher, train_rows, layers=layers, logits=logits)
+    except ValueError as err:
+        raise StoreMismatchError(f"distill.{err}") from None
+    return store
