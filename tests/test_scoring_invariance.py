@@ -41,7 +41,7 @@ batch_sizes = st.lists(st.integers(1, 5), min_size=1, max_size=4)
 sides = st.sampled_from(["left", "right"])
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), sizes=batch_sizes, side=sides)
 def test_causal_lm_scores_do_not_depend_on_batching_or_padding(llama, seed, sizes, side):
     rows = rows_of.causal_rows(seed, 7, vocab=tiny.VOCAB)
@@ -49,7 +49,7 @@ def test_causal_lm_scores_do_not_depend_on_batching_or_padding(llama, seed, size
     assert_same_selection(score(llama, rows_of.batches_of(rows, sizes, side)), one_batch)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), sizes=batch_sizes)
 def test_classifier_scores_do_not_depend_on_batching(bert, seed, sizes):
     # right padding only: a BERT classifier reads the first position, which left padding would move
