@@ -26,8 +26,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from flexkd.adapters import TeacherIdentity, token_weights
-from flexkd.adapters.masks import aligned_logits, check_task, counted_labels
+from flexkd.adapters import TeacherIdentity
+from flexkd.adapters.masks import aligned_logits, check_task, counted_labels, scored_positions
 from flexkd.ops import STATS, importance_scores
 from flexkd.selection import DimensionSelection
 from flexkd.taps import LayerTap
@@ -78,8 +78,8 @@ def score(
         order: pairing order of the selected dims, ``"index"`` or ``"score"``.
 
     Which positions count: a real token (``attention_mask``) AND, for causal LMs, a valid next label
-    (position ``t`` predicts ``labels[t + 1]``, so prompt tokens labelled -100 and the last position do not
-    count); for token classification a valid label at the position; for seq2seq the encoder's real tokens
+    on a real next token (position ``t`` predicts ``labels[t + 1]``, so prompt tokens labelled -100, the
+    last real token and the last position do not count); for token classification a valid label at the position; for seq2seq the encoder's real tokens
     (encoder side) or the decoder positions with a valid label (decoder side); for sequence classification
     every real token. The default loss is the task head's cross-entropy summed over the counted positions
     (rows for sequence tasks), so each token contributes ``|h · ∂ℓ_token/∂h|`` of its own loss whatever it
@@ -144,7 +144,7 @@ def score(
             )
             hidden = [tap.hidden[layer] for layer in tap.layers]
             grads = torch.autograd.grad(loss, hidden, allow_unused=True)
-            weights = token_weights(
+            weights = scored_positions(
                 batch, task=task, side=adapter.side, shape=tuple(hidden[0].shape[:2]), device=device
             )
             for layer, h, g in zip(tap.layers, hidden, grads, strict=True):

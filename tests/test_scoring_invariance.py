@@ -65,6 +65,19 @@ def test_single_rows_and_uneven_batches_give_the_scores_of_one_batch(llama):
     assert_same_selection(score(llama, rows_of.batches_of(rows, [5, 1, 3], "left")), one_batch)
 
 
+def test_labels_left_on_the_padding_do_not_count(llama):
+    """``labels = input_ids`` with the pad id left in: the pad after a short row is not its target."""
+    rows = rows_of.causal_rows(9, 6, vocab=tiny.VOCAB)
+    one_batch = score(llama, [rows_of.collate(rows)])
+
+    def pad_labelled(batch):
+        return dict(batch, labels=batch["labels"].masked_fill(batch["attention_mask"] == 0, 0))
+
+    assert_same_selection(
+        score(llama, [pad_labelled(batch) for batch in rows_of.batches_of(rows, [4])]), one_batch
+    )
+
+
 def test_a_mean_loss_would_depend_on_the_batching(llama):
     """What the summed loss fixes: the model's own per-batch mean weights a row by its batch's size."""
     rows = rows_of.causal_rows(3, 6, vocab=tiny.VOCAB)
