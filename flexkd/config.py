@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,7 +115,32 @@ class SelectionSection(_Section):
     order: Literal["index", "score"] = "index"
     split: Literal["train", "validation", "test"] = "train"
     batch_size: PositiveInt = 8
-    max_batches: PositiveInt | None = None
+    max_rows: PositiveInt | None = Field(
+        None, description="rows to score in all (the same rows for any world size); default: all"
+    )
+    max_batches: PositiveInt | None = Field(
+        None, description="deprecated: read as max_rows = max_batches * batch_size"
+    )
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> SelectionSection:
+        if self.max_batches is not None:
+            if self.max_rows is not None:
+                raise ValueError("give max_rows only (max_batches is deprecated)")
+            warnings.warn(
+                f"selection.max_batches is deprecated (it counted batches per process); read as "
+                f"max_rows = max_batches * batch_size = {self.row_budget}; set selection.max_rows",
+                FutureWarning,
+                stacklevel=2,
+            )
+        return self
+
+    @property
+    def row_budget(self) -> int | None:
+        """The rows to score over all processes (None: all)."""
+        if self.max_batches is not None:
+            return self.max_batches * self.batch_size
+        return self.max_rows
 
 
 class LossWeights(_Section):

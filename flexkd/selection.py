@@ -3,6 +3,11 @@
 Saved as one safetensors file: tensors ``scores/<layer>`` (fp32 ``[D]``, normalised by tokens seen) and
 ``index/<layer>`` (int64 ``[k]``), and the JSON metadata under the header key ``flexkd`` (teacher identity,
 layers, k, stat, tokens seen, data fingerprint, flexkd version). Writes are atomic.
+
+The data fingerprint ``flexkd.score`` records is ``"rows:<sha256>"``, a hash of the multiset of unpadded
+rows scored, so it is the same for any batch size, padding side and world size. Files written before
+it hold a bare hex digest of the batch tensors instead; they load unchanged (the format did not
+change), but their fingerprint never equals a row-based one, so rescore to compare data.
 """
 
 from __future__ import annotations

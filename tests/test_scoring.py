@@ -30,7 +30,8 @@ def _naive_weights(name, batch, side):
 
 
 def _naive_scores(model, batches, layers, name, side, stat="grad_x_act", use_mask=True):
-    """Full backward with retain_grad on output_hidden_states, then f(h, g) summed over counted tokens."""
+    """Full backward of the summed loss with retain_grad on output_hidden_states, then f(h, g) summed
+    over counted tokens."""
     model.zero_grad()
     totals = {layer: 0.0 for layer in layers}
     tokens = 0
@@ -39,7 +40,9 @@ def _naive_scores(model, batches, layers, name, side, stat="grad_x_act", use_mas
         hidden = out.hidden_states if side is None else getattr(out, f"{side}_hidden_states")
         for layer in layers:
             hidden[layer].retain_grad()
-        out.loss.backward()
+        # the model's own loss is a mean over its valid labels; times their count it is the sum
+        labels = batch["labels"][:, 1:] if name in ("gpt2", "llama") else batch["labels"]
+        (out.loss * (labels != -100).sum()).backward()
         weights = (
             _naive_weights(name, batch, side)
             if use_mask
@@ -107,27 +110,63 @@ def test_only_layers_above_the_tap_are_differentiated():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_loss_fn_and_max_batches():
+def test_a_summed_loss_fn_equals_the_default():
     model = tiny.build("gpt2")
     batches = _batches("gpt2", count=3)
 
-    def shifted_ce(outputs, batch):
+    def summed_shifted_ce(outputs, batch):
         logits = outputs.logits[:, :-1]
         return F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1)
+            logits.reshape(-1, logits.shape[-1]),
+            batch["labels"][:, 1:].reshape(-1),
+            reduction="sum",
         )
 
-    default = flexkd.score(model, batches[:2], k=4, progress=False)
-    custom = flexkd.score(
-        model, iter(batches), k=4, loss_fn=shifted_ce, max_batches=2, progress=False
-    )
+    default = flexkd.score(model, batches, k=4, progress=False)
+    custom = flexkd.score(model, iter(batches), k=4, loss_fn=summed_shifted_ce, progress=False)
     torch.testing.assert_close(custom.scores(-1), default.scores(-1), rtol=1e-5, atol=1e-8)
     assert custom.tokens_seen == default.tokens_seen
     assert custom.data_fingerprint == default.data_fingerprint
+
+
+def test_max_rows_cuts_the_data_at_a_row_and_draws_no_further_batch():
+    model = tiny.build("gpt2")
+    batches = _batches("gpt2", count=3)  # 3 rows each
+    drawn = []
+
+    def stream():
+        for batch in batches:
+            drawn.append(batch)
+            yield batch
+
+    five = flexkd.score(model, stream(), k=4, max_rows=5, progress=False)
+    assert len(drawn) == 2
+    first_five = [
+        {key: value[:n] for key, value in b.items()} for b, n in zip(batches, (3, 2), strict=False)
+    ]
+    expected = flexkd.score(model, first_five, k=4, progress=False)
+    torch.testing.assert_close(five.scores(-1), expected.scores(-1), rtol=1e-5, atol=1e-9)
+    assert five.tokens_seen == expected.tokens_seen
+    assert five.data_fingerprint == expected.data_fingerprint
+    everything = flexkd.score(model, batches, k=4, max_rows=100, progress=False)
     assert (
-        flexkd.score(model, batches, k=4, progress=False).data_fingerprint
-        != default.data_fingerprint
+        everything.data_fingerprint
+        == flexkd.score(model, batches, k=4, progress=False).data_fingerprint
     )
+    assert everything.data_fingerprint != five.data_fingerprint
+
+
+def test_max_batches_is_deprecated_but_still_counts_batches():
+    model = tiny.build("gpt2")
+    batches = _batches("gpt2", count=3)
+    with pytest.warns(FutureWarning, match="use max_rows"):
+        two = flexkd.score(model, batches, k=4, max_batches=2, progress=False)
+    assert (
+        two.data_fingerprint
+        == flexkd.score(model, batches[:2], k=4, progress=False).data_fingerprint
+    )
+    with pytest.raises(ValueError, match="give max_rows only"):
+        flexkd.score(model, batches, k=4, max_batches=2, max_rows=3, progress=False)
 
 
 def test_selection_records_the_teacher():
@@ -151,7 +190,7 @@ def test_scoring_errors():
     model = tiny.build("gpt2")
     batch = tiny.batch_for("gpt2")
     unlabeled = {key: value for key, value in batch.items() if key != "labels"}
-    with pytest.raises(ValueError, match="returned no loss"):
+    with pytest.raises(ValueError, match=r"needs batch\['labels'\]"):
         flexkd.score(model, [unlabeled], k=4, progress=False)
     with pytest.raises(ValueError, match=r"k must be in \[1, 32\]"):
         flexkd.score(model, [batch], k=33, progress=False)
@@ -165,6 +204,12 @@ def test_scoring_errors():
         flexkd.score(model, batch, k=4, progress=False)
     with pytest.raises(ValueError, match="max_batches"):
         flexkd.score(model, [batch], k=4, max_batches=0, progress=False)
+    with pytest.raises(ValueError, match="max_rows must be a positive int"):
+        flexkd.score(model, [batch], k=4, max_rows=0, progress=False)
+    with pytest.raises(TypeError, match="integer class indices"):
+        flexkd.score(model, [dict(batch, labels=batch["labels"].float())], k=4, progress=False)
+    with pytest.raises(ValueError, match="cannot tell the task"):
+        flexkd.score(model.transformer, [unlabeled], k=4, progress=False)
     with pytest.raises(ValueError, match="no token was scored"):
         flexkd.score(model, [], k=4, progress=False)
     all_ignored = dict(batch, labels=torch.full_like(batch["labels"], -100))

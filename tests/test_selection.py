@@ -172,3 +172,13 @@ def test_bad_files_fail_loudly(tmp_path, teacher):
 def test_unscored_selection_cannot_be_validated(teacher):
     with pytest.raises(ValueError, match="records no teacher identity"):
         DimensionSelection.from_scores({1: torch.rand(D)}, 2).validate(teacher)
+
+
+def test_a_file_with_a_batch_based_fingerprint_still_loads(tmp_path, teacher):
+    """Selections written before row-based fingerprints hold a bare sha256 hex of the batches."""
+    old = "9f" * 32
+    path = DimensionSelection.from_scores(
+        _random_scores(), 8, teacher=teacher, data_fingerprint=old
+    ).save(tmp_path / "old.safetensors")
+    loaded = DimensionSelection.load(path, teacher)
+    assert loaded.data_fingerprint == old and not loaded.data_fingerprint.startswith("rows:")

@@ -134,3 +134,67 @@ def logit_positions(
 def aligned_logits(logits: torch.Tensor, task: str) -> torch.Tensor:
     """The logits :func:`logit_positions` indexes: a causal LM's last position predicts nothing."""
     return logits[:, :-1] if task == "causal_lm" else logits
+
+
+def scored_positions(
+    batch: Mapping[str, object],
+    *,
+    task: str | None,
+    side: str,
+    shape: tuple[int, int],
+    device: torch.device | str | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """:func:`token_weights`, and for a causal LM with token labels also the next position a real token.
+
+    A label at a padding position is padding whatever its value (``labels = input_ids`` leaves the pad
+    id there), and whether a row is followed by padding depends on what it is batched with; requiring
+    the next token to be real makes every row count the same positions in any batch.
+    """
+    weights = token_weights(
+        batch, task=task, side=side, shape=shape, device=device, ignore_index=ignore_index
+    )
+    labels, mask = batch.get("labels"), batch.get("attention_mask")
+    if task == "causal_lm" and isinstance(labels, torch.Tensor) and labels.dim() == 2:
+        if isinstance(mask, torch.Tensor):
+            weights[:, :-1] &= mask[:, 1:].to(weights.device) != 0
+    return weights
+
+
+def counted_labels(
+    batch: Mapping[str, object], *, task: str, ignore_index: int = -100
+) -> torch.Tensor:
+    """The labels the scoring loss reads, aligned with :func:`aligned_logits`, set to ``ignore_index``
+    wherever the position does not count.
+
+    Token-level tasks count exactly the positions :func:`scored_positions` counts (for causal LMs:
+    positions ``t`` and ``t + 1`` are real tokens and ``labels[t + 1]`` is not ignored; for seq2seq the
+    decoder positions, with ``decoder_attention_mask`` when given). Sequence tasks count every row whose
+    label is not ignored.
+    """
+    check_task(task)
+    labels = batch.get("labels")
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError("batch: the task loss needs batch['labels']")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError(
+            f"batch['labels'] must hold integer class indices for the cross-entropy task loss, got "
+            f"{labels.dtype}; for a regression or multi-label head pass a loss_fn"
+        )
+    if task == "sequence":
+        return labels
+    if labels.dim() != 2:
+        raise ValueError(
+            f"batch['labels'] must be [batch, tokens] for task {task!r}, got shape {tuple(labels.shape)}"
+        )
+    counted = scored_positions(
+        batch,
+        task=task,
+        side="decoder" if task == "seq2seq" else "encoder",
+        shape=tuple(labels.shape),
+        device=labels.device,
+        ignore_index=ignore_index,
+    )
+    if task == "causal_lm":
+        return labels[:, 1:].masked_fill(~counted[:, :-1], ignore_index)
+    return labels.masked_fill(~counted, ignore_index)

@@ -1,7 +1,9 @@
 """``flexkd score cfg.yaml``: score the teacher's hidden dims and write the selection file.
 
-Runs on one process or several (``torchrun``/``accelerate launch``): each process scores its
-shard of the data and the scores are summed across processes before the top k are chosen.
+Runs on one process or several (``torchrun``/``accelerate launch``): the ``selection.max_rows``
+rows (default: the whole split) are dealt out row by row, each process scores its share, and scores,
+token counts and the data fingerprint are summed across processes before the top k are chosen, so
+the result is the same for any number of processes.
 Writes ``selection.path`` (default ``<output_dir>/selection.safetensors``) and a PNG of the
 sorted scores next to it.
 """

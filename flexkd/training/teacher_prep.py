@@ -3,15 +3,11 @@ on the configured split and saved) and, with ``distill.teacher_outputs``, the st
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
-
-import torch
 from torch import nn
 
 from flexkd.config import Config
 from flexkd.errors import ConfigError, StoreMismatchError
-from flexkd.training.data import IGNORE_INDEX, ShardedOrder, Splits
+from flexkd.training.data import Splits
 
 
 def default_selection_layers(cfg: Config) -> list[int]:
@@ -61,44 +57,33 @@ def selection_k(cfg: Config, teacher: nn.Module, student: nn.Module) -> int:
     return k
 
 
-def summed_task_loss(task: str) -> Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor]:
-    """``loss_fn(outputs, batch)`` for scoring: the task loss *summed* over valid targets.
-
-    With a per-batch mean (a model's own ``.loss``) each token's gradient is scaled by 1 / tokens
-    in its batch, so scores would depend on how the data was split into batches and processes;
-    with the sum they do not.
-    """
-    from flexkd.losses import task_loss
-
-    def loss_fn(outputs, batch):
-        logits, labels = outputs.logits, batch["labels"]
-        if task == "causal_lm":
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        return task_loss(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
-
-    return loss_fn
-
-
 def score_selection(
     cfg: Config, teacher: nn.Module, k: int, rows, collate, *, rank: int = 0, world_size: int = 1
 ):
-    """Score ``teacher`` on this process's shard of ``rows``; scores are summed over processes."""
+    """Score ``teacher`` on ``selection.max_rows`` rows of ``rows`` (all when unset), drawn in a seeded
+    order and dealt out row by row over the processes: the same rows for any world size. Scores are
+    summed over processes."""
     import flexkd
+    from flexkd.scoring import rows_for_rank
     from flexkd.selection import DimensionSelection
 
-    order = ShardedOrder(
-        len(rows), cfg.selection.batch_size, seed=cfg.train.seed, rank=rank, world_size=world_size
+    mine = rows_for_rank(
+        len(rows),
+        rank=rank,
+        world_size=world_size,
+        max_rows=cfg.selection.row_budget,
+        seed=cfg.train.seed,
     )
-    batches = (collate([rows[i] for i in idx]) for idx in order.epoch_batches(0))
+    size = cfg.selection.batch_size
+    batches = (collate([rows[i] for i in mine[j : j + size]]) for j in range(0, len(mine), size))
     selection = flexkd.score(
         teacher,
         batches,
         layers=cfg.selection.layers or default_selection_layers(cfg),
         k=k,
         stat=cfg.selection.stat,
-        loss_fn=summed_task_loss(cfg.data.task),
-        max_batches=cfg.selection.max_batches,
         side=cfg.distill.side,
+        task=cfg.data.task,
         order=cfg.selection.order,
         progress=cfg.train.progress and rank == 0,
     )
