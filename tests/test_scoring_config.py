@@ -8,7 +8,8 @@ import _train_helpers as helpers
 import pytest
 
 from flexkd.config import ConfigError, load_config
-from flexkd.train import Collator, build_model, score_selection
+from flexkd.training import Collator, build_model
+from flexkd.training.teacher_prep import score_selection
 
 
 def test_max_rows_and_the_deprecated_max_batches(tmp_path):
