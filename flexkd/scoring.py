@@ -181,7 +181,7 @@ def summed_task_loss(outputs, batch: Mapping[str, object], *, task: str) -> torc
     """The task head's cross-entropy summed (not averaged) over the positions that count.
 
     Positions are those of :func:`flexkd.adapters.masks.counted_labels`: for a causal LM, real tokens
-    whose next label is not ignored. Summing keeps each token's gradient that of its own loss, whatever
+    whose next token is real and labelled. Summing keeps each token's gradient that of its own loss, whatever
     else shares its batch or process.
     """
     from flexkd.losses import task_loss
