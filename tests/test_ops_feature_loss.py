@@ -36,9 +36,11 @@ def corr_scales(student, teacher, index, mask, reduction, upstream):
     total = w.sum().clamp_min(1e-30)
     a = s - (w[:, None] * s).sum(0) / total
     b = t - (w[:, None] * t).sum(0) / total
-    q = ((w[:, None] * a * a).sum(0) / total) * ((w[:, None] * b * b).sum(0) / total) + 1e-6
+    sigmas = reference.clamped_sigma((w[:, None] * a * a).sum(0) / total, 1e-8) * reference.clamped_sigma(
+        (w[:, None] * b * b).sum(0) / total, 1e-8
+    )
     c = 1 / s.shape[1] if reduction == "mean" else 1.0
-    terms = c * w[:, None] / total * (a.abs() + b.abs()) / q.sqrt()
+    terms = c * w[:, None] / total * (a.abs() + b.abs()) / sigmas
     loss_scale = float(s.shape[1]) if reduction == "sum" else 1.0
     return loss_scale, float(terms.max() * upstream.abs().max()) if terms.numel() else 0.0
 

@@ -30,7 +30,7 @@ struct FeatureLossArgs {
   const void* mask;       // [rows] row weights >= 0, or nullptr for all ones
   Loss loss;
   Reduction reduction;
-  double eps;             // corr only: r = cov / sqrt(var_s * var_t + eps)
+  double eps;             // corr only: r = cov / (max(sigma_s, eps) * max(sigma_t, eps))
   void* loss_out;         // one value; [rows] for mse/none; [k] for corr/none
   void* grad_student;     // contiguous [rows, k], student dtype, or nullptr
   void* grad_teacher;     // contiguous [rows, k], teacher dtype, or nullptr
