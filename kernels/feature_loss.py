@@ -20,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flexkd.ops import _registration
-from flexkd.ops import reference
+from flexkd.ops import _registration, reference
 from flexkd.ops.reference import LOSSES, REDUCTIONS
 
 from ._common import (
@@ -82,7 +81,8 @@ def _mse_kernel(
             total_weight = tl.load(weight_sum_ptr).to(ACC)
         else:
             total_weight = tl.cast(n_rows, ACC)
-        scale = tl.where(total_weight > 0, 1.0 / (k * _nonzero(total_weight)), 0.0).to(ACC)
+        # `!= 0`: a NaN weight reaches the loss.
+        scale = tl.where(total_weight != 0, 1.0 / (k * _nonzero(total_weight)), 0.0).to(ACC)
     else:
         scale = tl.full((), 1.0, ACC)
     grad_weight = (2 * scale) * w
