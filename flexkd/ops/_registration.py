@@ -19,6 +19,7 @@ import torch
 from flexkd import _native
 from flexkd.ops import reference
 
+
 def feature_loss_fake(student, teacher, index, mask, loss, reduction, eps, student_grad, teacher_grad):
     acc = reference.accumulation_dtype(student, teacher)
     n, k = student.shape
