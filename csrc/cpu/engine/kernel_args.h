@@ -4,12 +4,14 @@
 
 #include <cstdint>
 
+#include "flexkd/options.h"
+
 namespace flexkd::cpu {
 
+using flexkd::Loss;
+using flexkd::Reduction;
+using flexkd::Stat;
 enum class DType : int { kFloat32, kFloat64, kBFloat16, kFloat16 };
-enum class Loss : int { kMse, kCorr };
-enum class Reduction : int { kMean, kSum, kNone };
-enum class Stat : int { kGradXAct, kGrad, kGradSq };
 
 // A rows x cols view of elements of `dtype`; strides count elements and may be anything.
 struct StridedMatrix {
