@@ -14,7 +14,10 @@ namespace {
 constexpr int kStatsCols = 32;     // columns per block (one per lane)
 constexpr int kStatsRowLanes = 8;  // rows of a chunk are split over this many threads per column
 constexpr int kMinRowsPerChunk = 64;
-enum Moment : int { kWeight = 0, kMeanS, kMeanT, kM2S, kM2T, kCoM2, kMoments };
+// Rows of a chunk's partials (named apart from row_pass.cuh's CorrParam rows of the gradient terms).
+enum Moment : int {
+  kMomentWeight = 0, kMomentMeanS, kMomentMeanT, kMomentM2S, kMomentM2T, kMomentCoM2, kMoments
+};
 
 // One column's moments over a set of rows: weight, weighted means, centred second moments, co-moment.
 template <typename Acc>
@@ -60,26 +63,26 @@ __global__ void __launch_bounds__(kStatsCols * kStatsRowLanes)
       m.add_row(w, static_cast<Acc>(s_col[n * a.s_row]), static_cast<Acc>(t_col[n * a.t_row]));
     }
   }
-  moments[kWeight][threadIdx.y][threadIdx.x] = m.weight;
-  moments[kMeanS][threadIdx.y][threadIdx.x] = m.mean_s;
-  moments[kMeanT][threadIdx.y][threadIdx.x] = m.mean_t;
-  moments[kM2S][threadIdx.y][threadIdx.x] = m.m2_s;
-  moments[kM2T][threadIdx.y][threadIdx.x] = m.m2_t;
-  moments[kCoM2][threadIdx.y][threadIdx.x] = m.co_m2;
+  moments[kMomentWeight][threadIdx.y][threadIdx.x] = m.weight;
+  moments[kMomentMeanS][threadIdx.y][threadIdx.x] = m.mean_s;
+  moments[kMomentMeanT][threadIdx.y][threadIdx.x] = m.mean_t;
+  moments[kMomentM2S][threadIdx.y][threadIdx.x] = m.m2_s;
+  moments[kMomentM2T][threadIdx.y][threadIdx.x] = m.m2_t;
+  moments[kMomentCoM2][threadIdx.y][threadIdx.x] = m.co_m2;
   __syncthreads();
   if (threadIdx.y == 0 && j < a.k) {
     for (int lane = 1; lane < kStatsRowLanes; ++lane) {
-      m.merge(moments[kWeight][lane][threadIdx.x], moments[kMeanS][lane][threadIdx.x],
-              moments[kMeanT][lane][threadIdx.x], moments[kM2S][lane][threadIdx.x],
-              moments[kM2T][lane][threadIdx.x], moments[kCoM2][lane][threadIdx.x]);
+      m.merge(moments[kMomentWeight][lane][threadIdx.x], moments[kMomentMeanS][lane][threadIdx.x],
+              moments[kMomentMeanT][lane][threadIdx.x], moments[kMomentM2S][lane][threadIdx.x],
+              moments[kMomentM2T][lane][threadIdx.x], moments[kMomentCoM2][lane][threadIdx.x]);
     }
     Acc* out = partials + static_cast<int64_t>(blockIdx.y) * kMoments * a.k + j;
-    out[kWeight * a.k] = m.weight;
-    out[kMeanS * a.k] = m.mean_s;
-    out[kMeanT * a.k] = m.mean_t;
-    out[kM2S * a.k] = m.m2_s;
-    out[kM2T * a.k] = m.m2_t;
-    out[kCoM2 * a.k] = m.co_m2;
+    out[kMomentWeight * a.k] = m.weight;
+    out[kMomentMeanS * a.k] = m.mean_s;
+    out[kMomentMeanT * a.k] = m.mean_t;
+    out[kMomentM2S * a.k] = m.m2_s;
+    out[kMomentM2T * a.k] = m.m2_t;
+    out[kMomentCoM2 * a.k] = m.co_m2;
   }
 }
 
@@ -109,7 +112,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   ColumnMoments<Acc> m;
   for (int chunk = 0; chunk < chunks; ++chunk) {
     const Acc* p = partials + static_cast<int64_t>(chunk) * kMoments * k + j;
-    m.merge(p[kWeight * k], p[kMeanS * k], p[kMeanT * k], p[kM2S * k], p[kM2T * k], p[kCoM2 * k]);
+    m.merge(p[kMomentWeight * k], p[kMomentMeanS * k], p[kMomentMeanT * k], p[kMomentM2S * k],
+            p[kMomentM2T * k], p[kMomentCoM2 * k]);
   }
   const Acc var_s = m.m2_s / m.weight, var_t = m.m2_t / m.weight, cov = m.co_m2 / m.weight;
   const Acc eps2 = eps * eps;
