@@ -242,11 +242,10 @@ def _corr_grad_kernel(
         store_as(grad_t_ptr, out, scale * (a - alpha_t[None, :] * b), ok)
 
 
-def _enough_rows(mask: torch.Tensor | None, n: int):
-    """Whether at least two rows have a weight (decided on the device when there is a mask, so no
-    host sync)."""
+def _enough_rows(mask: torch.Tensor | None, n: int, device) -> torch.Tensor:
+    """Whether at least two rows have a weight, as a device tensor (no host sync with a mask)."""
     if mask is None:
-        return torch.full((), n >= 2, dtype=torch.bool)
+        return torch.full((), n >= 2, dtype=torch.bool, device=device)
     return reference.weighted_rows(mask) >= 2
 
 
@@ -268,7 +267,7 @@ def _corr(student, teacher, index, mask, reduction, eps, grad_s, grad_t, acc):
     weight, mean_s, mean_t, m2_s, m2_t, co_m2 = reference.merge_moments(*partials.unbind(0))
     c = 1.0 / k if reduction == "mean" else 1.0
     per_dim, coef, alpha_s, alpha_t = reference.corr_terms(
-        weight, m2_s, m2_t, co_m2, eps, c, _enough_rows(mask, n).to(student.device)
+        weight, m2_s, m2_t, co_m2, eps, c, _enough_rows(mask, n, student.device)
     )
     if grad_s.numel() or grad_t.numel():
         table = torch.stack((mean_s, mean_t, coef, alpha_s, alpha_t)).contiguous()
