@@ -30,11 +30,6 @@ TILE_ELEMENTS = 4096
 MAX_BLOCK_COLS = 1024
 
 
-def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """fp64 when any input is fp64, else fp32 (the op contract's accumulation rule)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def tl_dtype(dtype: torch.dtype) -> tl.dtype:
     try:
         return _TL_DTYPES[dtype]

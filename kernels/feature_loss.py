@@ -8,9 +8,10 @@ an input is fp64), and the gradients for ``grad_output == 1`` computed alongside
 * ``mse``: one pass. Each program takes a block of rows, walks the k columns once, and writes the
   per-row loss (``none``) or its block's partial sum, plus the student/teacher gradients. ``mean``
   scales by ``1/(k·W)`` inside the kernel, with ``W = Σ mask`` read from a device scalar (no host sync).
-* ``corr``: a statistics pass where each program merges its row tiles into per-column weighted means,
-  second moments and co-moment (Chan et al.'s pairwise update, stable for data far from zero), a
-  deterministic merge of those partials across row blocks, then one gradient pass.
+* ``corr``: the algorithm of ``reference.py`` ("corr statistics"): a statistics pass where each
+  program merges its row tiles (each two-pass: its own means, then centred moments) into per-column
+  weighted means, second moments and co-moment with Chan's pairwise update, the reference's
+  fixed-order merge of those partials across programs, then one gradient pass.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from flexkd.ops import _registration
+from flexkd.ops import _registration, reference
 from flexkd.ops.reference import LOSSES, REDUCTIONS
 
 from ._common import (
-    accumulation_dtype,
     launch,
     num_warps,
     row_weights,
@@ -81,7 +81,8 @@ def _mse_kernel(
             total_weight = tl.load(weight_sum_ptr).to(ACC)
         else:
             total_weight = tl.cast(n_rows, ACC)
-        scale = tl.where(total_weight > 0, 1.0 / (k * _nonzero(total_weight)), 0.0).to(ACC)
+        # `!= 0`: a NaN weight reaches the loss.
+        scale = tl.where(total_weight != 0, 1.0 / (k * _nonzero(total_weight)), 0.0).to(ACC)
     else:
         scale = tl.full((), 1.0, ACC)
     grad_weight = (2 * scale) * w
@@ -172,8 +173,9 @@ def _corr_stats_kernel(
             rows, cols, teacher_cols, ok, ACC,
         )  # fmt: skip
         # This tile's own statistics, centred on its own means ...
+        # (`!= 0` rather than `> 0` throughout: a NaN weight must reach the result.)
         tile_weight = tl.sum(w, axis=0)
-        inv_tile_weight = tl.where(tile_weight > 0, 1.0 / _nonzero(tile_weight), 0.0)
+        inv_tile_weight = tl.where(tile_weight != 0, 1.0 / _nonzero(tile_weight), 0.0)
         w2 = w[:, None]
         tile_mean_s = tl.sum(w2 * s, axis=0) * inv_tile_weight
         tile_mean_t = tl.sum(w2 * t, axis=0) * inv_tile_weight
@@ -181,7 +183,7 @@ def _corr_stats_kernel(
         b = t - tile_mean_t[None, :]
         # ... merged into the running ones (Chan, Golub & LeVeque's pairwise update).
         merged_weight = weight + tile_weight
-        frac = tl.where(merged_weight > 0, tile_weight / _nonzero(merged_weight), 0.0)
+        frac = tl.where(merged_weight != 0, tile_weight / _nonzero(merged_weight), 0.0)
         delta_s = tile_mean_s - mean_s
         delta_t = tile_mean_t - mean_t
         m2_s += tl.sum(w2 * a * a, axis=0) + delta_s * delta_s * weight * frac
@@ -200,28 +202,6 @@ def _corr_stats_kernel(
     tl.store(out + 5 * stat_stride, co_m2, mask=col_ok)
 
 
-def _merge_row_programs(partials: torch.Tensor) -> torch.Tensor:
-    """Merge ``partials [6, R, k]`` over the R row programs into ``[6, k]`` column statistics (the
-    pairwise update summed in closed form; a fixed-order reduction, so deterministic)."""
-    weight, mean_s, mean_t, m2_s, m2_t, co_m2 = partials.unbind(0)
-    total = weight.sum(0)
-    share = weight / torch.where(total > 0, total, 1.0)
-    merged_s = (share * mean_s).sum(0)
-    merged_t = (share * mean_t).sum(0)
-    delta_s = mean_s - merged_s
-    delta_t = mean_t - merged_t
-    return torch.stack(
-        (
-            total,
-            merged_s,
-            merged_t,
-            (m2_s + weight * delta_s * delta_s).sum(0),
-            (m2_t + weight * delta_t * delta_t).sum(0),
-            (co_m2 + weight * delta_s * delta_t).sum(0),
-        )
-    )
-
-
 @triton.jit
 def _corr_grad_kernel(
     s_ptr, s_stride_n, s_stride_k,
@@ -232,8 +212,9 @@ def _corr_grad_kernel(
     HAS_MASK: tl.constexpr, WRITE_GRAD_S: tl.constexpr, WRITE_GRAD_T: tl.constexpr,
     ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """``grad_s = coef·w·(b − α·a)``, ``grad_t = coef·w·(a − β·b)`` with ``a = s − μs``, ``b = t − μt``
-    and the per-column ``μs, μt, coef, α, β`` rows of ``coef_ptr [5, k]``."""
+    """``grad_s = coef·w·(b − alpha_s·a)``, ``grad_t = coef·w·(a − alpha_t·b)`` with ``a = s − mean_s``,
+    ``b = t − mean_t`` and the per-column ``mean_s, mean_t, coef, alpha_s, alpha_t`` rows of
+    ``coef_ptr [5, k]``."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < n_rows
@@ -254,21 +235,18 @@ def _corr_grad_kernel(
     scale = w[:, None] * coef[None, :]
     out = rows[:, None] * k + cols[None, :]
     if WRITE_GRAD_S:
-        alpha = tl.load(coef_ptr + 3 * k + cols, mask=col_ok, other=0)
-        store_as(grad_s_ptr, out, scale * (b - alpha[None, :] * a), ok)
+        alpha_s = tl.load(coef_ptr + 3 * k + cols, mask=col_ok, other=0)
+        store_as(grad_s_ptr, out, scale * (b - alpha_s[None, :] * a), ok)
     if WRITE_GRAD_T:
-        beta = tl.load(coef_ptr + 4 * k + cols, mask=col_ok, other=0)
-        store_as(grad_t_ptr, out, scale * (a - beta[None, :] * b), ok)
+        alpha_t = tl.load(coef_ptr + 4 * k + cols, mask=col_ok, other=0)
+        store_as(grad_t_ptr, out, scale * (a - alpha_t[None, :] * b), ok)
 
 
-def _zero_unless_enough_rows(
-    mask: torch.Tensor | None, n: int, value: torch.Tensor
-) -> torch.Tensor:
-    """``value``, or zeros when fewer than two rows have positive weight (decided on the device
-    when there is a mask, so no host sync)."""
+def _enough_rows(mask: torch.Tensor | None, n: int, device) -> torch.Tensor:
+    """Whether at least two rows have a weight, as a device tensor (no host sync with a mask)."""
     if mask is None:
-        return value if n >= 2 else torch.zeros_like(value)
-    return torch.where((mask > 0).sum() >= 2, value, 0.0)
+        return torch.full((), n >= 2, dtype=torch.bool, device=device)
+    return reference.weighted_rows(mask) >= 2
 
 
 def _corr(student, teacher, index, mask, reduction, eps, grad_s, grad_t, acc):
@@ -286,16 +264,13 @@ def _corr(student, teacher, index, mask, reduction, eps, grad_s, grad_t, acc):
         HAS_MASK=has_mask, ACC=tl_dtype(acc), BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps(block_n, block_k),
     )  # fmt: skip
-    weight, mean_s, mean_t, m2_s, m2_t, co_m2 = _merge_row_programs(partials).unbind(0)
-    safe_weight = torch.where(weight > 0, weight, 1.0)
-    var_s, var_t, cov = m2_s / safe_weight, m2_t / safe_weight, co_m2 / safe_weight
-    q = var_s * var_t + eps
-    rsqrt_q = q.rsqrt()
-    per_dim = _zero_unless_enough_rows(mask, n, 1 - cov * rsqrt_q)
+    weight, mean_s, mean_t, m2_s, m2_t, co_m2 = reference.merge_moments(*partials.unbind(0))
+    c = 1.0 / k if reduction == "mean" else 1.0
+    per_dim, coef, alpha_s, alpha_t = reference.corr_terms(
+        weight, m2_s, m2_t, co_m2, eps, c, _enough_rows(mask, n, student.device)
+    )
     if grad_s.numel() or grad_t.numel():
-        c = 1.0 / k if reduction == "mean" else 1.0
-        coef = _zero_unless_enough_rows(mask, n, -c * rsqrt_q / safe_weight)
-        table = torch.stack((mean_s, mean_t, coef, cov * var_t / q, cov * var_s / q)).contiguous()
+        table = torch.stack((mean_s, mean_t, coef, alpha_s, alpha_t)).contiguous()
         grad_n, grad_k = tile_shape(n, k)
         launch(_corr_grad_kernel)[(triton.cdiv(n, grad_n), triton.cdiv(k, grad_k))](
             student, student.stride(0), student.stride(1),
@@ -347,7 +322,7 @@ def feature_loss_fwd(
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    acc = accumulation_dtype(student, teacher)
+    acc = reference.accumulation_dtype(student, teacher)
     index = index.contiguous()
     if mask is not None:
         mask = mask.to(acc).contiguous()

@@ -13,9 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from flexkd.ops.reference import STATS
+from flexkd.ops.reference import STATS, accumulation_dtype
 
-from ._common import accumulation_dtype, launch, num_warps, row_weights, tile_shape, tl_dtype
+from ._common import launch, num_warps, row_weights, tile_shape, tl_dtype
 
 # Columns per program (wide enough for coalesced loads, narrow enough to leave rows for the tile),
 # and how many programs the first stage aims for before it splits rows over more chunks.

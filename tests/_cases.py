@@ -35,5 +35,5 @@ def make_mask(kind: str, shape, generator=None) -> torch.Tensor | None:
     raise ValueError(kind)
 
 
-def random_index(k: int, width: int, dtype=torch.int64) -> torch.Tensor:
-    return torch.randperm(width)[:k].to(dtype)
+def random_index(k: int, width: int, dtype=torch.int64, generator=None) -> torch.Tensor:
+    return torch.randperm(width, generator=generator)[:k].to(dtype)

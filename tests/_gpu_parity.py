@@ -1,4 +1,4 @@
-"""Checks shared by the GPU backend tests (``test_cuda_backend.py``, ``test_triton_cuda.py``): a
+"""Checks shared by the GPU backend tests (``test_ops_gpu.py``): a
 backend on the GPU against the torch reference on CPU copies, ``torch.library.opcheck`` of its
 registered ops, and ``torch.compile(fullgraph=True)`` against eager. Each takes the backend (or
 its ops) to check; the test modules keep their own parametrisation and ``cuda`` marker.
@@ -6,8 +6,8 @@ its ops) to check; the test modules keep their own parametrisation and ``cuda`` 
 
 import torch
 from _cases import make_mask, random_index
+from _feature_loss_checks import corr_scales
 from _tolerances import GRAD_RTOL, assert_close, assert_grad_close, assert_loss_close
-from test_ops_feature_loss import corr_scales
 
 from flexkd.ops import LOSSES, REDUCTIONS, flex_feature_loss, importance_scores, reference
 
@@ -115,8 +115,8 @@ def opcheck_feature_loss(op, loss, reduction, k):
     teacher = torch.randn(40, 30, device="cuda", requires_grad=True)
     index, mask = random_index(k, 30).cuda(), torch.rand(40, device="cuda")
     for args in (
-        (student, teacher, index, mask, loss, reduction, 1e-6, True, True),
-        (student, teacher, index, None, loss, reduction, 1e-6, True, False),
+        (student, teacher, index, mask, loss, reduction, 1e-8, True, True),
+        (student, teacher, index, None, loss, reduction, 1e-8, True, False),
     ):
         torch.library.opcheck(op, args)
 

@@ -28,3 +28,18 @@ def assert_loss_close(actual, expected, dtype, what="loss", scale=None):
 
 def assert_grad_close(actual, expected, dtype, what="grad", scale=None):
     assert_close(actual, expected, GRAD_RTOL[dtype], what, scale)
+
+
+# Against an fp64 computation on the same (already rounded) inputs, on realistic values
+# (test_ops_realistic.py): the backends accumulate in fp32, so the loss may differ by fp32 rounding
+# growing with the row count (a few 1e-6 of the cancelling terms' size at 1e6 rows; 1e-4 leaves room
+# for the data's condition); gradients are in addition rounded once to the input dtype.
+FP64_LOSS_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 1e-4, torch.float16: 1e-4}
+FP64_GRAD_RTOL = {torch.float64: 1e-9, torch.float32: 1e-3, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+def assert_close_to_fp64(actual, expected, rtol: float, what: str = "", scale: float | None = None) -> None:
+    """``actual`` (any float dtype) against an fp64 ``expected``, as :func:`assert_close` does."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert torch.isfinite(actual).all(), f"{what}: not finite"
+    assert_close(actual.double(), expected.double(), rtol, what, scale)

@@ -1,19 +1,13 @@
-"""The Triton backend on CPU tensors under ``TRITON_INTERPRET=1``, against the torch reference.
+"""What is specific to the Triton launchers, on CPU tensors under ``TRITON_INTERPRET=1``: multi-program
+merges, determinism, the registered ops, their argument checks, the tile heuristics.
 
-Two parts: the op suites every CPU backend runs (``test_ops_feature_loss.py``, ``test_ops_importance.py``)
-re-targeted at ``backend="triton"`` -- the same cases and checks, collected here once more -- and tests of
-what is specific to the Triton launchers (multi-program merges, determinism, the registered ops).
-
-The interpreter has to be chosen before ``triton`` itself is imported (its own ``tl.zeros``/``tl.sum``
-are ``@triton.jit`` functions too), so this module sets it at import on machines without a GPU. When an
-earlier test module already imported triton (``import flexkd.ops`` does), the interpreter cannot work
-in this process: then one test reruns this module in a fresh process instead (``tests/conftest.py``
-setting ``TRITON_INTERPRET=1`` avoids that). With a GPU the kernels are JIT-compiled and these tests
-skip: ``test_triton_cuda.py`` covers them there.
+The op suites themselves (``test_ops_feature_loss.py``, ``test_ops_importance.py``, ``test_ops_realistic.py``,
+``test_ops_nonfinite.py``) run the Triton backend as one of their targets (``_targets.op_targets``).
+``tests/conftest.py`` chooses the interpreter before anything imports triton on machines without a
+GPU; with a GPU the kernels are JIT-compiled and these tests skip (the suites' ``triton-cuda`` target
+covers them there).
 """
 
-import inspect
-import os
 import subprocess
 import sys
 import textwrap
@@ -21,98 +15,23 @@ import textwrap
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
 
-import test_ops_feature_loss as feature_loss_suite  # noqa: E402
-import test_ops_importance as importance_suite  # noqa: E402
 import triton_env  # noqa: E402
 from _cases import make_mask, random_index  # noqa: E402
 from _tolerances import assert_grad_close, assert_loss_close  # noqa: E402
 
 from flexkd.ops import flex_feature_loss, importance_scores, reference  # noqa: E402
 
-pytest.importorskip("triton")
 triton_env.import_kernels()
 
 from flexkd.kernels import feature_loss as triton_feature_loss  # noqa: E402
 from flexkd.kernels import importance as triton_importance  # noqa: E402
 
-_FRESH_PROCESS_VAR = "FLEXKD_TRITON_INTERPRET_FRESH_PROCESS"
-IN_PROCESS = triton_env.interpreter_usable()
-NEEDS_FRESH_PROCESS = not IN_PROCESS and not torch.cuda.is_available()
-if NEEDS_FRESH_PROCESS and os.environ.get(_FRESH_PROCESS_VAR) == "1":
-    raise RuntimeError(
-        "triton was imported before TRITON_INTERPRET=1 was set even in a fresh pytest process; "
-        "set it before anything imports triton (tests/conftest.py)"
-    )
-
-
-def test_module_in_a_fresh_process():
-    """This module's tests, rerun where the interpreter can be chosen before triton is imported."""
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        cwd=triton_env.REPO_ROOT,
-        env={**os.environ, "TRITON_INTERPRET": "1", _FRESH_PROCESS_VAR: "1"},
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-3000:]
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_here_or_in_a_fresh_process(request):
-    if request.function is test_module_in_a_fresh_process:
-        if not NEEDS_FRESH_PROCESS:
-            pytest.skip("the interpreter works in this process")
-    elif not IN_PROCESS:
-        pytest.skip(
-            "covered by test_module_in_a_fresh_process: triton was imported before TRITON_INTERPRET"
-            if NEEDS_FRESH_PROCESS
-            else "Triton kernels are JIT-compiled (a GPU is present)"
-        )
-
-
-# ------------------------------------------------------------------ the shared suites, for "triton"
-
-
-def _is_backend_parametrize(mark) -> bool:
-    return mark.name == "parametrize" and mark.args and mark.args[0] == "backend"
-
-
-def _for_triton(test):
-    """``test`` from a backend suite with ``backend`` fixed to ``"triton"``: same parametrisation
-    otherwise, so pytest collects the same cases under this module."""
-
-    def run(**kwargs):
-        test(backend="triton", **kwargs)
-
-    parameters = [p for p in inspect.signature(test).parameters.values() if p.name != "backend"]
-    run.__signature__ = inspect.Signature(parameters)
-    run.__name__ = run.__qualname__ = test.__name__
-    run.__doc__ = test.__doc__
-    run.pytestmark = [m for m in getattr(test, "pytestmark", []) if not _is_backend_parametrize(m)]
-    return run
-
-
-def _backend_tests(suite):
-    for name, test in vars(suite).items():
-        if name.startswith("test_") and any(
-            map(_is_backend_parametrize, getattr(test, "pytestmark", []))
-        ):
-            yield name, test
-
-
-for _suite, _prefix in ((feature_loss_suite, "feature_loss"), (importance_suite, "importance")):
-    for _name, _test in _backend_tests(_suite):
-        globals()[f"test_{_prefix}_suite_{_name.removeprefix('test_')}"] = _for_triton(_test)
-
-
-def test_suites_were_retargeted():
-    names = [name for name in globals() if "_suite_" in name]
-    assert sum("feature_loss_suite_" in n for n in names) >= 10
-    assert sum("importance_suite_" in n for n in names) >= 5
+pytestmark = pytest.mark.skipif(
+    not triton_env.interpreter_usable(),
+    reason="the Triton kernels are JIT-compiled here (a GPU is present, or TRITON_INTERPRET was set late)",
+)
 
 
 # ------------------------------------------------------------------- what the launchers add
@@ -157,7 +76,7 @@ def test_feature_loss_is_bitwise_deterministic(loss, reduction):
 
     def run():
         return torch.ops.flexkd.feature_loss_fwd_triton(
-            student, teacher, index, mask, loss, reduction, 1e-6, True, True
+            student, teacher, index, mask, loss, reduction, 1e-8, True, True
         )
 
     first = run()
@@ -211,11 +130,11 @@ def test_op_returns_empty_grads_when_not_asked():
     student, teacher, index = torch.randn(8, 3), torch.randn(8, 5), random_index(3, 5)
     for loss in ("mse", "corr"):
         value, grad_s, grad_t = torch.ops.flexkd.feature_loss_fwd_triton(
-            student, teacher, index, None, loss, "sum", 1e-6, False, False
+            student, teacher, index, None, loss, "sum", 1e-8, False, False
         )
         assert grad_s.shape == (0,) and grad_t.shape == (0,)
         expected = reference.feature_loss_fwd(
-            student, teacher, index, None, loss, "sum", 1e-6, False, False
+            student, teacher, index, None, loss, "sum", 1e-8, False, False
         )
         torch.testing.assert_close(value, expected[0])
 
@@ -233,7 +152,7 @@ def test_op_returns_empty_grads_when_not_asked():
 def test_op_rejects_bad_arguments(call, message):
     args = call(torch.randn(4, 2), torch.randn(4, 6), random_index(2, 6))
     with pytest.raises(ValueError, match=message):
-        torch.ops.flexkd.feature_loss_fwd_triton(*args, 1e-6, True, False)
+        torch.ops.flexkd.feature_loss_fwd_triton(*args, 1e-8, True, False)
 
 
 def test_importance_op_rejects_bad_arguments():
@@ -255,7 +174,7 @@ def test_opcheck_schema_fake_and_autograd_registration():
     for loss, reduction in (("mse", "mean"), ("mse", "none"), ("corr", "sum"), ("corr", "none")):
         torch.library.opcheck(
             torch.ops.flexkd.feature_loss_fwd_triton.default,
-            (student, teacher, index, mask, loss, reduction, 1e-6, True, True),
+            (student, teacher, index, mask, loss, reduction, 1e-8, True, True),
             test_utils=utils,
         )
     torch.library.opcheck(

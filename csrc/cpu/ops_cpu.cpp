@@ -46,8 +46,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_loss_fwd_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& index,
     const std::optional<at::Tensor>& mask, c10::string_view loss, c10::string_view reduction,
     double eps, bool student_grad, bool teacher_grad) {
-  const LossKind loss_kind = parse_loss(loss);
-  const ReductionKind reduction_kind = parse_reduction(reduction);
+  const Loss loss_kind = parse_loss(loss);
+  const Reduction reduction_kind = parse_reduction(reduction);
   check_feature_loss_args(student, teacher, index, mask, eps);
   check_cpu(student, "student");
   check_index_range(index, teacher.size(1));
@@ -69,10 +69,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_loss_fwd_cpu(
   args.rows = rows;
   args.k = k;
   args.mask = mask.has_value() ? mask->const_data_ptr() : nullptr;
-  args.loss = loss_kind == LossKind::kMse ? cpu::Loss::kMse : cpu::Loss::kCorr;
-  args.reduction = reduction_kind == ReductionKind::kMean  ? cpu::Reduction::kMean
-                   : reduction_kind == ReductionKind::kSum ? cpu::Reduction::kSum
-                                                           : cpu::Reduction::kNone;
+  args.loss = loss_kind;
+  args.reduction = reduction_kind;
   args.eps = eps;
   args.loss_out = loss_out.mutable_data_ptr();
   args.grad_student = student_grad ? grad_student.mutable_data_ptr() : nullptr;
@@ -85,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_loss_fwd_cpu(
 void importance_scores_acc_cpu(const at::Tensor& hidden, const at::Tensor& grad,
                                const std::optional<at::Tensor>& mask, c10::string_view stat,
                                at::Tensor out) {
-  const StatKind stat_kind = parse_stat(stat);
+  const Stat stat_kind = parse_stat(stat);
   check_importance_args(hidden, grad, mask, out);
   check_cpu(hidden, "hidden");
 
@@ -95,9 +93,7 @@ void importance_scores_acc_cpu(const at::Tensor& hidden, const at::Tensor& grad,
   args.rows = hidden.size(0);
   args.cols = hidden.size(1);
   args.mask = mask.has_value() ? mask->const_data_ptr<float>() : nullptr;
-  args.stat = stat_kind == StatKind::kGradXAct ? cpu::Stat::kGradXAct
-              : stat_kind == StatKind::kGrad   ? cpu::Stat::kGrad
-                                               : cpu::Stat::kGradSq;
+  args.stat = stat_kind;
   args.out = out.mutable_data_ptr<float>();
   args.num_threads = at::get_num_threads();
   cpu::active_kernels().importance_scores(args);

@@ -5,10 +5,13 @@
 #include <ATen/core/Tensor.h>
 #include <cuda_runtime.h>
 
+#include "flexkd/options.h"
+
 namespace flexkd::cuda {
 
-enum class Reduction : int { kMean, kSum, kNone };
-enum class Stat : int { kGradXAct, kGrad, kGradSq };
+using flexkd::Loss;
+using flexkd::Reduction;
+using flexkd::Stat;
 
 // One feature_loss_fwd call on 2-D inputs with N > 0 rows (see the op contract).
 struct FeatureLossProblem {

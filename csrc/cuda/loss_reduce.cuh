@@ -18,16 +18,16 @@ struct LossScale {
   ScaleMode mode;
   Acc k;
   Acc rows;
-  const Acc* weight_stats;  // [2] = {sum_n w_n, rows with w_n > 0}; nullptr: no mask, all weights 1
+  const Acc* weight_stats;  // [2] = {sum_n w_n, rows with w_n != 0}; nullptr: no mask, all weights 1
 
   __device__ Acc weight_sum() const { return weight_stats ? weight_stats[0] : rows; }
-  __device__ Acc positive_rows() const { return weight_stats ? weight_stats[1] : rows; }
+  __device__ Acc weighted_rows() const { return weight_stats ? weight_stats[1] : rows; }
   __device__ Acc value() const {
     switch (mode) {
       case ScaleMode::kInvK: return Acc(1) / k;
       case ScaleMode::kInvKW: {
-        const Acc w = weight_sum();
-        return w > Acc(0) ? Acc(1) / (k * w) : Acc(0);
+        const Acc w = weight_sum();  // `!= 0`: a NaN weight reaches the loss
+        return w != Acc(0) ? Acc(1) / (k * w) : Acc(0);
       }
       default: return Acc(1);
     }
@@ -38,18 +38,18 @@ template <typename Acc>
 __global__ void __launch_bounds__(kBlockThreads)
     weight_stats_kernel(const Acc* __restrict__ mask, int64_t rows, Acc* __restrict__ out) {
   __shared__ Acc scratch[kWarpsPerBlock];
-  Acc sum = 0, positive = 0;
+  Acc sum = 0, weighted = 0;
   for (int64_t i = threadIdx.x; i < rows; i += blockDim.x) {
     const Acc w = mask[i];
     sum += w;
-    positive += w > Acc(0) ? Acc(1) : Acc(0);
+    weighted += w != Acc(0) ? Acc(1) : Acc(0);  // a NaN weight counts
   }
   sum = block_sum(sum, scratch);
   __syncthreads();
-  positive = block_sum(positive, scratch);
+  weighted = block_sum(weighted, scratch);
   if (threadIdx.x == 0) {
     out[0] = sum;
-    out[1] = positive;
+    out[1] = weighted;
   }
 }
 
@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-// Writes {sum_n mask[n], count of mask[n] > 0} into out[0..1].
+// Writes {sum_n mask[n], count of mask[n] != 0} into out[0..1].
 template <typename Acc>
 void launch_weight_stats(const Acc* mask, int64_t rows, Acc* out, cudaStream_t stream) {
   weight_stats_kernel<Acc><<<1, kBlockThreads, 0, stream>>>(mask, rows, out);

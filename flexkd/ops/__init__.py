@@ -68,16 +68,24 @@ def flex_feature_loss(
     *,
     loss: str = "mse",
     reduction: str = "mean",
-    eps: float = 1e-6,
+    eps: float = 1e-8,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Flex-KD feature loss between ``student [..., k]`` and columns ``index`` of ``teacher [..., D]``.
 
     ``loss="mse"``: ``Σ_n w_n Σ_j (s_nj − t_n,index[j])²`` reduced by ``mean`` (over ``k·Σw``), ``sum``
-    or ``none`` (per row). ``loss="corr"``: ``1 − r_j``, the weighted Pearson correlation per selected
-    dim over rows, reduced by ``mean``/``sum`` over dims or ``none`` (``[k]``). ``mask`` holds row
-    weights (bool or float ≥ 0) of the leading shape. Returns fp32 (fp64 for fp64 inputs); gradients
-    reach ``student`` and, when it requires grad, the selected columns of ``teacher``.
+    or ``none`` (per row). ``loss="corr"``: ``1 − r_j`` per selected dim, with the weighted Pearson
+    correlation over rows ``r_j = cov_j / (max(σ_s_j, eps) · max(σ_t_j, eps))`` (population moments;
+    the ``cosine_similarity`` convention on weighted centred columns: invariant to per-column affine maps
+    while σ > eps, 0 for a constant column), reduced by ``mean``/``sum`` over dims or ``none`` (``[k]``).
+    ``mask`` holds row weights (bool or float ≥ 0) of the leading shape. Returns fp32 (fp64 for fp64
+    inputs); gradients reach ``student`` and, when it requires grad, the selected columns of ``teacher``.
+
+    Non-finite inputs propagate as in torch's ``mask * loss``: a NaN or inf in ``student``, in a selected
+    ``teacher`` column or in ``mask`` makes the loss (the affected rows for mse ``none``, every dim it
+    touches for corr) and the gradients NaN or inf, also in rows of weight 0 (``0 · NaN`` is NaN). Only
+    the degenerate cases of the contract return 0 whatever the values: ``mean`` with all weights 0 and
+    corr with fewer than two weighted rows. A NaN ``grad_output`` gives NaN gradients.
     """
     _validate.feature_loss_args(student, teacher, index, mask, loss, reduction, eps)
     which = resolve_backend(backend, student.device.type, "flex_feature_loss")
@@ -113,6 +121,9 @@ def importance_scores(
     ``f`` is ``|h·g|`` (``"grad_x_act"``), ``|g|`` (``"grad"``) or ``g²`` (``"grad_sq"``). With ``out``
     the scores are added into it in place and it is returned, so a pass over a data set keeps one
     running buffer. Normalising by the number of tokens is the caller's job.
+
+    Non-finite inputs propagate: a NaN or inf in ``hidden``, ``grad`` or ``mask`` makes the scores of
+    the dims it touches NaN or inf (also in rows of weight 0), and so does one already in ``out``.
     """
     _validate.importance_args(hidden, grad, mask, stat, out)
     which = resolve_backend(backend, hidden.device.type, "importance_scores")
@@ -133,7 +144,8 @@ def select_top_k(scores: torch.Tensor, k: int, *, order: str = "index") -> torch
     """Indices of the ``k`` largest ``scores`` (ties to the lower index) as int64 ``[k]``.
 
     ``order="index"`` sorts them by teacher index (student dim i pairs with the i-th selected teacher
-    dim); ``order="score"`` by descending score.
+    dim); ``order="score"`` by descending score. Scores with NaN are rejected (ValueError); ``inf``
+    ranks as the largest value, ``-inf`` as the smallest.
     """
     _validate.tensor("scores", scores)
     if scores.dim() != 1 or not scores.is_floating_point():

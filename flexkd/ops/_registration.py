@@ -1,5 +1,5 @@
-"""torch.library registration shared by every backend: schemas of the torch backend, fake (meta)
-kernels and the one autograd formula of the feature loss.
+"""torch.library registration shared by every backend: the torch backend's ops (their schemas inferred
+from the signatures), fake (meta) kernels and the one autograd formula of the feature loss.
 
 The kernel-level ops take 2-D inputs (the public wrappers in ``flexkd.ops`` flatten leading dims):
 
@@ -8,7 +8,7 @@ The kernel-level ops take 2-D inputs (the public wrappers in ``flexkd.ops`` flat
   in the same pass, its gradients for ``grad_output == 1``; the backward here only scales them.
 * ``importance_scores_acc*(hidden [N,D], grad [N,D], mask [N]?, stat, out [D]) -> ()``: adds into ``out``.
 
-Variants: ``flexkd::feature_loss_fwd`` (C++, CPU and CUDA dispatch keys, schema defined in ``csrc/``),
+Variants: ``flexkd::feature_loss_fwd`` (C++, CPU and CUDA dispatch keys; ``csrc/module.cpp`` owns its schema),
 ``..._torch`` (here, the reference) and ``..._triton`` (``flexkd.kernels``).
 """
 
@@ -18,12 +18,6 @@ import torch
 
 from flexkd import _native
 from flexkd.ops import reference
-
-FEATURE_LOSS_SCHEMA = (
-    "(Tensor student, Tensor teacher, Tensor index, Tensor? mask, str loss, str reduction, float eps, "
-    "bool student_grad, bool teacher_grad) -> (Tensor, Tensor, Tensor)"
-)
-IMPORTANCE_SCHEMA = "(Tensor hidden, Tensor grad, Tensor? mask, str stat, Tensor(a!) out) -> ()"
 
 
 def feature_loss_fake(student, teacher, index, mask, loss, reduction, eps, student_grad, teacher_grad):

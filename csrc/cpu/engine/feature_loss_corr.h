@@ -1,99 +1,118 @@
-// loss="corr": one statistics pass (weighted sums per column, shifted by row 0's values so a large mean
-// does not cancel the variance), then one gradient pass. Included by engine.h inside the per-ISA
-// namespace.
+// loss="corr": one statistics pass, then one gradient pass. Included by engine.h inside the per-ISA
+// namespace. The algorithm and the names (mean_s, m2_s, co_m2, coef, alpha_s, ...) are those of
+// flexkd/ops/reference.py ("corr statistics"): column moments of blocks of rows merged with Chan's
+// pairwise update, never E[x^2] - E[x]^2, so any column mean and any first row are exact to rounding.
+// Each chunk of rows adds its rows one at a time (the pairwise update with a one-row block), and the
+// chunks are merged in chunk order, so the result does not depend on the thread count.
 
-// Weighted sums of x = s - shift_s and y = t - shift_t over a chunk of rows, one entry per column.
+// The total weight of a set of rows and, per column, the weighted means, the centred second moments
+// sum w (s - mean_s)^2, sum w (t - mean_t)^2 and the co-moment sum w (s - mean_s)(t - mean_t).
 template <class Acc>
-struct ColumnSums {
-  Acc* x;
-  Acc* y;
-  Acc* xx;
-  Acc* yy;
-  Acc* xy;
+struct ColumnMoments {
+  Acc weight = 0;
+  std::vector<Acc> mean_s, mean_t, m2_s, m2_t, co_m2;
+
+  explicit ColumnMoments(int64_t k) : mean_s(k), mean_t(k), m2_s(k), m2_t(k), co_m2(k) {}
+
+  // Absorbs the moments of more rows: W = W_a + W_b, f = W_b / W, g = W_a f, d = mean_b - mean_a,
+  // mean += f d, m2 += m2_b + g d^2, co_m2 += co_b + g d_s d_t.
+  void merge(const ColumnMoments& more) {
+    const Acc merged = weight + more.weight;
+    const Acc f = merged != Acc(0) ? more.weight / merged : Acc(0);
+    const Acc g = weight * f;
+    weight = merged;
+    const int64_t k = static_cast<int64_t>(mean_s.size());
+#pragma omp simd
+    for (int64_t j = 0; j < k; ++j) {
+      const Acc d_s = more.mean_s[j] - mean_s[j];
+      const Acc d_t = more.mean_t[j] - mean_t[j];
+      const Acc gd_s = g * d_s;
+      mean_s[j] += f * d_s;
+      mean_t[j] += f * d_t;
+      m2_s[j] += more.m2_s[j] + gd_s * d_s;
+      m2_t[j] += more.m2_t[j] + g * d_t * d_t;
+      co_m2[j] += more.co_m2[j] + gd_s * d_t;
+    }
+  }
 };
 
+// x, or lo where x < lo; NaN stays NaN (std::max and fmax would not promise that).
+template <class Acc>
+inline Acc at_least(Acc x, Acc lo) {
+  return x < lo ? lo : x;
+}
+
+// Per column: the loss term 1 - r and the gradient terms grad_s = coef w (b - alpha_s a),
+// grad_t = coef w (a - alpha_t b), with a = s - mean_s, b = t - mean_t.
 template <class Acc>
 struct CorrColumns {
-  std::vector<Acc> mean_s, mean_t;  // weighted column means
-  std::vector<Acc> scale;           // c * Q^-1/2 / W
-  std::vector<Acc> beta_s;          // cov * var_t / Q (student gradient's a-coefficient)
-  std::vector<Acc> beta_t;          // cov * var_s / Q (teacher gradient's b-coefficient)
+  std::vector<Acc> mean_s, mean_t;
+  std::vector<Acc> coef;     // -c / (W sigma_s sigma_t), c = 1/k for the mean reduction, else 1
+  std::vector<Acc> alpha_s;  // cov / var_s where var_s > eps^2, else 0 (a clamped sigma is a constant)
+  std::vector<Acc> alpha_t;  // cov / var_t where var_t > eps^2, else 0
   std::vector<Acc> one_minus_r;
 };
 
 template <class Acc, class S, class T, bool kUnitStudent>
-CorrColumns<Acc> corr_statistics(const FeatureLossArgs& a, const int64_t* t_cols, const Acc* mask,
-                                 Acc total_weight, Acc loss_scale) {
+ColumnMoments<Acc> corr_moments(const FeatureLossArgs& a, const int64_t* t_cols, const Acc* mask) {
   const int64_t k = a.k;
   const S* student = static_cast<const S*>(a.student.data);
   const T* teacher = static_cast<const T*>(a.teacher.data);
-  std::vector<Acc> shift_s(k), shift_t(k);
-  for (int64_t j = 0; j < k; ++j) {
-    shift_s[j] = load<Acc>(student[kUnitStudent ? j : j * a.student.col_stride]);
-    shift_t[j] = load<Acc>(teacher[t_cols[j]]);
-  }
-
   const RowChunks chunks = make_row_chunks(a.rows, 64, 64);
-  std::vector<Acc> partial(static_cast<size_t>(chunks.count * 5 * k), Acc(0));
-  auto sums_of = [&](int64_t c) {
-    Acc* base = partial.data() + c * 5 * k;
-    return ColumnSums<Acc>{base, base + k, base + 2 * k, base + 3 * k, base + 4 * k};
-  };
+  std::vector<ColumnMoments<Acc>> partial(static_cast<size_t>(chunks.count), ColumnMoments<Acc>(k));
   for_each_chunk(chunks, a.rows * k, a.num_threads, [&](int64_t c, int64_t begin, int64_t end) {
-    const ColumnSums<Acc> acc = sums_of(c);
-    const Acc* s0 = shift_s.data();
-    const Acc* t0 = shift_t.data();
+    ColumnMoments<Acc>& m = partial[c];
+    Acc* mean_s = m.mean_s.data();
+    Acc* mean_t = m.mean_t.data();
+    Acc* m2_s = m.m2_s.data();
+    Acc* m2_t = m.m2_t.data();
+    Acc* co_m2 = m.co_m2.data();
     TeacherRows<T> teacher_rows(teacher, a.teacher.row_stride, t_cols, k);
     for (int64_t n = begin; n < end; ++n) {
+      // Masked rows are read too: 0 * NaN is NaN, so a NaN anywhere reaches the loss (as in torch).
       const Acc w = mask != nullptr ? mask[n] : Acc(1);
-      if (w == Acc(0)) continue;
+      const Acc merged = m.weight + w;
+      const Acc f = merged != Acc(0) ? w / merged : Acc(0);
+      const Acc g = m.weight * f;
+      m.weight = merged;
       const S* s = student + n * a.student.row_stride;
       const T* t = teacher_rows.row(n);
 #pragma omp simd
       for (int64_t j = 0; j < k; ++j) {
-        const Acc x = load<Acc>(s[kUnitStudent ? j : j * a.student.col_stride]) - s0[j];
-        const Acc y = load<Acc>(t[kGatherIntoBuffer<T> ? j : t_cols[j]]) - t0[j];
-        const Acc wx = w * x;
-        const Acc wy = w * y;
-        acc.x[j] += wx;
-        acc.y[j] += wy;
-        acc.xx[j] += wx * x;
-        acc.yy[j] += wy * y;
-        acc.xy[j] += wx * y;
+        const Acc d_s = load<Acc>(s[kUnitStudent ? j : j * a.student.col_stride]) - mean_s[j];
+        const Acc d_t = load<Acc>(t[kGatherIntoBuffer<T> ? j : t_cols[j]]) - mean_t[j];
+        const Acc gd_s = g * d_s;
+        mean_s[j] += f * d_s;
+        mean_t[j] += f * d_t;
+        m2_s[j] += gd_s * d_s;
+        m2_t[j] += g * d_t * d_t;
+        co_m2[j] += gd_s * d_t;
       }
     }
   });
-  Acc* combined = partial.data();  // chunk 0's five sums, then every other chunk's added in order
-  for (int64_t c = 1; c < chunks.count; ++c) {
-    const Acc* more = partial.data() + c * 5 * k;
-#pragma omp simd
-    for (int64_t j = 0; j < 5 * k; ++j) combined[j] += more[j];
-  }
+  for (int64_t c = 1; c < chunks.count; ++c) partial[0].merge(partial[c]);
+  return std::move(partial[0]);
+}
 
-  const ColumnSums<Acc> sums = sums_of(0);
-  const Acc eps = static_cast<Acc>(a.eps);
-  CorrColumns<Acc> out{std::vector<Acc>(k), std::vector<Acc>(k), std::vector<Acc>(k),
+template <class Acc>
+CorrColumns<Acc> corr_columns(ColumnMoments<Acc>&& m, Acc eps, Acc c) {
+  const size_t k = m.mean_s.size();
+  CorrColumns<Acc> out{std::move(m.mean_s), std::move(m.mean_t), std::vector<Acc>(k),
                        std::vector<Acc>(k), std::vector<Acc>(k), std::vector<Acc>(k)};
-  for (int64_t j = 0; j < k; ++j) {
-    const Acc mx = sums.x[j] / total_weight;
-    const Acc my = sums.y[j] / total_weight;
-    const Acc var_s = std::max(sums.xx[j] / total_weight - mx * mx, Acc(0));
-    const Acc var_t = std::max(sums.yy[j] / total_weight - my * my, Acc(0));
-    const Acc cov = sums.xy[j] / total_weight - mx * my;
-    const Acc q = var_s * var_t + eps;
-    const Acc inv_sqrt_q = Acc(1) / std::sqrt(q);
-    out.mean_s[j] = shift_s[j] + mx;
-    out.mean_t[j] = shift_t[j] + my;
-    out.scale[j] = loss_scale * inv_sqrt_q / total_weight;
-    out.beta_s[j] = cov * var_t / q;
-    out.beta_t[j] = cov * var_s / q;
-    out.one_minus_r[j] = Acc(1) - cov * inv_sqrt_q;
+  const Acc eps2 = eps * eps;
+  for (size_t j = 0; j < k; ++j) {
+    const Acc var_s = m.m2_s[j] / m.weight;
+    const Acc var_t = m.m2_t[j] / m.weight;
+    const Acc cov = m.co_m2[j] / m.weight;
+    const Acc sigmas = std::sqrt(at_least(var_s, eps2)) * std::sqrt(at_least(var_t, eps2));
+    out.one_minus_r[j] = Acc(1) - cov / sigmas;
+    out.coef[j] = -c / (m.weight * sigmas);
+    out.alpha_s[j] = var_s > eps2 ? cov / var_s : Acc(0);
+    out.alpha_t[j] = var_t > eps2 ? cov / var_t : Acc(0);
   }
   return out;
 }
 
-// grad_s = -w * scale * (b - beta_s * a), grad_t = -w * scale * (a - beta_t * b), with a and b the
-// centred student and teacher values.
 template <class Acc, class S, class T, bool kUnitStudent, bool kGradS, bool kGradT>
 void corr_gradients(const FeatureLossArgs& a, const int64_t* t_cols, const Acc* mask,
                     const CorrColumns<Acc>& col) {
@@ -104,14 +123,14 @@ void corr_gradients(const FeatureLossArgs& a, const int64_t* t_cols, const Acc* 
   T* grad_teacher = static_cast<T*>(a.grad_teacher);
   const Acc* mean_s = col.mean_s.data();
   const Acc* mean_t = col.mean_t.data();
-  const Acc* scale = col.scale.data();
-  const Acc* beta_s = col.beta_s.data();
-  const Acc* beta_t = col.beta_t.data();
+  const Acc* coef = col.coef.data();
+  const Acc* alpha_s = col.alpha_s.data();
+  const Acc* alpha_t = col.alpha_t.data();
   const RowChunks chunks = make_row_chunks(a.rows, 16, 1 << 30);
   for_each_chunk(chunks, a.rows * k, a.num_threads, [&](int64_t, int64_t begin, int64_t end) {
     TeacherRows<T> teacher_rows(teacher, a.teacher.row_stride, t_cols, k);
     for (int64_t n = begin; n < end; ++n) {
-      const Acc neg_w = -(mask != nullptr ? mask[n] : Acc(1));
+      const Acc w = mask != nullptr ? mask[n] : Acc(1);
       const S* s = student + n * a.student.row_stride;
       const T* t = teacher_rows.row(n);
       S* gs = kGradS ? grad_student + n * k : nullptr;
@@ -120,9 +139,9 @@ void corr_gradients(const FeatureLossArgs& a, const int64_t* t_cols, const Acc* 
       for (int64_t j = 0; j < k; ++j) {
         const Acc centred_s = load<Acc>(s[kUnitStudent ? j : j * a.student.col_stride]) - mean_s[j];
         const Acc centred_t = load<Acc>(t[kGatherIntoBuffer<T> ? j : t_cols[j]]) - mean_t[j];
-        const Acc coef = neg_w * scale[j];
-        if constexpr (kGradS) gs[j] = store<S>(coef * (centred_t - beta_s[j] * centred_s));
-        if constexpr (kGradT) gt[j] = store<T>(coef * (centred_s - beta_t[j] * centred_t));
+        const Acc scale = w * coef[j];
+        if constexpr (kGradS) gs[j] = store<S>(scale * (centred_t - alpha_s[j] * centred_s));
+        if constexpr (kGradT) gt[j] = store<T>(scale * (centred_s - alpha_t[j] * centred_t));
       }
     }
   });
@@ -132,15 +151,14 @@ template <class S, class T, bool kUnitStudent, bool kGradS, bool kGradT>
 void corr_loss(const FeatureLossArgs& a) {
   using Acc = AccumulateT<S, T>;
   const Acc* mask = static_cast<const Acc*>(a.mask);
-  const RowWeights<Acc> weights = row_weights(mask, a.rows);
-  if (weights.positive < 2) {
+  if (row_weights(mask, a.rows).weighted < 2) {
     write_zero_result<S, T, Acc>(a);
     return;
   }
-  const Acc loss_scale = a.reduction == Reduction::kMean ? Acc(1) / static_cast<Acc>(a.k) : Acc(1);
+  const Acc c = a.reduction == Reduction::kMean ? Acc(1) / static_cast<Acc>(a.k) : Acc(1);
   const std::vector<int64_t> t_cols = teacher_column_offsets(a);
-  const CorrColumns<Acc> columns =
-      corr_statistics<Acc, S, T, kUnitStudent>(a, t_cols.data(), mask, weights.total, loss_scale);
+  const CorrColumns<Acc> columns = corr_columns<Acc>(
+      corr_moments<Acc, S, T, kUnitStudent>(a, t_cols.data(), mask), static_cast<Acc>(a.eps), c);
 
   Acc* loss_out = static_cast<Acc*>(a.loss_out);
   if (a.reduction == Reduction::kNone) {
@@ -148,7 +166,7 @@ void corr_loss(const FeatureLossArgs& a) {
   } else {
     Acc total = 0;
     for (const Acc v : columns.one_minus_r) total += v;
-    loss_out[0] = total * loss_scale;
+    loss_out[0] = total * c;
   }
   if constexpr (kGradS || kGradT) {
     corr_gradients<Acc, S, T, kUnitStudent, kGradS, kGradT>(a, t_cols.data(), mask, columns);

@@ -24,7 +24,7 @@ void mse_loss(const FeatureLossArgs& a) {
   const Acc* mask = static_cast<const Acc*>(a.mask);
   const RowWeights<Acc> weights = row_weights(mask, a.rows);
   const bool mean = a.reduction == Reduction::kMean;
-  if (mean && !(weights.total > Acc(0))) {
+  if (mean && weights.total == Acc(0)) {  // `== 0`: a NaN weight reaches the loss
     write_zero_result<S, T, Acc>(a);
     return;
   }

@@ -25,8 +25,8 @@ void importance_scores(const ImportanceArgs& a) {
   for_each_chunk(chunks, a.rows * cols, a.num_threads, [&](int64_t c, int64_t begin, int64_t end) {
     Acc* acc = partial.data() + c * cols;
     for (int64_t n = begin; n < end; ++n) {
+      // Masked rows are read too: 0 * NaN is NaN, so a NaN anywhere reaches the scores (as in torch).
       const Acc w = mask != nullptr ? static_cast<Acc>(mask[n]) : Acc(1);
-      if (w == Acc(0)) continue;
       const H* h = hidden + n * a.hidden.row_stride;
       const G* g = grad + n * a.grad.row_stride;
       const int64_t hs = a.hidden.col_stride;

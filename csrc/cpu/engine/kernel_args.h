@@ -4,12 +4,14 @@
 
 #include <cstdint>
 
+#include "flexkd/options.h"
+
 namespace flexkd::cpu {
 
+using flexkd::Loss;
+using flexkd::Reduction;
+using flexkd::Stat;
 enum class DType : int { kFloat32, kFloat64, kBFloat16, kFloat16 };
-enum class Loss : int { kMse, kCorr };
-enum class Reduction : int { kMean, kSum, kNone };
-enum class Stat : int { kGradXAct, kGrad, kGradSq };
 
 // A rows x cols view of elements of `dtype`; strides count elements and may be anything.
 struct StridedMatrix {
@@ -30,7 +32,7 @@ struct FeatureLossArgs {
   const void* mask;       // [rows] row weights >= 0, or nullptr for all ones
   Loss loss;
   Reduction reduction;
-  double eps;             // corr only: r = cov / sqrt(var_s * var_t + eps)
+  double eps;             // corr only: r = cov / (max(sigma_s, eps) * max(sigma_t, eps))
   void* loss_out;         // one value; [rows] for mse/none; [k] for corr/none
   void* grad_student;     // contiguous [rows, k], student dtype, or nullptr
   void* grad_teacher;     // contiguous [rows, k], teacher dtype, or nullptr

@@ -38,11 +38,13 @@ inline void for_each_chunk(const RowChunks& chunks, int64_t work, int requested_
   }
 }
 
-// Sum of row weights and the number of rows with positive weight, deterministic (fixed chunk order).
+// Sum of row weights and the number of rows whose weight is not 0, deterministic (fixed chunk order).
+// For valid weights (>= 0) those are the rows with positive weight; a NaN weight counts, so it reaches
+// the result instead of making the rows look too few.
 template <class Acc>
 struct RowWeights {
   Acc total;
-  int64_t positive;
+  int64_t weighted;
 };
 
 template <class Acc>
@@ -50,18 +52,18 @@ inline RowWeights<Acc> row_weights(const Acc* mask, int64_t rows) {
   if (mask == nullptr) return RowWeights<Acc>{static_cast<Acc>(rows), rows};
   constexpr int64_t kBlock = 1024;
   Acc total = 0;
-  int64_t positive = 0;
+  int64_t weighted = 0;
   for (int64_t start = 0; start < rows; start += kBlock) {
     const int64_t stop = std::min(rows, start + kBlock);
     Acc block_total = 0;
-    int64_t block_positive = 0;
-#pragma omp simd reduction(+ : block_total, block_positive)
+    int64_t block_weighted = 0;
+#pragma omp simd reduction(+ : block_total, block_weighted)
     for (int64_t n = start; n < stop; ++n) {
       block_total += mask[n];
-      block_positive += mask[n] > Acc(0) ? 1 : 0;
+      block_weighted += mask[n] != Acc(0) ? 1 : 0;
     }
     total += block_total;
-    positive += block_positive;
+    weighted += block_weighted;
   }
-  return RowWeights<Acc>{total, positive};
+  return RowWeights<Acc>{total, weighted};
 }

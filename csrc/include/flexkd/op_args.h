@@ -10,29 +10,27 @@
 
 #include <string_view>
 
+#include "flexkd/options.h"
+
 namespace flexkd {
 
-enum class LossKind { kMse, kCorr };
-enum class ReductionKind { kMean, kSum, kNone };
-enum class StatKind { kGradXAct, kGrad, kGradSq };
-
-inline LossKind parse_loss(std::string_view loss) {
-  if (loss == "mse") return LossKind::kMse;
-  if (loss == "corr") return LossKind::kCorr;
+inline Loss parse_loss(std::string_view loss) {
+  if (loss == "mse") return Loss::kMse;
+  if (loss == "corr") return Loss::kCorr;
   TORCH_CHECK_VALUE(false, "loss must be 'mse' or 'corr', got '", loss, "'");
 }
 
-inline ReductionKind parse_reduction(std::string_view reduction) {
-  if (reduction == "mean") return ReductionKind::kMean;
-  if (reduction == "sum") return ReductionKind::kSum;
-  if (reduction == "none") return ReductionKind::kNone;
+inline Reduction parse_reduction(std::string_view reduction) {
+  if (reduction == "mean") return Reduction::kMean;
+  if (reduction == "sum") return Reduction::kSum;
+  if (reduction == "none") return Reduction::kNone;
   TORCH_CHECK_VALUE(false, "reduction must be 'mean', 'sum' or 'none', got '", reduction, "'");
 }
 
-inline StatKind parse_stat(std::string_view stat) {
-  if (stat == "grad_x_act") return StatKind::kGradXAct;
-  if (stat == "grad") return StatKind::kGrad;
-  if (stat == "grad_sq") return StatKind::kGradSq;
+inline Stat parse_stat(std::string_view stat) {
+  if (stat == "grad_x_act") return Stat::kGradXAct;
+  if (stat == "grad") return Stat::kGrad;
+  if (stat == "grad_sq") return Stat::kGradSq;
   TORCH_CHECK_VALUE(false, "stat must be 'grad_x_act', 'grad' or 'grad_sq', got '", stat, "'");
 }
 
@@ -114,10 +112,10 @@ inline void check_importance_args(const at::Tensor& hidden, const at::Tensor& gr
 }
 
 // Shape of the loss output: 0-dim for mean/sum, [rows] for mse/none, [k] for corr/none.
-inline std::vector<int64_t> loss_shape(LossKind loss, ReductionKind reduction, int64_t rows,
+inline std::vector<int64_t> loss_shape(Loss loss, Reduction reduction, int64_t rows,
                                        int64_t k) {
-  if (reduction != ReductionKind::kNone) return {};
-  return {loss == LossKind::kMse ? rows : k};
+  if (reduction != Reduction::kNone) return {};
+  return {loss == Loss::kMse ? rows : k};
 }
 
 }  // namespace flexkd
