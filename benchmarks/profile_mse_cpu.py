@@ -12,13 +12,18 @@ Per dtype, teacher layout (contiguous, or a column slice of a [N, 2D] tensor) an
   alloc     torch.empty of the gradient and one write per 4 KiB page (the page faults of a new buffer)
   floor     the bytes floor of flexkd.bench.ops_cpu (copy bandwidth at the op's size)
 and the minor page faults per fwd+bwd call. Medians of repeated calls (flexkd.bench.common).
+On one thread also ``kernel cpu / copy cpu``: the lower quartile of the thread CPU time of the kernel
+over that of a copy of the floor's bytes, which time spent descheduled on a loaded machine does not
+inflate (cache and memory contention still does).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import resource
+import time
 
 import torch
 
@@ -31,6 +36,17 @@ def page_faults(fn, reps: int = 5) -> float:
     for _ in range(reps):
         fn()
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / reps
+
+
+def cpu_ms(fn, reps: int = 40) -> float:
+    """Lower quartile of the calling thread's CPU milliseconds per call of ``fn``."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.thread_time()
+        fn()
+        times.append(time.thread_time() - start)
+    return sorted(times)[reps // 4] * 1e3
 
 
 def profile(dtype: str, layout: str, n: int, d: int, k: int) -> dict[str, float]:
@@ -54,7 +70,12 @@ def profile(dtype: str, layout: str, n: int, d: int, k: int) -> dict[str, float]
         g.view(-1)[:: 4096 // g.element_size()] = 0
         return g
 
+    src = torch.empty(floor // 8)
+    dst = torch.empty_like(src)
+    one_thread = torch.get_num_threads() == 1
+    cpu_ratio = cpu_ms(kernel) / cpu_ms(lambda: dst.copy_(src)) if one_thread else math.nan
     return {
+        "kernel cpu / copy cpu": cpu_ratio,
         "kernel": common.median_ms(kernel),
         "fwd": common.median_ms(forward),
         "bwd": common.median_ms(lambda loss: loss.backward(), setup=forward),
@@ -75,7 +96,7 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     args = parser.parse_args()
     print(f"load average before: {os.getloadavg()}")
-    columns = ("kernel", "fwd", "bwd", "fwd+bwd", "alloc", "floor", "faults/call")
+    columns = ("kernel", "fwd", "bwd", "fwd+bwd", "alloc", "floor", "faults/call", "kernel cpu / copy cpu")
     print("| dtype | teacher | threads | " + " | ".join(columns) + " | fwd+bwd / floor |")
     print("|---" * (len(columns) + 4) + "|")
     for threads in (int(v) for v in args.threads.split(",")):
