@@ -263,7 +263,8 @@ def check_targets(rows: list[dict]) -> list[str]:
             if value is None or math.isnan(value):
                 continue
             met = value >= goal if higher else value <= goal
-            lines.append(f"{'MET ' if met else 'MISS'} {r['case']} {r['threads']} threads fwd+bwd: "
+            threads = f"{r['threads']} thread{'s' if r['threads'] != 1 else ''}"
+            lines.append(f"{'MET ' if met else 'MISS'} {r['case']} {threads} fwd+bwd: "
                          f"{what} {value:.2f} (target {'>=' if higher else '<='} {goal})")
     return lines
 
