@@ -300,9 +300,9 @@ def test_bench_ops_runs_a_tiny_case():
 
     for op in ("mse", "importance"):
         rows = bench_ops.run_case(bench_ops.Case(op, "fp32", 64, 32, 0 if op == "importance" else 8),
-                                  ["flexkd", "eager"])
+                                  ["flexkd", "user-eager"])
         assert {r["mode"] for r in rows} == ({"fwd"} if op == "importance" else set(bench_ops.MODES))
         for r in rows:
-            assert r["flexkd_ms"] > 0 and r["eager_ms"] > 0 and r["floor_ms"] > 0
+            assert r["flexkd_ms"] > 0 and r["user-eager_ms"] > 0 and r["floor_ms"] > 0
     assert any(line.startswith(("MET", "MISS")) for line in bench_ops.check_targets(
-        [dict(rows[0], op="importance", n=8192, d=4096, dtype="fp32", x_vs_eager=4.0)]))
+        [dict(rows[0], op="mse", n=8192, d=2048, k=768, mode="fwd+bwd", x_floor=1.0)]))

@@ -87,21 +87,22 @@ def copy_bandwidth_gbs(total_bytes: int, reps: int = 9) -> float:
     return 2 * numel * 4 / seconds / 1e9
 
 
-def cache_lines_touched(tensor: torch.Tensor, columns: torch.Tensor) -> int:
-    """Distinct 64-byte lines holding ``tensor[:, columns]`` (a 2-D tensor, any strides).
+def cache_lines_touched(tensor: torch.Tensor, columns: torch.Tensor, line: int = CACHE_LINE) -> int:
+    """Distinct ``line``-byte lines (64: a CPU cache line, 32: a GPU memory sector) holding
+    ``tensor[:, columns]`` (a 2-D tensor on any device, any strides; only addresses are read).
 
-    Row addresses repeat their alignment every 64 rows at most, so 64 rows are counted and scaled."""
+    Row addresses repeat their alignment every ``line`` rows at most, so that many are counted and scaled."""
     rows = tensor.shape[0]
     if rows == 0 or columns.numel() == 0:
         return 0
     size = tensor.element_size()
     base = tensor.data_ptr()
-    col_bytes = columns.to(torch.int64) * tensor.stride(1) * size
-    sample = min(rows, CACHE_LINE)
+    col_bytes = columns.cpu().to(torch.int64) * tensor.stride(1) * size
+    sample = min(rows, line)
     lines = 0
     for n in range(sample):
         start = base + n * tensor.stride(0) * size
-        lines += torch.unique((start + col_bytes) // CACHE_LINE).numel()
+        lines += torch.unique((start + col_bytes) // line).numel()
     return round(lines * rows / sample)
 
 

@@ -1,33 +1,41 @@
-"""CPU op benchmark: flexkd's C++ kernels (``backend="cpu"``), the torch reference in eager mode and
-``torch.compile`` of the reference, on the same inputs, in one run.
+"""CPU op benchmark: flexkd's C++ kernels (``backend="cpu"``) against the formula a user writes for each
+op (``flexkd.bench.user_formulas``), eager and under ``torch.compile``, on the same inputs, in one run.
 
     flexkd bench --device cpu --quick                   # the target shapes only (a few minutes)
+    flexkd bench --device cpu --quick --small-n         # N in {64, 512, 4096, 32768} at the target D, k
     flexkd bench --device cpu                           # the full sweep (long)
-    flexkd bench --device cpu --filter 'mse-fp32-N8192-D2048'
-    flexkd bench --device cpu --quick --n 64 --d 32 --impls flexkd,eager --copy-gib 0   # seconds
+    flexkd bench --device cpu --quick --ops mse --threads 1,2 --filter mse-fp32
+    flexkd bench --device cpu --quick --n 64 --d 32 --impls flexkd,user-eager --copy-gib 0   # seconds
 
 (``python benchmarks/bench_ops.py`` takes the same options and writes into ``benchmarks/results/``.)
 
+Implementations (``--impls``): ``flexkd``; ``user-eager`` and ``user-compile``, the user's formula
+(the default baselines); ``ref-eager`` and ``ref-compile``, flexkd's torch reference
+(``flexkd.ops.reference``). Each compiled function is compiled afresh for every case
+(``dynamic=False``), as a user running one shape gets it.
+
 Workloads (student requires grad, teacher does not, float row mask of uniform weights):
-  * ``flex_feature_loss`` (``mse`` and ``corr``, ``reduction="mean"``) over N rows, teacher [N, D],
-    k selected columns: ``fwd`` (the forward call), ``bwd`` (``loss.backward()`` after an untimed
-    forward) and ``fwd+bwd``;
+  * ``flex_feature_loss`` (``mse`` and ``corr``, ``reduction="mean"``) over N rows, teacher [N, D]
+    (``contiguous``, or ``strided``: a column slice of a [N, 2D] tensor), k selected columns: ``fwd``
+    (the forward call), ``bwd`` (``loss.backward()`` after an untimed forward) and ``fwd+bwd``;
   * ``importance_scores`` (``grad_x_act``) over [N, D]: forward only (it has no backward).
 Sweep: N in {1024, 8192, 32768}, D in {1024, 2048, 4096}, k in {D/8, D/4, 3D/8}, fp32 and bf16;
-``--quick``: N=8192 with D=2048, k=3D/8 (loss) and D=4096 (importance). ``--n``, ``--d`` and ``--k``
-replace those values (k stays a fraction of D unless given).
+``--quick``: N=8192 with D=2048, k=3D/8 (loss) and D=4096 (importance); ``--small-n`` replaces N by
+64, 512, 4096 and 32768. ``--n``, ``--d`` and ``--k`` replace those values (k stays a fraction of D
+unless given). ``--threads 1,2`` runs every case at each thread count.
 Each time is the median of repeated calls (``common.median_ms``); memory is the peak resident memory
-above the starting point during one call.
+above the starting point during one call. Every row records the 1-minute load average before and after
+its case, so a reader can tell a quiet measurement from a disturbed one.
 
 The bytes-moved floor is what any implementation must move through memory once:
   * feature loss (fwd+bwd): the student read (N*k elements), the teacher's 64-byte cache lines that hold
     selected columns (counted from the real addresses: with k/D >= 1/8 and 4-byte elements nearly every
     line of the teacher is touched), the fp32 mask, and the student gradient written (N*k);
   * importance: hidden and grad read, the mask read.
-floor_ms = floor bytes / (GB/s of a tensor copy moving the same number of bytes, read + written),
-so the floor uses the bandwidth of the cache level an op of that size runs from. ``x floor`` is
-flexkd's time over floor_ms. corr must read its inputs twice (statistics, then gradients), so its
-floor (one read) cannot be reached; mse can.
+floor_ms = floor bytes / (GB/s of a tensor copy moving the same number of bytes, read + written, on
+the same threads), so the floor uses the bandwidth of the cache level an op of that size runs from.
+``x floor`` is flexkd's time over floor_ms. corr must read its inputs twice (statistics, then
+gradients), so its floor (one read) cannot be reached; mse can.
 """
 
 from __future__ import annotations
@@ -44,22 +52,26 @@ import torch
 from tqdm import tqdm
 
 from flexkd._io import atomic_path
-from flexkd.bench import common
+from flexkd.bench import common, user_formulas
 from flexkd.ops import flex_feature_loss, importance_scores, reference
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SWEEP_N = (1024, 8192, 32768)
+SMALL_N = (64, 512, 4096, 32768)
 SWEEP_D = (1024, 2048, 4096)
 K_EIGHTHS = (1, 2, 3)  # k = D/8, D/4, 3D/8
+LAYOUTS = ("contiguous", "strided")
 DEFAULT_OUT = Path("flexkd-bench") / "ops_cpu"  # relative to the working directory
 QUICK_N, QUICK_D, QUICK_D_IMPORTANCE, QUICK_K_EIGHTHS = 8192, 2048, 4096, 3  # the target shapes
-IMPLS = ("flexkd", "eager", "compile")
+IMPLS = ("flexkd", "user-eager", "user-compile", "ref-eager", "ref-compile")
+DEFAULT_IMPLS = "flexkd,user-eager,user-compile"
+BASELINES = IMPLS[1:]
 MODES = ("fwd", "bwd", "fwd+bwd")
 
-# Targets of issue 2 (2-core CPU): speedups of flexkd over eager / compile, and distance to the floor.
+# Targets of issue 16 at the target loss shape, fwd+bwd, both layouts and any thread count:
+# op, dtype -> (x floor at most, x user-compile at least).
 TARGET_LOSS = dict(op="mse", n=8192, d=2048, k=768)
-TARGET_IMPORTANCE = dict(op="importance", n=8192, d=4096)
-TARGET_VS_EAGER, TARGET_VS_COMPILE, TARGET_X_FLOOR, TARGET_IMPORTANCE_VS_EAGER = 3.5, 1.5, 1.5, 3.0
+TARGETS = {("mse", "fp32"): (1.1, 1.5), ("mse", "bf16"): (1.5, 1.7)}
 
 
 @dataclass(frozen=True)
@@ -69,29 +81,37 @@ class Case:
     n: int
     d: int
     k: int  # 0 for importance
+    layout: str = "contiguous"  # of the teacher (loss ops only)
 
     @property
     def name(self) -> str:
-        k = f"-k{self.k}" if self.op != "importance" else ""
-        return f"{self.op}-{self.dtype}-N{self.n}-D{self.d}{k}"
+        if self.op == "importance":
+            return f"{self.op}-{self.dtype}-N{self.n}-D{self.d}"
+        strided = "-strided" if self.layout == "strided" else ""
+        return f"{self.op}-{self.dtype}-N{self.n}-D{self.d}-k{self.k}{strided}"
 
 
 def sweep(quick: bool, ops: list[str], dtypes: list[str], n: int | None = None, d: int | None = None,
-          k: int | None = None) -> list[Case]:
+          k: int | None = None, *, small_n: bool = False,
+          layouts: tuple[str, ...] = ("contiguous",)) -> list[Case]:
     """The cases of the full sweep (or of ``quick``), with N, D or k replaced by ``n``, ``d``, ``k``
-    where given. Loss cases whose k comes out below 1 or above D are left out."""
+    where given, N by :data:`SMALL_N` with ``small_n``, and each loss case in every teacher layout of
+    ``layouts``. Loss cases whose k comes out below 1 or above D are left out."""
     cases = []
     for dtype in dtypes:
         for op in ops:
             importance = op == "importance"
-            ns = (n,) if n else (QUICK_N,) if quick else SWEEP_N
+            ns = (n,) if n else SMALL_N if small_n else (QUICK_N,) if quick else SWEEP_N
             ds = (d,) if d else ((QUICK_D_IMPORTANCE if importance else QUICK_D),) if quick else SWEEP_D
             eighths = (QUICK_K_EIGHTHS,) if quick else K_EIGHTHS
             for case_n in ns:
                 for case_d in ds:
-                    ks = (0,) if importance else (k,) if k else tuple(case_d * e // 8 for e in eighths)
-                    cases += [Case(op, dtype, case_n, case_d, case_k) for case_k in ks
-                              if importance or 1 <= case_k <= case_d]
+                    if importance:
+                        cases.append(Case(op, dtype, case_n, case_d, 0))
+                        continue
+                    ks = (k,) if k else tuple(case_d * e // 8 for e in eighths)
+                    cases += [Case(op, dtype, case_n, case_d, case_k, layout)
+                              for case_k in ks if 1 <= case_k <= case_d for layout in layouts]
     return cases
 
 
@@ -111,7 +131,10 @@ def make_inputs(case: Case) -> Inputs:
         return Inputs(None, torch.randn(case.n, case.d, dtype=dtype), None,
                       torch.randn(case.n, case.d, dtype=dtype), mask)
     student = torch.randn(case.n, case.k, dtype=dtype).requires_grad_()
-    teacher = torch.randn(case.n, case.d, dtype=dtype)
+    if case.layout == "strided":
+        teacher = torch.randn(case.n, 2 * case.d, dtype=dtype)[:, : case.d]
+    else:
+        teacher = torch.randn(case.n, case.d, dtype=dtype)
     index = torch.randperm(case.d)[: case.k].sort().values
     return Inputs(student, teacher, index, None, mask)
 
@@ -125,33 +148,26 @@ def floor_bytes(case: Case, x: Inputs) -> int:
     return 2 * student + teacher + mask  # student read, gradient written
 
 
-_compiled: dict[str, object] = {}
+def _reference_loss(loss: str):
+    return lambda s, t, i, m: reference.flex_feature_loss(s, t, i, m, loss=loss)
 
 
-def loss_fn(impl: str, loss: str):
+def op_fn(impl: str, op: str):
+    """The function ``impl`` runs for ``op``: ``(s, t, idx, m)`` for a loss, ``(h, g, m)`` for
+    importance. Compiled ones are compiled afresh (call ``torch._dynamo.reset()`` between cases)."""
     if impl == "flexkd":
-        return lambda s, t, i, m: flex_feature_loss(s, t, i, m, loss=loss, backend="cpu")
-    if impl == "eager":
-        return lambda s, t, i, m: reference.flex_feature_loss(s, t, i, m, loss=loss)
-    key = f"loss-{loss}"
-    if key not in _compiled:
-        _compiled[key] = torch.compile(
-            lambda s, t, i, m: reference.flex_feature_loss(s, t, i, m, loss=loss))
-    return _compiled[key]
+        if op == "importance":
+            return lambda h, g, m: importance_scores(h, g, m, backend="cpu")
+        return lambda s, t, i, m: flex_feature_loss(s, t, i, m, loss=op, backend="cpu")
+    source, mode = impl.split("-")
+    if source == "user":
+        fn = user_formulas.FORMULAS[op]
+    else:
+        fn = reference.importance_scores if op == "importance" else _reference_loss(op)
+    return torch.compile(fn, dynamic=False) if mode == "compile" else fn
 
 
-def importance_fn(impl: str):
-    if impl == "flexkd":
-        return lambda h, g, m: importance_scores(h, g, m, backend="cpu")
-    if impl == "eager":
-        return reference.importance_scores
-    if "importance" not in _compiled:
-        _compiled["importance"] = torch.compile(reference.importance_scores)
-    return _compiled["importance"]
-
-
-def measure_feature_loss(case: Case, x: Inputs, impl: str) -> dict[str, tuple[float, float]]:
-    fn = loss_fn(impl, case.op)
+def measure_feature_loss(x: Inputs, fn) -> dict[str, tuple[float, float]]:
     s, t, i, m = x.student, x.teacher, x.index, x.mask
 
     def forward():
@@ -171,91 +187,99 @@ def measure_feature_loss(case: Case, x: Inputs, impl: str) -> dict[str, tuple[fl
     return out
 
 
-def measure_importance(case: Case, x: Inputs, impl: str) -> dict[str, tuple[float, float]]:
-    fn = importance_fn(impl)
-
+def measure_importance(x: Inputs, fn) -> dict[str, tuple[float, float]]:
     def forward():
         return fn(x.teacher, x.grad, x.mask)
 
     return {"fwd": (common.median_ms(forward), common.peak_extra_mib(forward))}
 
 
+def load_average() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
+
+
 def run_case(case: Case, impls: list[str]) -> list[dict]:
     torch.manual_seed(hash(case.name) % 2**31)
+    torch._dynamo.reset()
+    load_before = load_average()
     x = make_inputs(case)
     floor = floor_bytes(case, x)
     floor_ms = floor / (common.copy_bandwidth_gbs(floor) * 1e9) * 1e3
-    results = {}
-    for impl in impls:
-        measure = measure_importance if case.op == "importance" else measure_feature_loss
-        results[impl] = measure(case, x, impl)
+    measure = measure_importance if case.op == "importance" else measure_feature_loss
+    results = {impl: measure(x, op_fn(impl, case.op)) for impl in impls}
+    load_after = load_average()
     rows = []
     for mode in results[impls[0]]:
         row = dict(case=case.name, op=case.op, dtype=case.dtype, n=case.n, d=case.d, k=case.k,
-                   mode=mode, floor_mb=round(floor / 2**20, 1), floor_ms=round(floor_ms, 3))
+                   layout=case.layout if case.op != "importance" else "contiguous",
+                   threads=torch.get_num_threads(), mode=mode, floor_mb=round(floor / 2**20, 1),
+                   floor_ms=round(floor_ms, 3))
         for impl in impls:
             ms, mib = results[impl][mode]
             row[f"{impl}_ms"] = round(ms, 3)
             row[f"{impl}_peak_mib"] = round(mib, 1)
-        flex = row.get("flexkd_ms")
-        for impl in ("eager", "compile"):
-            if flex and f"{impl}_ms" in row:
-                row[f"x_vs_{impl}"] = round(row[f"{impl}_ms"] / flex, 2)
+        flex = row["flexkd_ms"]
+        for impl in impls[1:]:
+            row[f"x_vs_{impl}"] = round(row[f"{impl}_ms"] / flex, 2) if flex else math.nan
         row["x_floor"] = round(flex / floor_ms, 2) if flex and mode != "bwd" else math.nan
+        row["load_before"], row["load_after"] = round(load_before, 2), round(load_after, 2)
         rows.append(row)
     return rows
 
 
-def print_table(rows: list[dict], impls: list[str]) -> None:
-    header = ["case", "mode"] + [f"{i} ms" for i in impls] + [f"{i} MiB" for i in impls]
-    header += [h for h in ("vs eager", "vs compile") if h.split()[1] in impls] + ["floor ms", "x floor"]
+def format_table(rows: list[dict], impls: list[str]) -> str:
+    """The rows as a Markdown table; a ratio below 1 (flexkd slower than that baseline) is marked ``SLOWER``."""
+    baselines = impls[1:]
+    header = ["case", "thr", "mode"] + [f"{i} ms" for i in impls] + [f"{i} MiB" for i in impls]
+    header += [f"vs {i}" for i in baselines] + ["floor ms", "x floor", "load"]
     lines = [header]
     for r in rows:
-        line = [r["case"], r["mode"]] + [f"{r[f'{i}_ms']:.2f}" for i in impls]
+        line = [r["case"], str(r["threads"]), r["mode"]] + [f"{r[f'{i}_ms']:.2f}" for i in impls]
         line += [f"{r[f'{i}_peak_mib']:.0f}" for i in impls]
-        line += [f"{r[f'x_vs_{i}']:.2f}x" for i in ("eager", "compile") if i in impls]
-        line += [f"{r['floor_ms']:.2f}", "-" if math.isnan(r["x_floor"]) else f"{r['x_floor']:.2f}"]
+        line += [f"{r[f'x_vs_{i}']:.2f}x" + (" SLOWER" if r[f"x_vs_{i}"] < 1 else "") for i in baselines]
+        line += [f"{r['floor_ms']:.2f}", "-" if math.isnan(r["x_floor"]) else f"{r['x_floor']:.2f}",
+                 f"{r['load_before']:.1f}-{r['load_after']:.1f}"]
         lines.append(line)
-    widths = [max(len(str(line[c])) for line in lines) for c in range(len(header))]
+    widths = [max(len(line[c]) for line in lines) for c in range(len(header))]
+    out = []
     for j, line in enumerate(lines):
-        print("| " + " | ".join(str(v).ljust(w) for v, w in zip(line, widths, strict=True)) + " |")
+        out.append("| " + " | ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)) + " |")
         if j == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
 
 
 def check_targets(rows: list[dict]) -> list[str]:
-    """One line per target of issue 2 that the run covered: measured value, goal, met or not."""
+    """One line per target of issue 16 that the run covered: measured value, goal, met or not."""
     lines = []
-    for dtype in DTYPES:
-        for r in rows:
-            if r["dtype"] != dtype:
+    for r in rows:
+        target = TARGETS.get((r["op"], r["dtype"]))
+        if target is None or r["mode"] != "fwd+bwd" or any(r[k] != v for k, v in TARGET_LOSS.items()):
+            continue
+        max_floor, min_vs_compile = target
+        checks = [("x floor", r["x_floor"], max_floor, False),
+                  ("vs user-compile", r.get("x_vs_user-compile"), min_vs_compile, True)]
+        for what, value, goal, higher in checks:
+            if value is None or math.isnan(value):
                 continue
-            is_loss = all(r[key] == val for key, val in TARGET_LOSS.items()) and r["mode"] == "fwd+bwd"
-            is_imp = all(r[key] == val for key, val in TARGET_IMPORTANCE.items())
-            checks = []
-            if is_loss:
-                checks = [("vs eager", r.get("x_vs_eager"), TARGET_VS_EAGER, True),
-                          ("vs compile", r.get("x_vs_compile"), TARGET_VS_COMPILE, True),
-                          ("x floor", r["x_floor"], TARGET_X_FLOOR, False)]
-            elif is_imp:
-                checks = [("vs eager", r.get("x_vs_eager"), TARGET_IMPORTANCE_VS_EAGER, True)]
-            for what, value, goal, higher in checks:
-                if value is None or math.isnan(value):
-                    continue
-                met = value >= goal if higher else value <= goal
-                sign = ">=" if higher else "<="
-                lines.append(f"{'MET ' if met else 'MISS'} {r['case']} {r['mode']}: {what} "
-                             f"{value:.2f} (target {sign} {goal})")
+            met = value >= goal if higher else value <= goal
+            threads = f"{r['threads']} thread{'s' if r['threads'] != 1 else ''}"
+            lines.append(f"{'MET ' if met else 'MISS'} {r['case']} {threads} fwd+bwd: "
+                         f"{what} {value:.2f} (target {'>=' if higher else '<='} {goal})")
     return lines
 
 
-def plot(rows: list[dict], impls: list[str], path: Path) -> None:
-    import matplotlib
-
+def plot(rows: list[dict], impls: list[str], path: Path) -> bool:
+    """Bar charts of the fwd+bwd (importance: fwd) times and the floor, per op and dtype, into ``path``.
+    False (and nothing written) without matplotlib, which flexkd does not require."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [r for r in rows if r["mode"] in ("fwd+bwd",) or r["op"] == "importance"]
+    shown = [r for r in rows if r["mode"] == "fwd+bwd" or r["op"] == "importance"]
     groups = sorted({(r["op"], r["dtype"]) for r in shown})
     fig, axes = plt.subplots(len(groups), 1, figsize=(max(8, 0.45 * len(shown) / max(len(groups), 1) + 4),
                                                       3.2 * len(groups)), squeeze=False)
@@ -268,78 +292,111 @@ def plot(rows: list[dict], impls: list[str], path: Path) -> None:
         ax.bar([i + len(impls) * width for i in range(len(sel))], [r["floor_ms"] for r in sel], width,
                label="bytes floor", color="lightgray")
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sel))])
-        ax.set_xticklabels([r["case"].split("-", 2)[2] for r in sel], rotation=45, ha="right", fontsize=7)
+        ax.set_xticklabels([f"{r['case'].split('-', 2)[2]} t{r['threads']}" for r in sel],
+                           rotation=45, ha="right", fontsize=7)
         ax.set_yscale("log")
         ax.set_ylabel("ms (median)")
-        mode = "fwd" if op == "importance" else "fwd+bwd"
-        ax.set_title(f"{op} {dtype} {mode} on {torch.get_num_threads()} threads", fontsize=9)
+        ax.set_title(f"{op} {dtype} {'fwd' if op == 'importance' else 'fwd+bwd'}", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    return True
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, out_default: Path, shapes: bool = True) -> None:
     """The CPU benchmark's options; ``shapes=False`` leaves out ``--n/--d/--k/--dtypes`` (added once
     by :func:`common.add_shape_arguments` where the GPU benchmark's options are added too)."""
     parser.add_argument("--quick", action="store_true", help="only the target shapes")
+    parser.add_argument("--small-n", action="store_true",
+                        help=f"N in {{{', '.join(map(str, SMALL_N))}}} instead of the sweep's or --quick's")
     parser.add_argument("--filter", default="", help="regex over case names, e.g. 'mse-fp32-N8192'")
     parser.add_argument("--ops", default="mse,corr,importance", help="comma list of mse,corr,importance")
     if shapes:
         common.add_shape_arguments(parser, shapes="the sweep's, or --quick's", dtypes="fp32,bf16")
-    parser.add_argument("--impls", default=",".join(IMPLS), help="comma list of flexkd,eager,compile")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS),
+                        help="teacher layouts of the loss cases, comma list of contiguous,strided "
+                        "(strided: a column slice of a [N, 2D] tensor)")
+    parser.add_argument("--impls", default=DEFAULT_IMPLS,
+                        help=f"comma list of {','.join(IMPLS)} (flexkd required; default {DEFAULT_IMPLS})")
+    parser.add_argument("--threads", default=None,
+                        help="comma list of torch thread counts, each case runs at each (default: torch's)")
     parser.add_argument("--copy-gib", type=float, default=2.0,
                         help="size of the copy whose bandwidth the header reports (0: skip it)")
     parser.add_argument("--out", type=Path, default=out_default,
                         help=f"output prefix: writes PREFIX.csv and PREFIX.png (default: {out_default})")
 
 
-def cases_from_args(args: argparse.Namespace) -> tuple[list[Case], list[str]]:
-    """The cases to run and the implementations (flexkd first); ValueError for a bad option."""
+def parse_threads(value: str | None) -> list[int]:
+    """The thread counts of ``--threads`` (torch's current count when None); ValueError unless each is >= 1."""
+    if value is None:
+        return [torch.get_num_threads()]
+    try:
+        threads = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        threads = []
+    if not threads or min(threads) < 1:
+        raise ValueError(f"--threads takes a comma list of integers >= 1, got {value!r}")
+    return threads
+
+
+def cases_from_args(args: argparse.Namespace) -> tuple[list[Case], list[str], list[int]]:
+    """The cases to run, the implementations (flexkd first) and the thread counts; ValueError for a
+    bad option."""
     ops = common.parse_list("--ops", args.ops, ("mse", "corr", "importance"))
     dtypes = common.parse_list("--dtypes", args.dtypes or "fp32,bf16", tuple(DTYPES))
+    layouts = common.parse_list("--layouts", args.layouts, LAYOUTS)
     impls = common.parse_list("--impls", args.impls, IMPLS)
     if "flexkd" not in impls:
         raise ValueError("--impls must include flexkd")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError("--threads must be >= 1")
+    threads = parse_threads(args.threads)
     if args.copy_gib < 0:
         raise ValueError("--copy-gib must be >= 0")
     common.check_shape(args.n, args.d, args.k)
     pattern = re.compile(args.filter)
-    cases = [c for c in sweep(args.quick, ops, dtypes, args.n, args.d, args.k) if pattern.search(c.name)]
+    cases = [c for c in sweep(args.quick, ops, dtypes, args.n, args.d, args.k, small_n=args.small_n,
+                              layouts=tuple(layouts)) if pattern.search(c.name)]
     if not cases:
         raise ValueError(f"no case to run (--filter {args.filter!r}, --n/--d/--k, --ops, --dtypes)")
-    return cases, ["flexkd"] + [i for i in impls if i != "flexkd"]
+    return cases, ["flexkd"] + [i for i in impls if i != "flexkd"], threads
 
 
 def run(args: argparse.Namespace) -> int:
     """Runs the cases ``args`` select, writes PREFIX.csv (after every case) and PREFIX.png, prints the
     table and the MET/MISS lines. Exit status 2 (and a message) for a bad option."""
     try:
-        cases, impls = cases_from_args(args)
+        cases, impls, thread_counts = cases_from_args(args)
     except (ValueError, re.error) as error:
         print(f"flexkd bench: error: {error}", file=sys.stderr)
         return 2
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    header = f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {load}"
+    header = (f"torch {torch.__version__}, threads {','.join(map(str, thread_counts))}, "
+              f"{os.cpu_count()} CPUs, load average before {load}")
     if args.copy_gib > 0:
         large = common.copy_bandwidth_gbs(int(args.copy_gib * 2**30), reps=3)
         header += f"; copy bandwidth of a {args.copy_gib:g} GiB copy (read + written): {large:.1f} GB/s"
     print(header)
     rows: list[dict] = []
-    for case in tqdm(cases, desc="bench_ops", unit="case"):
-        rows += run_case(case, impls)
-        common.write_csv(args.out.with_suffix(".csv"), rows)
-    plot(rows, impls, args.out.with_suffix(".png"))
-    print_table(rows, impls)
+    csv_path, png_path = args.out.with_suffix(".csv"), args.out.with_suffix(".png")
+    threads_before = torch.get_num_threads()
+    try:
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            for case in tqdm(cases, desc=f"bench_ops ({threads} threads)", unit="case"):
+                rows += run_case(case, impls)
+                common.write_csv(csv_path, rows)
+    finally:
+        torch.set_num_threads(threads_before)
+    print(format_table(rows, impls))
     for line in check_targets(rows):
         print(line)
-    print(f"wrote {args.out.with_suffix('.csv')} and {args.out.with_suffix('.png')}")
+    if hasattr(os, "getloadavg"):
+        print("load average after " + ", ".join(f"{v:.1f}" for v in os.getloadavg()))
+    if plot(rows, impls, png_path):
+        print(f"wrote {csv_path} and {png_path}")
+    else:
+        print(f"wrote {csv_path} (no plot: matplotlib is not installed; pip install matplotlib)")
     return 0
 
 

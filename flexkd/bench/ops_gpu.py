@@ -1,22 +1,28 @@
-"""GPU op benchmark: flexkd-cuda, flexkd-triton, torch eager and torch.compile on the same inputs.
+"""GPU op benchmark: flexkd-cuda and flexkd-triton against the formula a user writes for each op
+(``flexkd.bench.user_formulas``), eager and under ``torch.compile``, on the same inputs, in one run.
 
     flexkd bench --device cuda                          # N=16384, D=4096, k=2048, bf16 and fp32
     flexkd bench --device cuda --n 4096 --json results.json
 
-(``python benchmarks/bench_gpu.py`` takes the same options.)
+(``python benchmarks/bench_gpu.py`` takes the same options; ``benchmarks/gpu_check.sh`` runs it.)
 
-Two workloads per dtype:
-  * ``mse fwd+bwd``: ``flex_feature_loss(student, teacher, index, float mask)`` (mse, mean) and its
-    backward into the student (the teacher needs no gradient, as in distillation);
-  * ``importance``: ``importance_scores(hidden, grad, float mask)`` over [N, D].
-Eager and compiled torch run the reference math (``flexkd.ops.reference``). Each time is the median
-of ``--reps`` timed batches of ``--iters`` calls (CUDA events). GB/s counts the least traffic any
-implementation needs, the same bytes for all of them. mse fwd+bwd runs as two passes (autograd
-calls the backward later, with the upstream gradient), and two passes move at least 5·N·k elements:
-read student and the k selected teacher columns (2), either read them again or carry a gradient from
-the forward to the backward (2), and write the student gradient (1); plus the mask. For
-importance, hidden and grad read once plus the mask. "% copy" compares it with a large
-device-to-device copy measured here (bytes read + written). The table is the last thing printed.
+Three workloads per dtype (student requires grad, teacher does not, float row mask):
+  * ``mse fwd+bwd`` and ``corr fwd+bwd``: ``flex_feature_loss(student, teacher, index, mask)`` (mean)
+    and its backward into the student;
+  * ``importance``: ``importance_scores(hidden, grad, mask)`` over [N, D].
+``user-compile`` is ``torch.compile(fullgraph=True, dynamic=False)`` of the user's formula. Each time
+is the median of ``--reps`` timed batches of ``--iters`` calls (CUDA events).
+
+GB/s counts the least traffic any implementation needs, the same bytes for all of them; the teacher
+counts as the 32-byte memory sectors that hold selected columns (from the real addresses: at
+k/D = 1/2 that is every sector). fwd+bwd runs as two launches (autograd calls the backward later, with
+the upstream gradient), so the gradient made in the forward is written, read and written again:
+  mse:  teacher sectors + student + 3 x gradient (N*k each)          = sectors + 4*N*k elements
+  corr: its statistics need a pass before the gradient pass, so teacher sectors and student twice,
+        plus 3 x gradient                                            = 2*sectors + 5*N*k elements
+  importance: hidden and grad once                                   = 2*N*D elements
+plus the fp32 mask. "% copy" is that rate over a large device-to-device copy measured in the same run
+(bytes read + written). The table is the last thing printed.
 """
 
 from __future__ import annotations
@@ -32,8 +38,8 @@ from pathlib import Path
 import torch
 
 from flexkd._io import atomic_open
-from flexkd.bench import common
-from flexkd.ops import _backends, flex_feature_loss, importance_scores, reference, select_top_k
+from flexkd.bench import common, user_formulas
+from flexkd.ops import _backends, flex_feature_loss, importance_scores, select_top_k
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 DEFAULT_N, DEFAULT_D, DEFAULT_K, DEFAULT_DTYPES = 16384, 4096, 2048, "bf16,fp32"
@@ -83,7 +89,11 @@ def triton_available() -> str | None:
     return _backends.unavailable_reason("triton", "cuda")
 
 
-def mse_step(loss_fn: Callable, student: torch.Tensor, teacher, index, mask) -> Callable[[], None]:
+WORKLOADS = ("mse fwd+bwd", "corr fwd+bwd", "importance")
+BASELINES = ("user-eager", "user-compile")
+
+
+def loss_step(loss_fn: Callable, student: torch.Tensor, teacher, index, mask) -> Callable[[], None]:
     """One forward+backward of ``loss_fn`` into ``student`` (its .grad is reset, not accumulated)."""
 
     def step():
@@ -93,13 +103,9 @@ def mse_step(loss_fn: Callable, student: torch.Tensor, teacher, index, mask) -> 
     return step
 
 
-def reference_mse(student, teacher, index, mask):
-    return reference.flex_feature_loss(student, teacher, index, mask, loss="mse", reduction="mean")
-
-
-def implementations(triton_reason: str | None) -> dict[str, tuple[Callable, Callable] | str]:
-    """name -> (mse loss function, importance function), or the reason it cannot run."""
-    impls: dict[str, tuple[Callable, Callable] | str] = {}
+def implementations(triton_reason: str | None) -> dict[str, dict[str, Callable] | str]:
+    """name -> {workload: function}, or the reason it cannot run."""
+    impls: dict[str, dict[str, Callable] | str] = {}
     cuda_reason = _backends.unavailable_reason("cuda", "cuda")
     for name, backend, reason in (
         ("flexkd-cuda", "cuda", cuda_reason),
@@ -108,48 +114,55 @@ def implementations(triton_reason: str | None) -> dict[str, tuple[Callable, Call
         if reason is not None:
             impls[name] = reason
             continue
-        impls[name] = (
-            lambda s, t, i, m, b=backend: flex_feature_loss(s, t, i, m, backend=b),
-            lambda h, g, m, b=backend: importance_scores(h, g, m, backend=b),
-        )
-    impls["torch-eager"] = (reference_mse, reference.importance_scores)
-    impls["torch-compile"] = (
-        torch.compile(reference_mse, fullgraph=True, dynamic=False),
-        torch.compile(reference.importance_scores, fullgraph=True, dynamic=False),
-    )
+        impls[name] = {
+            "mse fwd+bwd": lambda s, t, i, m, b=backend: flex_feature_loss(s, t, i, m, backend=b),
+            "corr fwd+bwd": lambda s, t, i, m, b=backend: flex_feature_loss(s, t, i, m, loss="corr",
+                                                                            backend=b),
+            "importance": lambda h, g, m, b=backend: importance_scores(h, g, m, backend=b),
+        }
+    formulas = {"mse fwd+bwd": user_formulas.mse, "corr fwd+bwd": user_formulas.corr,
+                "importance": user_formulas.importance}
+    impls["user-eager"] = dict(formulas)
+    impls["user-compile"] = {w: torch.compile(f, fullgraph=True, dynamic=False) for w, f in formulas.items()}
     return impls
+
+
+def floor_bytes(workload: str, student, teacher, index, mask) -> int:
+    """The least bytes any implementation moves for ``workload`` (see the module docstring)."""
+    es = teacher.element_size()
+    n, k = student.shape
+    sectors = common.cache_lines_touched(teacher, index, line=32) * 32
+    if workload == "mse fwd+bwd":
+        return sectors + 4 * n * k * es + 4 * n
+    if workload == "corr fwd+bwd":
+        return 2 * sectors + 5 * n * k * es + 4 * n
+    return 2 * teacher.numel() * es + 4 * n
 
 
 def bench_dtype(name: str, dtype: torch.dtype, args, impls, copy_gbs: float) -> list[dict]:
     n, d, k = shape(args)
-    es = torch.empty((), dtype=dtype).element_size()
     generator = torch.Generator(device="cuda").manual_seed(0)
     teacher = torch.randn(n, d, device="cuda", dtype=dtype, generator=generator)
-    student = torch.randn(n, k, device="cuda", dtype=dtype, generator=generator).requires_grad_(
-        True
-    )
+    student = torch.randn(n, k, device="cuda", dtype=dtype, generator=generator).requires_grad_(True)
     grad = torch.randn(n, d, device="cuda", dtype=dtype, generator=generator)
     mask = torch.rand(n, device="cuda", generator=generator)
     index = select_top_k(torch.rand(d, device="cuda", generator=generator), k)
-    workloads = {
-        "mse fwd+bwd": (5 * n * k * es + 4 * n, 0),
-        "importance": (2 * n * d * es + 4 * n, 1),
-    }
     rows = []
-    for workload, (ideal_bytes, which) in workloads.items():
+    for workload in WORKLOADS:
+        ideal_bytes = floor_bytes(workload, student, teacher, index, mask)
         for impl, fns in impls.items():
             row = {"op": workload, "dtype": name, "impl": impl, "N": n, "D": d, "k": k}
             if isinstance(fns, str):
                 rows.append({**row, "skipped": fns})
                 continue
-            fn = fns[which]
-            if which == 0:
-                call = mse_step(fn, student, teacher, index, mask)
-            else:
+            fn = fns[workload]
+            if workload == "importance":
 
                 def call(fn=fn):
                     fn(teacher, grad, mask)
 
+            else:
+                call = loss_step(fn, student, teacher, index, mask)
             try:
                 ms = time_ms(call, args.iters, args.reps, args.warmup)
             except Exception as err:  # one broken implementation must not hide the others' numbers
@@ -166,22 +179,27 @@ def bench_dtype(name: str, dtype: torch.dtype, args, impls, copy_gbs: float) -> 
 
 
 def speedups(rows: list[dict]) -> None:
-    """Adds x-eager and x-compile (how many times faster than those on the same op and dtype)."""
+    """Adds x_user-eager and x_user-compile: how many times faster than those on the same op and dtype."""
     by_key = {(r["op"], r["dtype"], r["impl"]): r.get("ms") for r in rows}
     for r in rows:
-        for base, column in (("torch-eager", "x_eager"), ("torch-compile", "x_compile")):
+        for base in BASELINES:
             base_ms = by_key.get((r["op"], r["dtype"], base))
             if r.get("ms") and base_ms:
-                r[column] = base_ms / r["ms"]
+                r[f"x_{base}"] = base_ms / r["ms"]
 
 
 def table(rows: list[dict], copy_gbs: float) -> str:
+    """One Markdown table: every op, dtype and implementation, its % of the measured copy bandwidth
+    and its speed over the user's formula (``SLOWER`` where that is below 1)."""
+
     def times(value: float | None) -> str:
-        return f"{value:.2f}" if value else "-"
+        if not value:
+            return "-"
+        return f"{value:.2f}" + (" SLOWER" if value < 1 else "")
 
     head = (
         f"| op | dtype | impl | ms (median) | GB/s | % of copy ({copy_gbs:.0f} GB/s) "
-        "| x eager | x compile |"
+        "| x user-eager | x user-compile |"
     )
     lines = [head, "|" + "---|" * 8]
     for r in rows:
@@ -192,7 +210,7 @@ def table(rows: list[dict], copy_gbs: float) -> str:
             continue
         lines.append(
             f"| {r['op']} | {r['dtype']} | {r['impl']} | {r['ms']:.3f} | {r['gbs']:.0f} | "
-            f"{r['copy_pct']:.0f} % | {times(r.get('x_eager'))} | {times(r.get('x_compile'))} |"
+            f"{r['copy_pct']:.0f} % | {times(r.get('x_user-eager'))} | {times(r.get('x_user-compile'))} |"
         )
     return "\n".join(lines)
 

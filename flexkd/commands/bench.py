@@ -1,8 +1,10 @@
-"""``flexkd bench``: the op microbenchmarks, flexkd's kernels against torch eager and ``torch.compile``.
+"""``flexkd bench``: the op microbenchmarks, flexkd's kernels against the formula a user writes for
+each op (``flexkd.bench.user_formulas``), eager and under ``torch.compile``, in one run.
 
-``--device cpu`` runs the CPU benchmark (``flexkd.bench.ops_cpu``: a sweep of shapes, or the target
-shapes with ``--quick``; writes PREFIX.csv and PREFIX.png), ``--device cuda`` the GPU one
-(``flexkd.bench.ops_gpu``: one shape, default N=16384 D=4096 k=2048). The default is cuda when a
+``--device cpu`` runs the CPU benchmark (``flexkd.bench.ops_cpu``: a sweep of shapes, the target
+shapes with ``--quick``, small N with ``--small-n``; writes PREFIX.csv and, with matplotlib,
+PREFIX.png), ``--device cuda`` the GPU one (``flexkd.bench.ops_gpu``: one shape, default N=16384
+D=4096 k=2048). The default is cuda when a
 CUDA device is visible, else cpu. ``--n/--d/--k/--dtypes`` apply to both; each group's other options
 apply to that device only.
 """
