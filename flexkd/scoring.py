@@ -81,9 +81,9 @@ def score(
     on a real next token (position ``t`` predicts ``labels[t + 1]``, so prompt tokens labelled -100, the
     last real token and the last position do not count); for token classification a valid label at the position; for seq2seq the encoder's real tokens
     (encoder side) or the decoder positions with a valid label (decoder side); for sequence classification
-    every real token of a row whose label is not ignored. The default loss is the task head's cross-entropy summed over the counted positions
-    (rows for sequence tasks), so each token contributes ``|h · ∂ℓ_token/∂h|`` of its own loss whatever it
-    is batched with; the scores are normalised by the number of positions that counted over all batches
+    every real token of a row whose label is not ignored. The default loss is the task head's
+    cross-entropy summed over the counted positions (rows for sequence tasks), so each token contributes
+    ``|h · ∂ℓ_token/∂h|`` of its own loss whatever it is batched with; the scores are normalised by the number of positions that counted over all batches
     and processes. One batch, single rows, uneven batches and any number of processes give the same scores
     to fp32 rounding.
     """
