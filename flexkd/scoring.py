@@ -79,14 +79,15 @@ def score(
         order: pairing order of the selected dims, ``"index"`` or ``"score"``.
 
     Which positions count: a real token (``attention_mask``) AND, for causal LMs, a valid next label
-    on a real next token (position ``t`` predicts ``labels[t + 1]``, so prompt tokens labelled -100, the
-    last real token and the last position do not count); for token classification a valid label at the position; for seq2seq the encoder's real tokens
-    (encoder side) or the decoder positions with a valid label (decoder side); for sequence classification
-    every real token. The default loss is the task head's cross-entropy summed over the counted positions
-    (rows for sequence tasks), so each token contributes ``|h · ∂ℓ_token/∂h|`` of its own loss whatever it
-    is batched with; the scores are normalised by the number of positions that counted over all batches
-    and processes. One batch, single rows, uneven batches and any number of processes give the same scores
-    to fp32 rounding.
+    on a real next token (position ``t`` predicts ``labels[t + 1]``, so prompt tokens labelled -100,
+    the last real token and the last position do not count); for token classification a valid label
+    at the position; for seq2seq the encoder's real tokens (encoder side) or the decoder positions
+    with a valid label (decoder side); for sequence classification every real token of a row whose
+    label is not ignored. The default loss is the task head's cross-entropy summed over the counted
+    positions (rows for sequence tasks), so each token contributes ``|h · ∂ℓ_token/∂h|`` of its own
+    loss whatever it is batched with; the scores are normalised by the number of positions that
+    counted over all batches and processes. One batch, single rows, uneven batches and any number of
+    processes give the same scores to fp32 rounding.
     """
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")

@@ -78,6 +78,19 @@ def test_labels_left_on_the_padding_do_not_count(llama):
     )
 
 
+def test_a_classifier_row_with_an_ignored_label_counts_nothing(bert):
+    rows = rows_of.classifier_rows(4, 5, vocab=tiny.VOCAB, classes=3)
+    ignored = dict(rows[2], labels=torch.tensor(-100))
+    without = score(bert, [rows_of.collate(rows[:2] + rows[3:])])
+    got = score(bert, [rows_of.collate(rows[:2] + [ignored] + rows[3:])])
+    assert got.tokens_seen == without.tokens_seen
+    for layer in LAYERS:
+        scale = float(without.scores(layer).abs().max())
+        torch.testing.assert_close(
+            got.scores(layer), without.scores(layer), rtol=1e-5, atol=1e-5 * scale
+        )
+
+
 def test_a_mean_loss_would_depend_on_the_batching(llama):
     """What the summed loss fixes: the model's own per-batch mean weights a row by its batch's size."""
     rows = rows_of.causal_rows(3, 6, vocab=tiny.VOCAB)

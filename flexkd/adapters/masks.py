@@ -145,19 +145,26 @@ def scored_positions(
     device: torch.device | str | None = None,
     ignore_index: int = -100,
 ) -> torch.Tensor:
-    """:func:`token_weights`, and for a causal LM with token labels also the next position a real token.
+    """:func:`token_weights`, and the positions whose gradient the task loss defines: for a causal LM
+    with token labels the next position must be a real token too; for a sequence task the row's label
+    must not be ignored.
 
     A label at a padding position is padding whatever its value (``labels = input_ids`` leaves the pad
     id there), and whether a row is followed by padding depends on what it is batched with; requiring
-    the next token to be real makes every row count the same positions in any batch.
+    the next token to be real makes every row count the same positions in any batch. A row whose label
+    is ignored adds no loss, so its tokens would only dilute the normalisation.
     """
     weights = token_weights(
         batch, task=task, side=side, shape=shape, device=device, ignore_index=ignore_index
     )
     labels, mask = batch.get("labels"), batch.get("attention_mask")
-    if task == "causal_lm" and isinstance(labels, torch.Tensor) and labels.dim() == 2:
-        if isinstance(mask, torch.Tensor):
-            weights[:, :-1] &= mask[:, 1:].to(weights.device) != 0
+    if not isinstance(labels, torch.Tensor):
+        return weights
+    if task == "causal_lm" and labels.dim() == 2 and isinstance(mask, torch.Tensor):
+        weights[:, :-1] &= mask[:, 1:].to(weights.device) != 0
+    one_label_a_row = labels.dim() == 1 and labels.shape[0] == weights.shape[0]
+    if task == "sequence" and one_label_a_row and not labels.is_floating_point():
+        weights &= (labels.to(weights.device) != ignore_index)[:, None]
     return weights
 
 
