@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flexkd._io import one_line, read_json, replace_dir, sha256_file, write_json
-from flexkd.errors import DamagedCheckpointError, ResumeMismatchError
+from flexkd.errors import DamagedCheckpointError, ResumeMismatchError, UnreadableFileError
 
 _NAME = re.compile(r"^step-(\d{6,})$")
 MANIFEST = "manifest.json"
@@ -147,7 +147,10 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
         raise DamagedCheckpointError(
             manifest_path, "missing (the checkpoint is incomplete or from an older flexkd)"
         )
-    manifest = read_json(manifest_path)
+    try:
+        manifest = read_json(manifest_path)
+    except UnreadableFileError as error:
+        raise DamagedCheckpointError(error.path, error.reason) from None
     if not isinstance(manifest, dict):
         manifest = {}
     files = manifest.get("files")
@@ -218,6 +221,8 @@ def load_checkpoint(
     state_path = path / "state.json"
     try:
         state = RunState(**read_json(state_path))
+    except UnreadableFileError as error:
+        raise DamagedCheckpointError(error.path, error.reason) from None
     except TypeError as error:
         raise DamagedCheckpointError(
             state_path, f"is not a run state ({one_line(error)})"
