@@ -204,3 +204,20 @@ def test_the_record_holds_resolved_paths_so_the_same_file_named_two_ways_is_no_c
     assert changed_fields(record, other.resolved()) == [
         ("data.train", str(tmp_path / "train.jsonl"), str(tmp_path / "other.jsonl"))
     ]
+
+
+def test_starting_over_with_another_seed_names_the_stale_selection_to_delete(tmp_path, capsys):
+    """The teacher built from a config depends on train.seed, so the selection scored on the old one
+    does not fit it; the message says what to delete, which the CLI can do (no check_weights escape)."""
+    path = write_causal_config(tmp_path, train={"max_steps": 2, "checkpoint_every": 2})
+    assert main(["distill", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["distill", str(path), "--set", "train.seed=1"]) == 2
+    assert "train.seed: 0 -> 1" in _error_line(capsys)
+    assert main(["distill", str(path), "--set", "train.seed=1", "--set", "train.resume=false"]) == 2
+    selection = tmp_path / "out" / "selection.safetensors"
+    assert f"to score this teacher again, delete {selection}" in capsys.readouterr().err
+    selection.unlink()
+    assert main(["distill", str(path), "--set", "train.seed=1", "--set", "train.resume=false"]) == 0
+    assert main(["distill", str(path), "--set", "train.seed=1"]) == 0
+    assert "resuming from step 2 of 2" in capsys.readouterr().err

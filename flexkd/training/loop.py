@@ -39,7 +39,12 @@ from flexkd.checkpoint import (
     save_checkpoint,
 )
 from flexkd.config import Config
-from flexkd.errors import NonFiniteLossError, ResumeMismatchError, RunFolderLockedError
+from flexkd.errors import (
+    NonFiniteLossError,
+    ResumeMismatchError,
+    RunFolderLockedError,
+    SelectionMismatchError,
+)
 from flexkd.training.data import Collator, ShardedOrder, build_splits, move_to_device, pad_token_id
 from flexkd.training.models import build_model, build_tokenizer
 from flexkd.training.optim import build_optimizer, build_scheduler
@@ -231,7 +236,6 @@ def _distil(cfg: Config, accelerator) -> TrainResult:
     checkpoints = cfg.output_dir / "checkpoints"
     metrics_path = cfg.output_dir / "metrics.jsonl"
     resume_from = find_resume_checkpoint(cfg, checkpoints, verbose=main)
-    accelerator.wait_for_everyone()  # every process has read the record before it is rewritten
     if main and not tc.resume:
         shutil.rmtree(checkpoints, ignore_errors=True)
     if main and resume_from is None:
@@ -248,7 +252,15 @@ def _distil(cfg: Config, accelerator) -> TrainResult:
 
     # The distiller: the selection (scored first when its file is missing) and the teacher's
     # stored outputs (written first when asked for and missing).
-    selection = selection_for(cfg, teacher, student, splits, collate, rank=rank, world_size=world)
+    try:
+        selection = selection_for(
+            cfg, teacher, student, splits, collate, rank=rank, world_size=world
+        )
+    except SelectionMismatchError as error:
+        raise SelectionMismatchError(
+            f"{error}\n  to score this teacher again, delete {cfg.selection_path} "
+            "(or set selection.path to another file)"
+        ) from None
     distiller = Distiller.from_config(cfg, teacher, student, selection=selection)
     store = (
         teacher_output_store(cfg, distiller, train_rows, collate, accelerator)
