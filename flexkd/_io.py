@@ -7,6 +7,7 @@ renamed into place with ``os.replace``, so a kill mid-write never leaves a trunc
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -14,6 +15,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from flexkd.errors import UnreadableFileError
 
 
 @contextlib.contextmanager
@@ -68,3 +71,36 @@ def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> Path:
     else:
         os.replace(tmp, target)
     return target
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading: a file that cannot be read or parsed is an UnreadableFileError naming it, in one line.
+
+
+def one_line(error: BaseException) -> str:
+    """``error``'s message with its whitespace runs (newlines of YAML or JSON errors) collapsed."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def read_text(path: str | os.PathLike) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UnreadableFileError(path, f"cannot be read ({one_line(error)})") from None
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON value in ``path``; a missing, unreadable or truncated file raises UnreadableFileError."""
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        raise UnreadableFileError(path, f"is not valid JSON ({one_line(error)})") from None
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

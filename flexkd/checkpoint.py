@@ -7,14 +7,18 @@ A checkpoint is a folder ``<root>/step-000100/``::
     optimizer.pt, scheduler.pt    their state_dicts
     state.json                    step, data-order state (epoch, position, seed), world size
     rng/rank-<r>.pt               python, numpy, torch CPU and CUDA generator states of each rank
+    manifest.json                 size and sha256 of every file above, written last
 
 It is written into ``<root>/.step-000100.tmp`` and renamed into place with ``os.replace``
 only when every rank has written its part, so a crash never leaves a half-written
-checkpoint where ``latest_checkpoint`` would find it.
+checkpoint where ``latest_checkpoint`` would find it. A checkpoint damaged later (a full disk,
+a copy cut short, bit rot) is caught by :func:`verify_checkpoint` against its manifest before
+anything is loaded, and :func:`resume_point` falls back to the newest intact one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -30,9 +34,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from flexkd._io import replace_dir
+from flexkd._io import one_line, read_json, replace_dir, sha256_file, write_json
+from flexkd.errors import DamagedCheckpointError, ResumeMismatchError, UnreadableFileError
 
 _NAME = re.compile(r"^step-(\d{6,})$")
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "flexkd-checkpoint-manifest/1"
 
 
 @dataclass
@@ -108,9 +115,70 @@ def save_checkpoint(
     torch.save(capture_rng(), tmp / "rng" / f"rank-{rank}.pt")
     barrier()
     if rank == 0:
+        write_manifest(tmp)
         replace_dir(tmp, final)
     barrier()
     return final
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != MANIFEST
+    )
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the size and sha256 of every file of the checkpoint ``folder`` (the last file written)."""
+    files = {
+        name: {"size": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+        for name in _files(folder)
+    }
+    write_json(folder / MANIFEST, {"format": MANIFEST_FORMAT, "files": files})
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Raise :class:`DamagedCheckpointError` naming the first file of ``path`` that is missing, cut short
+    or altered since the manifest was written (or the manifest itself when it is unreadable)."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise DamagedCheckpointError(
+            manifest_path, "missing (the checkpoint is incomplete or from an older flexkd)"
+        )
+    try:
+        manifest = read_json(manifest_path)
+    except UnreadableFileError as error:
+        raise DamagedCheckpointError(error.path, error.reason) from None
+    if not isinstance(manifest, dict):
+        manifest = {}
+    files = manifest.get("files")
+    if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
+        raise DamagedCheckpointError(manifest_path, f"is not a {MANIFEST_FORMAT} manifest")
+    for name, want in files.items():
+        file = path / name
+        if not file.is_file():
+            raise DamagedCheckpointError(file, "missing")
+        size = file.stat().st_size
+        if size != want["size"]:
+            raise DamagedCheckpointError(file, f"is {size} bytes, the manifest says {want['size']}")
+        if sha256_file(file) != want["sha256"]:
+            raise DamagedCheckpointError(file, "content differs from the manifest's sha256")
+
+
+def resume_point(root: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint under ``root`` that passes :func:`verify_checkpoint`, and the newer ones
+    skipped on the way as ``(path, reason)``."""
+    skipped = []
+    for path in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(path)
+        except DamagedCheckpointError as error:
+            skipped.append((path, str(error)))
+            continue
+        return path, skipped
+    return None, skipped
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -145,24 +213,54 @@ def load_checkpoint(
     rank: int = 0,
     world_size: int = 1,
 ) -> RunState:
-    """Restore everything ``save_checkpoint`` wrote into the live objects; returns the run state."""
+    """Restore everything ``save_checkpoint`` wrote into the live objects; returns the run state.
+
+    Call :func:`verify_checkpoint` first: a file that still fails to load raises
+    :class:`DamagedCheckpointError` naming it."""
     path = Path(path)
-    state = RunState(**json.loads((path / "state.json").read_text()))
+    state_path = path / "state.json"
+    try:
+        state = RunState(**read_json(state_path))
+    except UnreadableFileError as error:
+        raise DamagedCheckpointError(error.path, error.reason) from None
+    except TypeError as error:
+        raise DamagedCheckpointError(
+            state_path, f"is not a run state ({one_line(error)})"
+        ) from None
     if state.world_size != world_size:
-        raise ValueError(
+        raise ResumeMismatchError(
             f"checkpoint: {path} was written by {state.world_size} processes, this run has {world_size}; "
             "resume with the same number of processes (the data order is sharded per process)"
         )
-    saved = type(student).from_pretrained(path / "student", dtype=next(student.parameters()).dtype)
+    with _naming(path / "student"):
+        saved = type(student).from_pretrained(
+            path / "student", dtype=next(student.parameters()).dtype
+        )
     student.load_state_dict(saved.state_dict())
     del saved
     feature_file = path / "feature_losses.safetensors"
     if feature_file.exists():
-        feature_losses.load_state_dict(load_file(str(feature_file)))
+        with _naming(feature_file):
+            feature_losses.load_state_dict(load_file(str(feature_file)))
     device = next(student.parameters()).device
-    optimizer.load_state_dict(
-        torch.load(path / "optimizer.pt", map_location=device, weights_only=False)
-    )
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    restore_rng(torch.load(path / "rng" / f"rank-{rank}.pt", weights_only=False))
+    with _naming(path / "optimizer.pt"):
+        optimizer.load_state_dict(
+            torch.load(path / "optimizer.pt", map_location=device, weights_only=False)
+        )
+    with _naming(path / "scheduler.pt"):
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    rng_file = path / "rng" / f"rank-{rank}.pt"
+    with _naming(rng_file):
+        restore_rng(torch.load(rng_file, weights_only=False))
     return state
+
+
+@contextlib.contextmanager
+def _naming(file: Path):
+    """Turn a reader's own error (SafetensorError, PytorchStreamReader, pickle, OSError) into one naming ``file``."""
+    try:
+        yield
+    except DamagedCheckpointError:
+        raise
+    except Exception as error:  # the readers raise many unrelated types
+        raise DamagedCheckpointError(file, f"cannot be loaded ({one_line(error)})") from None

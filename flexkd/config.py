@@ -38,6 +38,7 @@ from pydantic import (
     model_validator,
 )
 
+from flexkd._io import one_line, read_text
 from flexkd.errors import ConfigError
 
 TaskName = Literal["causal_lm", "sequence", "seq2seq", "token"]
@@ -248,6 +249,26 @@ class Config(_Section):
     def eval_output(self) -> Path:
         return self.path(self.eval.output) if self.eval.output else self.output_dir / "eval.json"
 
+    def resolved(self) -> dict[str, Any]:
+        """Every field as plain JSON data, with each path resolved as the run uses it (a model or
+        tokenizer name that is a local path becomes that path), so two configs that run the same thing
+        from different folders compare equal."""
+        data = self.model_dump(mode="json", exclude={"base_dir"})
+        for field in ("teacher", "student", "tokenizer"):
+            spec = data["model"][field]
+            if isinstance(spec, str) and not spec.startswith("task:") and self.path(spec).exists():
+                data["model"][field] = str(self.path(spec))
+        for split in ("train", "validation", "test"):
+            if data["data"][split] is not None:
+                data["data"][split] = str(self.path(data["data"][split]))
+        data["selection"]["path"] = str(self.selection_path)
+        if self.distill.teacher_outputs is not None:
+            data["distill"]["teacher_outputs"] = str(self.path(self.distill.teacher_outputs))
+        data["train"]["output_dir"] = str(self.output_dir)
+        data["eval"]["student_path"] = str(self.student_path)
+        data["eval"]["output"] = str(self.eval_output)
+        return data
+
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "tuple"})
 
@@ -319,9 +340,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if not path.is_file():
         raise ConfigError(f"config: no file at {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(read_text(path))
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+        raise ConfigError(f"{path}: not valid YAML ({one_line(error)})") from None
     raw = raw if raw is not None else {}
     if not isinstance(raw, dict):
         return parse_config(raw, source=str(path))

@@ -37,12 +37,34 @@ class RunFolderLockedError(FlexKDError, RuntimeError):
     """Another process is writing the run folder; the message names the folder and the holder."""
 
 
+class UnreadableFileError(FlexKDError, ValueError):
+    """A file flexkd needs cannot be read or parsed (truncated, corrupt, not what it should be);
+    the message names its path. ``path`` holds it."""
+
+    def __init__(self, path, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+class DamagedCheckpointError(UnreadableFileError):
+    """A checkpoint that is incomplete or whose files do not match its manifest."""
+
+
+class ResumeMismatchError(FlexKDError, ValueError):
+    """Resuming a run folder with a config whose result-changing fields differ from its recorded one,
+    or a folder with no intact checkpoint left to resume from."""
+
+
 __all__ = [
     "ConfigError",
+    "DamagedCheckpointError",
     "FlexKDError",
     "NonFiniteLossError",
+    "ResumeMismatchError",
     "RunFolderLockedError",
     "SelectionMismatchError",
     "StoreMismatchError",
+    "UnreadableFileError",
     "UnsupportedModelError",
 ]

@@ -24,7 +24,7 @@ from torch import nn
 from flexkd import _io
 from flexkd._version import __version__
 from flexkd.adapters import TeacherIdentity, check_layer_number
-from flexkd.errors import SelectionMismatchError
+from flexkd.errors import SelectionMismatchError, UnreadableFileError
 from flexkd.ops import STATS, select_top_k
 
 FORMAT = "flexkd.selection"
@@ -226,14 +226,22 @@ class DimensionSelection:
                 header = f.metadata() or {}
                 tensors = {key: f.get_tensor(key) for key in f.keys()}
         except Exception as error:  # safetensors raises its own error types for corrupt files
-            raise ValueError(
-                f"path: {path} is not a readable safetensors file ({error})"
-            ) from error
+            raise UnreadableFileError(
+                path, f"is not a readable safetensors file ({_io.one_line(error)})"
+            ) from None
         if "flexkd" not in header:
-            raise ValueError(
-                f"path: {path} is a safetensors file without flexkd selection metadata"
+            raise UnreadableFileError(
+                path, "is a safetensors file without flexkd selection metadata"
             )
-        meta = json.loads(header["flexkd"])
+        try:
+            meta = json.loads(header["flexkd"])
+        except ValueError as error:
+            raise UnreadableFileError(
+                path,
+                f"holds flexkd selection metadata that is not valid JSON ({_io.one_line(error)})",
+            ) from None
+        if not isinstance(meta, dict):
+            raise UnreadableFileError(path, "holds flexkd selection metadata that is not a mapping")
         if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
             raise SelectionMismatchError(
                 f"path: {path} has format {meta.get('format')!r} version {meta.get('format_version')!r}; "

@@ -32,10 +32,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from flexkd._io import replace_dir
+from flexkd import _io
+from flexkd._io import read_json, replace_dir
 from flexkd.adapters import TeacherIdentity, get_adapter, token_weights
 from flexkd.adapters.masks import aligned_logits, detect_task, logit_positions
-from flexkd.errors import StoreMismatchError
+from flexkd.errors import StoreMismatchError, UnreadableFileError
 from flexkd.taps import LayerTap
 
 FORMAT = 1
@@ -196,22 +197,33 @@ class TeacherOutputStore:
             raise FileNotFoundError(
                 f"teacher_outputs: {self.path} is not a stored-teacher-outputs folder (no meta.json)"
             )
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = read_json(meta_path)
+        if not isinstance(self.meta, dict):
+            raise UnreadableFileError(meta_path, "is not a stored-teacher-outputs meta mapping")
         if self.meta.get("format") != FORMAT:
             raise StoreMismatchError(
                 f"teacher_outputs: {self.path} has format {self.meta.get('format')!r}, this flexkd reads {FORMAT}"
             )
-        self.layers: list[int] = list(self.meta["layers"])
-        self.has_logits: bool = bool(self.meta["logits"])
-        self._logit_offsets = np.load(self.path / "logit_offsets.npy")
-        self._feature_offsets = np.load(self.path / "feature_offsets.npy")
-        self._logits = (
-            np.load(self.path / "logits.npy", mmap_mode="r") if self.has_logits else None
-        )
+        try:
+            self.layers: list[int] = list(self.meta["layers"])
+            self.has_logits: bool = bool(self.meta["logits"])
+        except (KeyError, TypeError) as error:
+            raise UnreadableFileError(meta_path, f"lacks a valid {_io.one_line(error)} entry") from None
+        self._logit_offsets = self._array("logit_offsets.npy")
+        self._feature_offsets = self._array("feature_offsets.npy")
+        self._logits = self._array("logits.npy", mmap_mode="r") if self.has_logits else None
         self._hidden = {
-            layer: np.load(self.path / f"hidden.{layer}.npy", mmap_mode="r")
-            for layer in self.layers
+            layer: self._array(f"hidden.{layer}.npy", mmap_mode="r") for layer in self.layers
         }
+
+    def _array(self, name: str, mmap_mode: str | None = None) -> np.ndarray:
+        file = self.path / name
+        try:
+            return np.load(file, mmap_mode=mmap_mode)
+        except (OSError, ValueError, EOFError) as error:  # missing, truncated, not a .npy
+            raise UnreadableFileError(
+                file, f"is not a readable stored-teacher-outputs array ({_io.one_line(error)})"
+            ) from None
 
     def __len__(self) -> int:
         return int(self.meta["rows"])

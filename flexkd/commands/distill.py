@@ -1,7 +1,10 @@
 """``flexkd distill cfg.yaml``: distil the student (scoring the teacher first when the selection is missing).
 
-Resumes from the latest checkpoint under ``<output_dir>/checkpoints`` unless
-``train.resume`` is false; the same command runs under ``torchrun``/``accelerate launch``.
+Resumes from the newest intact checkpoint under ``<output_dir>/checkpoints`` (damaged newer ones
+are named and skipped) unless ``train.resume`` is false, and only with the config recorded in
+``<output_dir>/run_config.json`` up to the fields that cannot change the result (see
+``flexkd.training.run_dir.RESULT_NEUTRAL_FIELDS``); the same command runs under
+``torchrun``/``accelerate launch``.
 """
 
 from __future__ import annotations

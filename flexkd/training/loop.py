@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,17 +32,30 @@ from tqdm.auto import tqdm
 
 from flexkd.checkpoint import (
     RunState,
-    latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
+    resume_point,
     save_checkpoint,
 )
 from flexkd.config import Config
-from flexkd.errors import NonFiniteLossError, RunFolderLockedError
+from flexkd.errors import (
+    NonFiniteLossError,
+    ResumeMismatchError,
+    RunFolderLockedError,
+    SelectionMismatchError,
+)
 from flexkd.training.data import Collator, ShardedOrder, build_splits, move_to_device, pad_token_id
 from flexkd.training.models import build_model, build_tokenizer
 from flexkd.training.optim import build_optimizer, build_scheduler
-from flexkd.training.run_dir import RunLock, append_metrics, save_student, start_metrics
+from flexkd.training.run_dir import (
+    RunLock,
+    append_metrics,
+    check_resume_config,
+    save_student,
+    start_metrics,
+    write_run_config,
+)
 from flexkd.training.teacher_prep import selection_for, teacher_output_store
 
 UNIT_TERMS = ("task", "logit", "feature")
@@ -171,6 +185,33 @@ def lock_run_folder(folder: Path, accelerator) -> contextlib.AbstractContextMana
     return lock
 
 
+def say(message: str) -> None:
+    print(f"flexkd distill: {message}", file=sys.stderr, flush=True)
+
+
+def find_resume_checkpoint(cfg: Config, checkpoints: Path, *, verbose: bool):
+    """The checkpoint a run resumes from: the newest intact one (None when not resuming or there is
+    none yet), after checking the config against the one the folder was started with.
+
+    Damaged newer checkpoints are named as skipped; a folder whose every checkpoint is damaged, or
+    whose config changed in a field that changes the result, raises :class:`ResumeMismatchError`."""
+    if not cfg.train.resume:
+        return None
+    found, skipped = resume_point(checkpoints)
+    if verbose:
+        for path, reason in skipped:
+            say(f"skipping checkpoint {path.name}: {reason}")
+    if found is None and list_checkpoints(checkpoints):
+        raise ResumeMismatchError(
+            f"train.output_dir: no intact checkpoint under {checkpoints} to resume from (skipped: "
+            + "; ".join(reason for _, reason in skipped)
+            + "); start over with --set train.resume=false, or pick another train.output_dir"
+        )
+    if found is not None:
+        check_resume_config(cfg.output_dir, cfg.resolved(), found)
+    return found
+
+
 def train(cfg: Config) -> TrainResult:
     """Distil the student of ``cfg`` (resuming from its latest checkpoint); returns where it was saved."""
     from accelerate import DistributedDataParallelKwargs
@@ -194,8 +235,11 @@ def _distil(cfg: Config, accelerator) -> TrainResult:
     main = accelerator.is_main_process
     checkpoints = cfg.output_dir / "checkpoints"
     metrics_path = cfg.output_dir / "metrics.jsonl"
+    resume_from = find_resume_checkpoint(cfg, checkpoints, verbose=main)
     if main and not tc.resume:
         shutil.rmtree(checkpoints, ignore_errors=True)
+    if main and resume_from is None:
+        write_run_config(cfg.output_dir, cfg.resolved())
     set_seed(tc.seed + rank)
 
     # Data and models.
@@ -208,7 +252,15 @@ def _distil(cfg: Config, accelerator) -> TrainResult:
 
     # The distiller: the selection (scored first when its file is missing) and the teacher's
     # stored outputs (written first when asked for and missing).
-    selection = selection_for(cfg, teacher, student, splits, collate, rank=rank, world_size=world)
+    try:
+        selection = selection_for(
+            cfg, teacher, student, splits, collate, rank=rank, world_size=world
+        )
+    except SelectionMismatchError as error:
+        raise SelectionMismatchError(
+            f"{error}\n  to score this teacher again, delete {cfg.selection_path} "
+            "(or set selection.path to another file)"
+        ) from None
     distiller = Distiller.from_config(cfg, teacher, student, selection=selection)
     store = (
         teacher_output_store(cfg, distiller, train_rows, collate, accelerator)
@@ -223,7 +275,6 @@ def _distil(cfg: Config, accelerator) -> TrainResult:
     scheduler = build_scheduler(optimizer, tc, total_steps)
     model, optimizer = accelerator.prepare(distiller, optimizer)
     state = RunState(step=0, epoch=0, position=0, seed=tc.seed, world_size=world)
-    resume_from = latest_checkpoint(checkpoints) if tc.resume else None
     if resume_from is not None:
         state = load_checkpoint(
             resume_from,
@@ -234,8 +285,10 @@ def _distil(cfg: Config, accelerator) -> TrainResult:
             rank=rank,
             world_size=world,
         )
+        if main:
+            say(f"resuming from step {state.step} of {total_steps} ({resume_from})")
     if main:
-        start_metrics(metrics_path, resume_step=state.step if tc.resume else None)
+        start_metrics(metrics_path, resume_step=state.step if resume_from is not None else None)
     accelerator.wait_for_everyone()
 
     # The loop.

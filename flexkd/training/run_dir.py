@@ -1,6 +1,7 @@
 """The run folder (``train.output_dir``): its lock, its metrics log and the saved student.
 
 <output_dir>/run.lock          {"pid", "host", "started"} of the process writing the folder
+<output_dir>/run_config.json   the resolved config the run was started with, and the flexkd version
 <output_dir>/metrics.jsonl     one JSON object per logged step (non-finite numbers as null)
 <output_dir>/checkpoints/      see flexkd.checkpoint
 <output_dir>/student/          the final student (save_pretrained)
@@ -22,10 +23,24 @@ from typing import Any
 
 from torch import nn
 
-from flexkd._io import replace_dir, write_text
-from flexkd.errors import RunFolderLockedError
+from flexkd._io import read_json, replace_dir, write_json, write_text
+from flexkd.errors import ResumeMismatchError, RunFolderLockedError, UnreadableFileError
 
 LOCK_NAME = "run.lock"
+RUN_CONFIG_NAME = "run_config.json"
+# Fields a resumed run may change: they cannot change its result (the whole ``eval`` section is
+# read by ``flexkd eval`` only; the run folder is where the record lies).
+RESULT_NEUTRAL_FIELDS = frozenset(
+    {
+        "train.progress",
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.resume",
+        "train.output_dir",
+    }
+)
+RESULT_NEUTRAL_SECTIONS = frozenset({"eval"})
 
 
 class RunLock:
@@ -113,19 +128,89 @@ def _is_stale(holder: Mapping[str, Any]) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
+# The config the run was started with.
+
+
+def write_run_config(folder: Path, resolved: Mapping[str, Any]) -> Path:
+    from flexkd import __version__
+
+    return write_json(
+        folder / RUN_CONFIG_NAME, {"flexkd_version": __version__, "config": dict(resolved)}
+    )
+
+
+def read_run_config(folder: Path) -> dict[str, Any] | None:
+    """The recorded resolved config of ``folder`` (None when the folder has no record)."""
+    path = folder / RUN_CONFIG_NAME
+    if not path.exists():
+        return None
+    record = read_json(path)
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise UnreadableFileError(path, "is not a flexkd run config record (no 'config' mapping)")
+    return record["config"]
+
+
+def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(dotted field, old, new)`` for every leaf that differs and may change the run's result."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    missing = object()
+    changed = []
+    for field in sorted(flat_old.keys() | flat_new.keys()):
+        if field in RESULT_NEUTRAL_FIELDS or field.split(".")[0] in RESULT_NEUTRAL_SECTIONS:
+            continue
+        before, after = flat_old.get(field, missing), flat_new.get(field, missing)
+        if before != after:
+            changed.append(
+                (field, None if before is missing else before, None if after is missing else after)
+            )
+    return changed
+
+
+def check_resume_config(folder: Path, resolved: Mapping[str, Any], checkpoint: Path) -> None:
+    """Raise :class:`ResumeMismatchError` (one line) naming each result-changing field of ``resolved``
+    that differs from the config ``folder`` was started with."""
+    recorded = read_run_config(folder)
+    if recorded is None:
+        return  # a folder from before the record existed: nothing to compare with
+    changed = changed_fields(recorded, json.loads(json.dumps(dict(resolved))))
+    if changed:
+        fields = "; ".join(f"{field}: {old!r} -> {new!r}" for field, old, new in changed)
+        raise ResumeMismatchError(
+            f"train.output_dir: {folder} holds a run started with another config, so it cannot resume "
+            f"from {checkpoint.name} ({fields}); start over in that folder with "
+            f"--set train.resume=false, or pick another train.output_dir"
+        )
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+# --------------------------------------------------------------------------------------------------
 # Metrics and the final student.
 
 
 def start_metrics(path: Path, *, resume_step: int | None) -> None:
-    """Drop the lines a resumed run will write again (all of them when not resuming)."""
+    """Drop the lines a resumed run will write again (all of them when not resuming), and a last
+    line cut short by a kill mid-write."""
     if resume_step is None:
         path.unlink(missing_ok=True)
     elif path.exists():
-        kept = [
-            line
-            for line in path.read_text().splitlines()
-            if line and json.loads(line)["step"] <= resume_step
-        ]
+        kept = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a partial line: its step is rerun and logged again
+            if step <= resume_step:
+                kept.append(line)
         write_text(path, "".join(line + "\n" for line in kept))
 
 
