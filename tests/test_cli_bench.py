@@ -178,3 +178,21 @@ def test_gpu_table_has_every_op_and_marks_slower_than_compile():
     cuda_lines = [line for line in text.splitlines() if "| flexkd-cuda |" in line]
     assert len(cuda_lines) == 3 and all("2.00 |" in line and "0.50 SLOWER |" in line for line in cuda_lines)
     assert "% of copy (4000 GB/s)" in text and "skipped: no triton" in text
+
+
+def test_gpu_implementations_wire_every_workload_to_a_callable():
+    """The GPU benchmark's calls, run on CPU tensors with the user formulas (eager): every workload
+    of every implementation that can run is called the way bench_dtype calls it."""
+    import torch
+
+    impls = ops_gpu.implementations(triton_reason="not here")
+    assert impls["flexkd-triton"] == "not here"
+    assert set(impls["user-eager"]) == set(impls["user-compile"]) == set(ops_gpu.WORKLOADS)
+    student = torch.randn(16, 4, requires_grad=True)
+    teacher, hidden, grad = torch.randn(16, 8), torch.randn(16, 8), torch.randn(16, 8)
+    index, mask = torch.tensor([0, 2, 5, 7]), torch.rand(16)
+    fns = impls["user-eager"]
+    for workload in ("mse fwd+bwd", "corr fwd+bwd"):
+        ops_gpu.loss_step(fns[workload], student, teacher, index, mask)()
+        assert student.grad is not None and torch.isfinite(student.grad).all()
+    assert fns["importance"](hidden, grad, mask).shape == (8,)
