@@ -83,6 +83,7 @@ def test_without_matplotlib_the_csv_is_still_written(tmp_path, capsys, monkeypat
 
 def test_fused_slower_than_a_baseline_is_marked_in_the_table():
     row = dict(case="mse-fp32-N64-D32-k12", threads=1, mode="fwd", floor_ms=0.01, x_floor=2.0,
+               x_floor_paired=float("nan"),
                load_before=1.0, load_after=1.2, **{"flexkd_ms": 0.2, "flexkd_peak_mib": 0.0,
                                                    "user-eager_ms": 0.1, "user-eager_peak_mib": 0.0,
                                                    "x_vs_user-eager": 0.5})
@@ -178,3 +179,37 @@ def test_gpu_table_has_every_op_and_marks_slower_than_compile():
     cuda_lines = [line for line in text.splitlines() if "| flexkd-cuda |" in line]
     assert len(cuda_lines) == 3 and all("2.00 |" in line and "0.50 SLOWER |" in line for line in cuda_lines)
     assert "% of copy (4000 GB/s)" in text and "skipped: no triton" in text
+
+
+def test_gpu_implementations_wire_every_workload_to_a_callable():
+    """The GPU benchmark's calls, run on CPU tensors with the user formulas (eager): every workload
+    of every implementation that can run is called the way bench_dtype calls it."""
+    import torch
+
+    impls = ops_gpu.implementations(triton_reason="not here")
+    assert impls["flexkd-triton"] == "not here"
+    assert set(impls["user-eager"]) == set(impls["user-compile"]) == set(ops_gpu.WORKLOADS)
+    student = torch.randn(16, 4, requires_grad=True)
+    teacher, hidden, grad = torch.randn(16, 8), torch.randn(16, 8), torch.randn(16, 8)
+    index, mask = torch.tensor([0, 2, 5, 7]), torch.rand(16)
+    fns = impls["user-eager"]
+    for workload in ("mse fwd+bwd", "corr fwd+bwd"):
+        ops_gpu.loss_step(fns[workload], student, teacher, index, mask)()
+        assert student.grad is not None and torch.isfinite(student.grad).all()
+    assert fns["importance"](hidden, grad, mask).shape == (8,)
+
+
+def test_paired_ratio_is_the_median_of_per_pair_ratios(monkeypatch):
+    from flexkd.bench import common
+
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    slow_pairs = iter([False, False, True, False, False, False, False])  # one disturbed call of fn
+
+    def fn():
+        clock[0] += 30.0 if next(slow_pairs, False) else 3.0
+
+    def baseline():
+        clock[0] += 1.0
+
+    assert common.paired_ratio(fn, baseline, reps=5) == 3.0

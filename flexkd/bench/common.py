@@ -37,6 +37,29 @@ def median_ms(fn: Callable[[], object], *, setup: Callable[[], object] | None = 
     return statistics.median(times) * 1e3
 
 
+def paired_ratio(fn: Callable[[], object], baseline: Callable[[], object], reps: int = 15) -> float:
+    """Median over ``reps`` back-to-back pairs of (seconds of ``fn()``) / (seconds of ``baseline()``).
+
+    On a shared machine the load drifts between two separately taken medians; a pair sees about the
+    same load, so the median of per-pair ratios is the steadier comparison."""
+    fn(), baseline()
+    ratios = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        middle = time.perf_counter()
+        baseline()
+        ratios.append((middle - start) / max(time.perf_counter() - middle, 1e-9))
+    return statistics.median(ratios)
+
+
+def copy_of(total_bytes: int) -> Callable[[], object]:
+    """A tensor copy moving ``total_bytes`` (read + written), as :func:`copy_bandwidth_gbs` times it."""
+    src = torch.randn(max(total_bytes // 8, 1024))
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
 def _status_kib(field: str) -> int | None:
     try:
         with open("/proc/self/status") as status:
@@ -81,9 +104,7 @@ def copy_bandwidth_gbs(total_bytes: int, reps: int = 9) -> float:
     Sized like the op's own traffic it shows the bandwidth of the cache level the op runs from. The
     median of ``reps`` copies, the same statistic as the op timings."""
     numel = max(total_bytes // 8, 1024)
-    src = torch.randn(numel)
-    dst = torch.empty_like(src)
-    seconds = median_ms(lambda: dst.copy_(src), min_reps=reps, max_reps=reps, budget_s=0.0) / 1e3
+    seconds = median_ms(copy_of(total_bytes), min_reps=reps, max_reps=reps, budget_s=0.0) / 1e3
     return 2 * numel * 4 / seconds / 1e9
 
 
