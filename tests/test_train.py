@@ -164,14 +164,7 @@ def test_cli_score_distill_eval_end_to_end(tmp_path, capsys):
     assert "student" in capsys.readouterr().out
 
 
-BPE = (
-    Path(__file__).resolve().parents[1]
-    / "lab"
-    / "flexkd_lab"
-    / "data"
-    / "debian"
-    / "synopsis-tokenizer.json"
-)
+BPE = Path(__file__).resolve().parents[1] / "lab/flexkd_lab/data/debian/synopsis-tokenizer.json"
 
 
 def _text_config(tmp_path, task, rows, **data):
