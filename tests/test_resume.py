@@ -55,8 +55,18 @@ def _error_line(capsys) -> str:
     return lines[0]
 
 
+@pytest.fixture
+def one_thread():
+    """The killed run uses one thread (its OMP_NUM_THREADS); bitwise-equal weights need the in-process
+    runs to reduce in the same order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_a_run_killed_at_step_five_refuses_a_changed_config_and_resumes_with_neutral_changes(
-    tmp_path, capsys
+    tmp_path, capsys, one_thread
 ):
     path = write_causal_config(tmp_path, train=TRAIN, distill=DISTILL)
     killed = subprocess.run(
