@@ -2,11 +2,12 @@
 # Builds both wheels (`python -m build --wheel --no-isolation`, against the torch installed here): the
 # library (flexkd, CPU) and the lab (flexkd-lab, lab/). Checks what each holds (the library: flexkd._C
 # and flexkd.kernels, no data set, no lab code, no hard matplotlib; the lab: the bundled snapshot and the
-# entry points), then installs them one after the other into a fresh virtual environment (system
-# site-packages visible, for torch) and, from outside the source tree, proves that the library alone
-# works (`import flexkd`, `flexkd info`, the C++ and Triton kernels against the torch reference, no demo
-# or study subcommand) and that the lab adds `flexkd demo` / `flexkd study` through its entry points and
-# reads its bundled data. Usage: bash .ci/wheel_smoke.sh   (FLEXKD_WHEEL_DIR keeps the wheels there)
+# entry points), then installs them one after the other into a fresh virtual environment (this Python's
+# site-packages visible, for torch, but not the project's own editable installs) and, from outside the
+# source tree, proves that the library alone works (`import flexkd`, `flexkd info`, the C++ and Triton
+# kernels against the torch reference, no demo or study subcommand) and that the lab adds `flexkd demo` /
+# `flexkd study` through its entry points and reads its bundled data.
+# Usage: bash .ci/wheel_smoke.sh   (FLEXKD_WHEEL_DIR keeps the wheels there)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -74,15 +75,36 @@ print(f"lab wheel: {len(names)} files, {len(snapshot)} of them the bundled snaps
 EOF
 
 step "installing the library wheel alone into a fresh virtual environment"
-"$PY" -m venv --system-site-packages "$WORK/venv"
+# The venv sees this Python's packages (torch, transformers, ...) through a view of its site-packages
+# that leaves out this project's own installs. --system-site-packages would not: the README's set-up
+# installs flexkd and flexkd_lab editable there, and their finder hooks and dist-info (entry points
+# included) would leak into the venv.
+"$PY" -m venv "$WORK/venv"
 VPY="$WORK/venv/bin/python"
+"$PY" - "$WORK/site-view" <<'EOF'
+import os
+import re
+import site
+import sys
+
+view = sys.argv[1]
+os.makedirs(view)
+site_dirs = ([site.getusersitepackages()] if site.ENABLE_USER_SITE else []) + site.getsitepackages()
+own = re.compile(r"^(flexkd|flexkd_lab)([-.].*)?$|^__editable__|\.pth$|^__pycache__$")
+for site_dir in filter(os.path.isdir, site_dirs):
+    for name in os.listdir(site_dir):
+        if not own.search(name) and not os.path.lexists(os.path.join(view, name)):
+            os.symlink(os.path.join(site_dir, name), os.path.join(view, name))
+EOF
+echo "$WORK/site-view" >"$("$VPY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/site-view.pth"
 "$VPY" -m pip install --quiet --no-deps --no-index "$WHEEL"
+cd "$WORK"
 if "$VPY" -c "import flexkd_lab" 2>/dev/null; then
   echo "wheel_smoke: flexkd_lab is importable before the lab wheel is installed" >&2; exit 1
 fi
+"$VPY" -c "import torch, transformers" || { echo "wheel_smoke: the venv does not see torch or transformers" >&2; exit 1; }
 
 step "smoke test of the library from outside the source tree"
-cd "$WORK"
 export FLEXKD_SOURCE="$ROOT" TRITON_INTERPRET=1 HF_HUB_OFFLINE=1
 "$WORK/venv/bin/flexkd" info >"$WORK/info.txt" || { cat "$WORK/info.txt"; exit 1; }
 head -n 3 "$WORK/info.txt"
