@@ -53,34 +53,65 @@ struct CorrColumns {
   std::vector<Acc> one_minus_r;
 };
 
+// Adds rows [begin, end) to m one row at a time. The loop runs a tile of kTile columns at a time over
+// all the rows, so a tile's five moments stay in registers instead of being loaded and stored once per
+// row; each column sees the same updates in the same order as a row-by-row loop would give it.
+// Per row, f = w / W and g = W_before f depend only on the weights, so they are computed once.
 template <class Acc, class S, class T, bool kUnitStudent>
-ColumnMoments<Acc> corr_moments(const FeatureLossArgs& a, const int64_t* t_cols, const Acc* mask) {
-  const int64_t k = a.k;
-  const S* student = static_cast<const S*>(a.student.data);
-  const T* teacher = static_cast<const T*>(a.teacher.data);
-  const RowChunks chunks = make_row_chunks(a.rows, 64, 64);
-  std::vector<ColumnMoments<Acc>> partial(static_cast<size_t>(chunks.count), ColumnMoments<Acc>(k));
-  for_each_chunk(chunks, a.rows * k, a.num_threads, [&](int64_t c, int64_t begin, int64_t end) {
-    ColumnMoments<Acc>& m = partial[c];
-    Acc* mean_s = m.mean_s.data();
-    Acc* mean_t = m.mean_t.data();
-    Acc* m2_s = m.m2_s.data();
-    Acc* m2_t = m.m2_t.data();
-    Acc* co_m2 = m.co_m2.data();
-    TeacherRows<T> teacher_rows(teacher, a.teacher.row_stride, t_cols, k);
-    for (int64_t n = begin; n < end; ++n) {
+class ChunkMoments {
+ public:
+  static constexpr int64_t kTile = 64 / sizeof(Acc);
+
+  ChunkMoments(const FeatureLossArgs& a, const int64_t* t_cols, const Acc* mask)
+      : a_(a), t_cols_(t_cols), mask_(mask), f_(kRows), g_(kRows),
+        gathered_(static_cast<size_t>(kRows * a.k)) {}
+
+  static constexpr int64_t kRows = 64;  // rows per chunk
+
+  void add(int64_t begin, int64_t end, ColumnMoments<Acc>& m) {
+    const int64_t rows = end - begin;
+    for (int64_t r = 0; r < rows; ++r) {
       // Masked rows are read too: 0 * NaN is NaN, so a NaN anywhere reaches the loss (as in torch).
-      const Acc w = mask != nullptr ? mask[n] : Acc(1);
+      const Acc w = mask_ != nullptr ? mask_[begin + r] : Acc(1);
       const Acc merged = m.weight + w;
-      const Acc f = merged != Acc(0) ? w / merged : Acc(0);
-      const Acc g = m.weight * f;
+      f_[r] = merged != Acc(0) ? w / merged : Acc(0);
+      g_[r] = m.weight * f_[r];
       m.weight = merged;
-      const S* s = student + n * a.student.row_stride;
-      const T* t = teacher_rows.row(n);
+    }
+    const T* teacher = static_cast<const T*>(a_.teacher.data) + begin * a_.teacher.row_stride;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* t = teacher + r * a_.teacher.row_stride;
+      for (int64_t j = 0; j < a_.k; ++j) gathered_[r * a_.k + j] = t[t_cols_[j]];
+    }
+    int64_t j0 = 0;
+    for (; j0 + kTile <= a_.k; j0 += kTile) tile<kTile>(begin, rows, j0, kTile, m);
+    if (j0 < a_.k) tile<0>(begin, rows, j0, a_.k - j0, m);
+  }
+
+ private:
+  // Columns [j0, j0 + width); kWidth is width when known at compile time (a full tile), else 0.
+  template <int64_t kWidth>
+  void tile(int64_t begin, int64_t rows, int64_t j0, int64_t runtime_width, ColumnMoments<Acc>& m) {
+    const int64_t width = kWidth > 0 ? kWidth : runtime_width;
+    Acc mean_s[kTile], mean_t[kTile], m2_s[kTile], m2_t[kTile], co_m2[kTile];
+    for (int64_t j = 0; j < width; ++j) {
+      mean_s[j] = m.mean_s[j0 + j];
+      mean_t[j] = m.mean_t[j0 + j];
+      m2_s[j] = m.m2_s[j0 + j];
+      m2_t[j] = m.m2_t[j0 + j];
+      co_m2[j] = m.co_m2[j0 + j];
+    }
+    const int64_t s_col = kUnitStudent ? 1 : a_.student.col_stride;
+    const S* student = static_cast<const S*>(a_.student.data) + begin * a_.student.row_stride + j0 * s_col;
+    for (int64_t r = 0; r < rows; ++r) {
+      const Acc f = f_[r];
+      const Acc g = g_[r];
+      const S* s = student + r * a_.student.row_stride;
+      const T* t = gathered_.data() + r * a_.k + j0;
 #pragma omp simd
-      for (int64_t j = 0; j < k; ++j) {
-        const Acc d_s = load<Acc>(s[kUnitStudent ? j : j * a.student.col_stride]) - mean_s[j];
-        const Acc d_t = load<Acc>(t[kGatherIntoBuffer<T> ? j : t_cols[j]]) - mean_t[j];
+      for (int64_t j = 0; j < width; ++j) {
+        const Acc d_s = load<Acc>(s[kUnitStudent ? j : j * s_col]) - mean_s[j];
+        const Acc d_t = load<Acc>(t[j]) - mean_t[j];
         const Acc gd_s = g * d_s;
         mean_s[j] += f * d_s;
         mean_t[j] += f * d_t;
@@ -88,6 +119,32 @@ ColumnMoments<Acc> corr_moments(const FeatureLossArgs& a, const int64_t* t_cols,
         m2_t[j] += g * d_t * d_t;
         co_m2[j] += gd_s * d_t;
       }
+    }
+    for (int64_t j = 0; j < width; ++j) {
+      m.mean_s[j0 + j] = mean_s[j];
+      m.mean_t[j0 + j] = mean_t[j];
+      m.m2_s[j0 + j] = m2_s[j];
+      m.m2_t[j0 + j] = m2_t[j];
+      m.co_m2[j0 + j] = co_m2[j];
+    }
+  }
+
+  const FeatureLossArgs& a_;
+  const int64_t* t_cols_;
+  const Acc* mask_;
+  std::vector<Acc> f_, g_;
+  std::vector<T> gathered_;  // the chunk's selected teacher elements, gathered row by row
+};
+
+template <class Acc, class S, class T, bool kUnitStudent>
+ColumnMoments<Acc> corr_moments(const FeatureLossArgs& a, const int64_t* t_cols, const Acc* mask) {
+  using Chunk = ChunkMoments<Acc, S, T, kUnitStudent>;
+  const RowChunks chunks = make_row_chunks(a.rows, Chunk::kRows, 64);
+  std::vector<ColumnMoments<Acc>> partial(static_cast<size_t>(chunks.count), ColumnMoments<Acc>(a.k));
+  for_each_chunk(chunks, a.rows * a.k, a.num_threads, [&](int64_t c, int64_t begin, int64_t end) {
+    Chunk chunk(a, t_cols, mask);
+    for (int64_t start = begin; start < end; start += Chunk::kRows) {
+      chunk.add(start, std::min(end, start + Chunk::kRows), partial[c]);
     }
   });
   for (int64_t c = 1; c < chunks.count; ++c) partial[0].merge(partial[c]);
