@@ -127,3 +127,47 @@ def importance_args(hidden, grad, mask_, stat, out):
             raise ValueError(
                 f"out must be a contiguous [{hidden.shape[-1]}] tensor, got shape {tuple(out.shape)}"
             )
+
+
+def teacher_topk(value, logits_shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """``teacher_topk`` as ``(values [..., K], indices [..., K])`` checked against logits of
+    ``logits_shape`` (``[..., V]``): float values, integer indices unique per row in ``[0, V)``, K <= V.
+    Reading the indices syncs with the device; under ``torch.compile`` only the metadata is checked."""
+    if not isinstance(value, tuple | list) or len(value) != 2:
+        raise TypeError("teacher_topk must be a pair (values [..., K], indices [..., K])")
+    values, indices = value
+    if not isinstance(values, torch.Tensor) or not values.is_floating_point():
+        raise TypeError("teacher_topk values must be a floating-point tensor")
+    if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError("teacher_topk indices must be an int32 or int64 tensor")
+    if values.shape != indices.shape:
+        raise ValueError(
+            f"teacher_topk values {tuple(values.shape)} and indices {tuple(indices.shape)} "
+            "must have the same shape"
+        )
+    vocab, leading = int(logits_shape[-1]), tuple(logits_shape[:-1])
+    if values.dim() < 1 or tuple(values.shape[:-1]) != leading:
+        raise ValueError(
+            f"teacher_topk must have the student's leading shape {leading} and a last dim K, "
+            f"got {tuple(values.shape)}"
+        )
+    k = values.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"teacher_topk: K must lie in [1, V={vocab}], got K={k}")
+    if values.device != indices.device:
+        raise ValueError(
+            f"teacher_topk values ({values.device}) and indices ({indices.device}) "
+            "must be on one device"
+        )
+    if torch.compiler.is_compiling() or indices.is_meta or indices.numel() == 0:
+        return values, indices
+    low, high = int(indices.min()), int(indices.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(
+            f"teacher_topk indices must lie in [0, {vocab}), got values in [{low}, {high}]"
+        )
+    if k > 1:
+        ordered = indices.reshape(-1, k).sort(dim=-1).values
+        if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+            raise ValueError("teacher_topk indices must be unique within each row, got a repeat")
+    return values, indices
