@@ -195,12 +195,7 @@ def _teacher_log_probs(
                 f"{tuple(teacher_logits.shape)} must have the same shape"
             )
         return F.log_softmax(teacher_logits.to(compute_dtype) / temperature, dim=-1)
-    if kind == "reverse_kl":
-        raise ValueError(
-            "kind='reverse_kl' is +inf against a top-K teacher (it has no mass off its K indices); "
-            "use kind='forward_kl' or 'jsd', or dense teacher_logits"
-        )
-    values, indices = _validate.teacher_topk(teacher_topk, student_logits.shape)
+    values, indices = _validate.teacher_topk(teacher_topk, student_logits.shape, kind)
     log_p_topk = F.log_softmax(values.to(compute_dtype) / temperature, dim=-1)
     dense = torch.full(
         student_logits.shape, -math.inf, dtype=compute_dtype, device=student_logits.device
