@@ -55,15 +55,17 @@ def _kd_rows_kernel(
         t = tl.load(t_row + start + cols, mask=ok, other=neg_inf).to(ACC) * inv_t
         m_s, d_s = _online_lse(m_s, d_s, s)
         m_t, d_t = _online_lse(m_t, d_t, t)
-    lse_s = m_s + tl.log(d_s)
-    lse_t = m_t + tl.log(d_t)
+    # log q = (s - m_s) - log d_s: rounding the shift m_s + log d_s first would cost |m_s|·eps in every
+    # log-probability, which a KL of two close distributions does not cancel.
+    log_d_s = tl.log(d_s)
+    log_d_t = tl.log(d_t)
 
     loss = tl.zeros((), ACC)
     aux = tl.zeros((), ACC)  # jsd: KL(q || m)
     for start in range(0, V, BLOCK_V):
         ok = start + cols < V
-        log_q = tl.load(z_row + start + cols, mask=ok, other=0).to(ACC) * inv_t - lse_s
-        log_p = tl.load(t_row + start + cols, mask=ok, other=0).to(ACC) * inv_t - lse_t
+        log_q = (tl.load(z_row + start + cols, mask=ok, other=0).to(ACC) * inv_t - m_s) - log_d_s
+        log_p = (tl.load(t_row + start + cols, mask=ok, other=0).to(ACC) * inv_t - m_t) - log_d_t
         q = tl.exp(log_q)
         p = tl.exp(log_p)
         if KIND == 0:
@@ -83,8 +85,8 @@ def _kd_rows_kernel(
     if KIND != 0:
         for start in range(0, V, BLOCK_V):
             ok = start + cols < V
-            log_q = tl.load(z_row + start + cols, mask=ok, other=0).to(ACC) * inv_t - lse_s
-            log_p = tl.load(t_row + start + cols, mask=ok, other=0).to(ACC) * inv_t - lse_t
+            log_q = (tl.load(z_row + start + cols, mask=ok, other=0).to(ACC) * inv_t - m_s) - log_d_s
+            log_p = (tl.load(t_row + start + cols, mask=ok, other=0).to(ACC) * inv_t - m_t) - log_d_t
             q = tl.exp(log_q)
             if KIND == 1:
                 grad = tl.where(q > 0, q * (log_q - log_p - loss), 0.0)

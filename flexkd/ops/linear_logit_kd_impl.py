@@ -52,6 +52,9 @@ def accumulation_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
 
 
 def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
+    """In place, as ``(x - max) - log Σ exp(x - max)``: ``x - logsumexp(x)`` would round the row's
+    shift to the size of ``max``, an error that a KL of two close distributions does not cancel."""
+    x.sub_(x.amax(dim=-1, keepdim=True))
     return x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))
 
 
