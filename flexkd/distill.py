@@ -31,6 +31,12 @@ from torch import Tensor, nn
 
 from flexkd.adapters import get_adapter
 from flexkd.adapters.masks import aligned_logits, detect_task, logit_positions, token_weights
+from flexkd.adapters.output_head import (
+    UnsupportedHead,
+    check_projection,
+    output_projection,
+    run_until_head,
+)
 from flexkd.errors import ConfigError, FlexKDError, SelectionMismatchError, StoreMismatchError
 from flexkd.losses import (
     FEATURE_LOSSES,
@@ -42,12 +48,14 @@ from flexkd.losses import (
     logit_kd,
     task_loss,
 )
+from flexkd.ops import linear_logit_kd
 from flexkd.taps import LayerTap
 from flexkd.teacher_outputs import TeacherOutputs
 
 FEATURE_KINDS = ("flex", "projector", "cka", "none")
 TERMS = ("task", "logit", "feature")
 DEFAULT_WEIGHTS = {"task": 1.0, "logit": 0.0, "feature": 1.0}
+LOGIT_KD_BACKENDS = ("auto", "fused", "materialised")
 
 
 def _check_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
@@ -84,6 +92,14 @@ def _check_layer_pairs(layer_pairs: str | Sequence[Sequence[int]]) -> list[tuple
     if not pairs:
         raise ValueError("layer_pairs must not be empty")
     return pairs
+
+
+@dataclass
+class _HeadInput:
+    """The student's outputs on the fused path: the final hidden state its output projection reads
+    (``[batch, tokens, H]``), in place of ``[batch, tokens, V]`` logits."""
+
+    hidden: Tensor
 
 
 @dataclass
@@ -128,6 +144,15 @@ class Distiller(nn.Module):
         side: for seq2seq models, the stack the layers address (``"encoder"`` by default).
         task: the labelling scheme (``flexkd.adapters.masks.TASKS``); detected from the
             student's class when ``None``.
+        logit_kd_backend: how the task and logit terms of a causal LM get the student's logits.
+            ``"fused"``: the student stops at its output projection's input and both terms run
+            through ``flexkd.ops.linear_logit_kd`` (the task cross-entropy as forward KL against a
+            one-hot top-1 teacher, which is exactly it), never building ``[B, T, V]``; the projection
+            (``get_output_embeddings()``, tied or not, with Cohere's ``logit_scale`` / Granite's
+            ``logits_scaling`` folded in) is checked against the model's own logits on the first batch,
+            and a model it does not fit (soft-capped logits, a non-Linear head) is refused.
+            ``"materialised"``: the model's logits and ``flexkd.losses`` (the reference).
+            ``"auto"`` (default): ``"fused"`` where it applies, else ``"materialised"``.
     """
 
     def __init__(
@@ -147,6 +172,7 @@ class Distiller(nn.Module):
         side: str | None = None,
         task: str | None = None,
         ignore_index: int = -100,
+        logit_kd_backend: str = "auto",
     ) -> None:
         super().__init__()
         for name, model in (("teacher", teacher), ("student", student)):
@@ -166,6 +192,10 @@ class Distiller(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         if not 0.0 < beta < 1.0:
             raise ValueError(f"beta must lie strictly between 0 and 1, got {beta!r}")
+        if logit_kd_backend not in LOGIT_KD_BACKENDS:
+            raise ValueError(
+                f"logit_kd_backend must be one of {LOGIT_KD_BACKENDS}, got {logit_kd_backend!r}"
+            )
 
         self.weights = _check_weights(weights)
         self.feature = feature if self.weights["feature"] > 0 else "none"
@@ -195,6 +225,8 @@ class Distiller(nn.Module):
                     f"the student {s_size}; set weights['logit'] to 0 or use models with the same vocabulary"
                 )
 
+        self._projection = self._student_projection(logit_kd_backend)
+        self._projection_checked = False
         self.layer_pairs = self._resolve_pairs(_check_layer_pairs(layer_pairs))
         self.feature_losses = self._build_feature_losses(
             selection, feature_loss, projector_direction
@@ -236,6 +268,28 @@ class Distiller(nn.Module):
             raise ConfigError(f"distill: {err}") from None
 
     # ----------------------------------------------------------------- construction
+    def _student_projection(self, backend: str):
+        """The student's output projection when the fused logit path runs, else None."""
+        if backend == "materialised" or not self._needs_student_logits():
+            return None
+        try:
+            if self.task != "causal_lm":
+                raise UnsupportedHead(
+                    f"the fused path is for causal LMs, this student's task is {self.task!r}"
+                )
+            return output_projection(self.student)
+        except UnsupportedHead as err:
+            if backend == "fused":
+                raise ValueError(
+                    f"logit_kd_backend='fused': {err}; use logit_kd_backend='materialised'"
+                ) from None
+            return None
+
+    @property
+    def logit_kd_path(self) -> str:
+        """``"fused"`` or ``"materialised"``: how the task and logit terms get the student's logits."""
+        return "fused" if self._projection is not None else "materialised"
+
     def _resolve_pairs(self, pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
         resolved = []
         for i, (s_layer, t_layer) in enumerate(pairs):
@@ -434,9 +488,27 @@ class Distiller(nn.Module):
         return logits, hidden
 
     def _run_student(self, batch: Mapping[str, Any]) -> tuple[Any, dict[int, Tensor]]:
-        """The student's outputs (None when it stops after its deepest tap) and tapped hidden states."""
+        """The student's outputs (None when it stops after its deepest tap; a :class:`_HeadInput` on the
+        fused path) and tapped hidden states."""
         layers = [s for s, _ in self.layer_pairs] if self.feature != "none" else []
-        return self._run_tapped(self.student, batch, layers, None, not self._needs_student_logits())
+        if self._projection is None:
+            return self._run_tapped(
+                self.student, batch, layers, None, not self._needs_student_logits()
+            )
+        inputs = self._model_inputs(self.student, batch)
+        if not self._projection_checked:
+            try:
+                check_projection(self.student, self._projection, inputs)
+            except UnsupportedHead as err:
+                raise ValueError(
+                    f"logit_kd_backend: {err}; use logit_kd_backend='materialised'"
+                ) from None
+            self._projection_checked = True
+        if not layers:
+            return _HeadInput(run_until_head(self._projection, lambda: self.student(**inputs))), {}
+        with LayerTap(self.student, layers, side=self.side) as tap:
+            hidden = run_until_head(self._projection, lambda: tap.run(**inputs))
+            return _HeadInput(hidden), dict(tap.hidden)
 
     def _term_sums(
         self,
@@ -446,31 +518,42 @@ class Distiller(nn.Module):
         teacher_hidden: dict[int, Tensor],
         student_out: Any,
         student_hidden: dict[int, Tensor],
+        *,
+        teacher_topk: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[dict[str, Tensor], list[Tensor]]:
-        """Each term summed over its units (before normalisation), and the feature term per layer pair."""
+        """Each term summed over its units (before normalisation), and the feature term per layer pair.
+
+        The logit term's teacher is ``teacher_logits [positions, V]`` or ``teacher_topk = (values,
+        indices)`` ``[positions, K]`` (the top-K renormalised, see ``flexkd.losses.logit_kd``), at the
+        logit positions."""
         sums: dict[str, Tensor] = {}
+        has_teacher = teacher_logits is not None or teacher_topk is not None
         if student_out is not None and (
             self.weights["task"] > 0 or batch.get("labels") is not None
         ):
             # Both logit terms read only these positions: gathering them first keeps the softmax (and its
             # backward) off the prompt and padding, most of a causal LM's [batch, length, vocab].
-            logits = self._align_logits(student_out.logits)[positions.logits]
-            if positions.labels is not None:
-                sums["task"] = task_loss(
-                    logits,
-                    positions.labels[positions.logits],
-                    ignore_index=self.ignore_index,
-                    reduction="sum",
-                )
-            if teacher_logits is not None:
-                sums["logit"] = logit_kd(
-                    logits,
-                    teacher_logits,
-                    kind=self.logit_kind,
-                    temperature=self.temperature,
-                    beta=self.beta,
-                    reduction="sum",
-                )
+            if isinstance(student_out, _HeadInput):
+                sums.update(self._fused_logit_sums(student_out.hidden, positions, teacher_logits, teacher_topk))
+            else:
+                logits = self._align_logits(student_out.logits)[positions.logits]
+                if positions.labels is not None:
+                    sums["task"] = task_loss(
+                        logits,
+                        positions.labels[positions.logits],
+                        ignore_index=self.ignore_index,
+                        reduction="sum",
+                    )
+                if has_teacher:
+                    sums["logit"] = logit_kd(
+                        logits,
+                        teacher_logits,
+                        teacher_topk=teacher_topk,
+                        kind=self.logit_kind,
+                        temperature=self.temperature,
+                        beta=self.beta,
+                        reduction="sum",
+                    )
         pair_sums = []
         if self.feature != "none":
             reduction = "sum" if self.feature_losses[0].per_token else "mean"
@@ -482,6 +565,40 @@ class Distiller(nn.Module):
             ]
             sums["feature"] = sum(pair_sums)
         return sums, pair_sums
+
+    def _fused_logit_sums(
+        self,
+        hidden: Tensor,
+        positions: _Positions,
+        teacher_logits: Tensor | None,
+        teacher_topk: tuple[Tensor, Tensor] | None,
+    ) -> dict[str, Tensor]:
+        """The task and logit sums of the materialised path, from the final hidden state through
+        ``linear_logit_kd`` (each a mean over the gathered rows times their count)."""
+        rows, weight, bias = self._projection.affine(self._align_logits(hidden)[positions.logits])
+        count = rows.shape[0]
+        sums = {}
+        if positions.labels is not None:
+            labels = positions.labels[positions.logits]
+            valid = labels != self.ignore_index
+            one_hot = (rows.new_zeros(count, 1), labels.clamp_min(0).unsqueeze(-1))
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.weights["task"] > 0):
+                mean = linear_logit_kd(
+                    rows, weight, teacher_topk=one_hot, bias=bias, mask=valid, kind="forward_kl"
+                )
+            sums["task"] = mean * valid.sum()
+        if teacher_logits is not None or teacher_topk is not None:
+            sums["logit"] = count * linear_logit_kd(
+                rows,
+                weight,
+                teacher_logits,
+                teacher_topk=teacher_topk,
+                bias=bias,
+                kind=self.logit_kind,
+                temperature=self.temperature,
+                beta=self.beta,
+            )
+        return sums
 
     def _normalise(
         self,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flexkd.ops import flex_feature_loss
+from flexkd.ops import _validate, flex_feature_loss
 
 LOGIT_KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
 FEATURE_LOSSES = ("mse", "corr")
@@ -104,8 +104,9 @@ def task_loss(
 
 def logit_kd(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: Tensor | None = None,
     *,
+    teacher_topk: tuple[Tensor, Tensor] | None = None,
     kind: str = "forward_kl",
     temperature: float = 1.0,
     beta: float = 0.5,
@@ -122,6 +123,13 @@ def logit_kd(
     with ``m = beta p + (1 - beta) q`` (symmetric at ``beta = 0.5``). Each is multiplied
     by ``T**2`` so gradient magnitudes do not shrink with the temperature.
 
+    The teacher is either dense ``teacher_logits [..., V]`` or ``teacher_topk = (values [..., K],
+    indices [..., K])``, its K largest logits: then ``p`` is the softmax of the K values at temperature
+    T on their indices (the top-K renormalised) and 0 on the rest of the vocabulary. ``forward_kl``
+    and ``jsd`` stay exact sums over the full vocabulary (``q`` is the student's softmax over all V
+    classes; outside the support ``m = (1 - beta) q``). ``reverse_kl`` against a distribution with
+    zeros is +inf wherever the student puts mass off the support, so it is refused for a top-K teacher.
+
     Positions whose label is ``ignore_index`` (when ``labels`` is given) or whose
     ``mask`` is 0 contribute nothing; ``"mean"`` divides by their total weight.
     Computed in fp32 (fp64 for fp64 inputs).
@@ -135,23 +143,11 @@ def logit_kd(
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if kind == "jsd" and not (0.0 < beta < 1.0):
         raise ValueError(f"beta must lie strictly between 0 and 1 for kind='jsd', got {beta!r}")
-    for name, value in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if not isinstance(value, Tensor) or not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor")
-    if student_logits.shape[-1] != teacher_logits.shape[-1]:
-        raise ValueError(
-            "logit KD needs one vocabulary: student_logits has "
-            f"{student_logits.shape[-1]} classes, teacher_logits has {teacher_logits.shape[-1]}"
-        )
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student_logits {tuple(student_logits.shape)} and teacher_logits "
-            f"{tuple(teacher_logits.shape)} must have the same shape"
-        )
-
+    if not isinstance(student_logits, Tensor) or not student_logits.is_floating_point():
+        raise TypeError("student_logits must be a floating-point tensor")
     compute_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     log_q = F.log_softmax(student_logits.to(compute_dtype) / temperature, dim=-1)
-    log_p = F.log_softmax(teacher_logits.to(compute_dtype) / temperature, dim=-1)
+    log_p = _teacher_log_probs(student_logits, teacher_logits, teacher_topk, kind, temperature)
     if kind == "forward_kl":
         per_position = _kl(log_p, log_q)
     elif kind == "reverse_kl":
@@ -171,6 +167,40 @@ def logit_kd(
     if reduction == "sum":
         return total
     return _mean_or_zero(total, weights.sum())
+
+
+def _teacher_log_probs(
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    teacher_topk: tuple[Tensor, Tensor] | None,
+    kind: str,
+    temperature: float,
+) -> Tensor:
+    """``log softmax(teacher / T)`` over the student's vocabulary in the compute dtype: dense, or the
+    top-K renormalised with ``-inf`` off its support."""
+    compute_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    if (teacher_logits is None) == (teacher_topk is None):
+        raise ValueError("pass exactly one of teacher_logits and teacher_topk")
+    if teacher_logits is not None:
+        if not isinstance(teacher_logits, Tensor) or not teacher_logits.is_floating_point():
+            raise TypeError("teacher_logits must be a floating-point tensor")
+        if student_logits.shape[-1] != teacher_logits.shape[-1]:
+            raise ValueError(
+                "logit KD needs one vocabulary: student_logits has "
+                f"{student_logits.shape[-1]} classes, teacher_logits has {teacher_logits.shape[-1]}"
+            )
+        if student_logits.shape != teacher_logits.shape:
+            raise ValueError(
+                f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+                f"{tuple(teacher_logits.shape)} must have the same shape"
+            )
+        return F.log_softmax(teacher_logits.to(compute_dtype) / temperature, dim=-1)
+    values, indices = _validate.teacher_topk(teacher_topk, student_logits.shape, kind)
+    log_p_topk = F.log_softmax(values.to(compute_dtype) / temperature, dim=-1)
+    dense = torch.full(
+        student_logits.shape, -math.inf, dtype=compute_dtype, device=student_logits.device
+    )
+    return dense.scatter(-1, indices.long(), log_p_topk)
 
 
 def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import native_specialize_impl
 
-from . import _common, feature_loss, importance
+from . import _common, feature_loss, importance, linear_logit_kd
 
 DEFAULT_ARCHS = (80, 90)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -133,11 +133,30 @@ def _importance_cases() -> Iterator[tuple]:
         yield importance.importance_scores_acc, (hidden, grad, mask, stat, out)
 
 
+# (name, vocabulary V): a real LLM vocabulary (a multiple of 16), an odd one, and V = 1.
+LOGIT_VOCABS = (("llm", 151936), ("odd", 4099), ("unit", 1))
+
+
+def _linear_logit_kd_cases() -> Iterator[tuple]:
+    for teacher_dtype, (_, vocab), kind in itertools.product(
+        DTYPES, LOGIT_VOCABS, ("forward_kl", "reverse_kl", "jsd")
+    ):
+        meta = {"device": "meta"}
+        hidden = torch.empty(4, 64, dtype=torch.bfloat16, **meta)
+        weight = torch.empty(vocab, 64, dtype=torch.bfloat16, **meta)
+        teacher = torch.empty(4, vocab, dtype=teacher_dtype, **meta)
+        yield linear_logit_kd.linear_logit_kd_fwd, (
+            hidden, weight, None, teacher, None, None, None, kind, 0.5, 2.0, 4, True, True, False,
+        )  # fmt: skip
+
+
 def collect_specialisations() -> list[Specialisation]:
     """Every distinct specialisation the launchers launch for fp32/bf16/fp16 over :data:`SHAPES`
     (and fp32 over :data:`UNIT_SHAPES`)."""
     with _common.recording() as recorder:
-        for body, args in itertools.chain(_feature_loss_cases(), _importance_cases()):
+        for body, args in itertools.chain(
+            _feature_loss_cases(), _importance_cases(), _linear_logit_kd_cases()
+        ):
             body(*args)
     unique: dict[tuple, Specialisation] = {}
     for launch in recorder.launches:

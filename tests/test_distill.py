@@ -89,7 +89,8 @@ def test_logit_term_equals_masked_kd_over_the_whole_sequence(pair, kind):
     batch = causal_batch(4, 9)
     batch["labels"][:, :3] = -100
     distiller = Distiller(
-        teacher, student, feature="none", weights={"logit": 1.0}, logit_kind=kind, temperature=2.0
+        teacher, student, feature="none", weights={"logit": 1.0}, logit_kind=kind, temperature=2.0,
+        logit_kd_backend="materialised",  # the fused path: tests/test_distill_linear_kd.py
     )
     distiller.eval()
     _, terms = distiller(batch)

@@ -1,4 +1,4 @@
-"""The three Flex-KD ops. DESIGN §2 is their contract; ``reference.py`` is their ground truth.
+"""The Flex-KD ops. DESIGN §2 is their contract; ``reference.py`` is their ground truth.
 
 Each public function validates its arguments, resolves the backend (``_backends``), flattens the
 leading dims into rows and calls the kernel-level ``torch.library`` op of that backend
@@ -13,6 +13,7 @@ from flexkd.ops import (
     _backends,
     _registration,  # noqa: F401  (registers the ops)
     _validate,
+    linear_logit_kd_impl,
     reference,
 )
 from flexkd.ops._backends import BACKENDS
@@ -22,6 +23,7 @@ __all__ = [
     "flex_feature_loss",
     "importance_scores",
     "select_top_k",
+    "linear_logit_kd",
     "resolve_backend",
     "reference",
     "BACKENDS",
@@ -42,6 +44,12 @@ _IMPORTANCE_OPS = {
     "cpu": "importance_scores_acc",
     "cuda": "importance_scores_acc",
     "triton": "importance_scores_acc_triton",
+}
+_LINEAR_LOGIT_KD_OPS = {
+    "torch": "linear_logit_kd_fwd_torch",
+    "cpu": "linear_logit_kd_fwd_chunked",
+    "cuda": "linear_logit_kd_fwd_chunked",
+    "triton": "linear_logit_kd_fwd_triton",
 }
 
 
@@ -159,3 +167,62 @@ def select_top_k(scores: torch.Tensor, k: int, *, order: str = "index") -> torch
         raise ValueError("scores must not contain NaN")
     return torch.ops.flexkd.select_top_k(scores, k, order)
 
+
+
+def linear_logit_kd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    *,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Logit KD from the student's last hidden state ``[..., H]`` and output projection ``weight [V, H]``
+    (``+ bias [V]``), never materialising the ``[N, V]`` student logits.
+
+    Equals ``flexkd.losses.logit_kd(hidden @ weight.T + bias, teacher_logits, teacher_topk=teacher_topk,
+    kind=kind, temperature=temperature, beta=beta, mask=mask, reduction="mean")`` with the logits formed
+    in fp32 (fp64 for fp64 inputs; bf16/fp16 logits are never rounded to their dtype): ``T²·KL`` or
+    ``T²·JSD`` of the softmaxes at temperature T, the weighted mean over positions (all weights 0 → 0
+    with zero gradients). The teacher is dense ``teacher_logits [..., V]`` (any float dtype) or
+    ``teacher_topk = (values [..., K], indices [..., K])``, the top-K renormalised at T (``reverse_kl`` is
+    refused for it: +inf). Gradients reach ``hidden``, ``weight`` and ``bias``; the teacher gets none.
+
+    Rows are processed ``chunk_size`` at a time (default: ``[chunk, V]`` ≈ 2**23 elements, see
+    ``flexkd.ops.linear_logit_kd_impl.default_chunk_size``), and the gradients are computed in the forward
+    pass, so backward only scales them. The ``cpu`` and ``cuda`` backends are matmuls per chunk plus
+    in-place torch ops; ``triton`` does the softmax/KD part of each chunk in one Triton kernel;
+    ``torch`` materialises the logits (the reference). Returns an fp32 scalar (fp64 for fp64 inputs).
+    """
+    _validate.linear_logit_kd_args(
+        hidden, weight, teacher_logits, teacher_topk, bias, mask, kind, beta, temperature, chunk_size
+    )
+    which = resolve_backend(backend, hidden.device.type, "linear_logit_kd")
+    op = getattr(torch.ops.flexkd, _LINEAR_LOGIT_KD_OPS[which])
+    if chunk_size is None:
+        chunk_size = linear_logit_kd_impl.default_chunk_size(weight.shape[0])
+    values, indices = (None, None) if teacher_topk is None else teacher_topk
+    grad_enabled = torch.is_grad_enabled()
+    loss, _, _, _ = op(
+        _rows(hidden),
+        weight,
+        bias,
+        None if teacher_logits is None else _rows(teacher_logits),
+        None if values is None else _rows(values),
+        None if indices is None else _rows(indices.to(torch.int64)),
+        _row_weights(mask, linear_logit_kd_impl.accumulation_dtype(hidden, weight, bias)),
+        kind,
+        float(beta),
+        float(temperature),
+        chunk_size,
+        grad_enabled and hidden.requires_grad,
+        grad_enabled and weight.requires_grad,
+        grad_enabled and bias is not None and bias.requires_grad,
+    )
+    return loss

