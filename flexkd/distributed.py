@@ -153,7 +153,7 @@ def warn_if_fewer_processes(world_size: int) -> None:
     _warned = True
     warnings.warn(
         f"flexkd: started by {asked[1]} asking for {asked[0]} processes, but this run has a world "
-        f"size of {world_size}: each process runs alone. {SEVERAL_PROCESSES_HINT}",
+        f"size of {world_size}: each process runs alone. To {SEVERAL_PROCESSES_HINT}",
         RuntimeWarning,
         stacklevel=2,
     )
