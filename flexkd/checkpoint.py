@@ -116,12 +116,12 @@ def save_checkpoint(
         dcp.save(_sharded_state(student, feature_losses, optimizer), checkpoint_id=tmp / "sharded")
     if rank == 0:
         student.save_pretrained(tmp / "student", state_dict=full)
-        feature_state = {
-            k: v.detach().cpu().contiguous() for k, v in feature_losses.state_dict().items()
-        }
-        if feature_state and not sharded:
-            save_file(feature_state, str(tmp / "feature_losses.safetensors"))
         if not sharded:
+            feature_state = {
+                k: v.detach().cpu().contiguous() for k, v in feature_losses.state_dict().items()
+            }
+            if feature_state:
+                save_file(feature_state, str(tmp / "feature_losses.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))

@@ -27,7 +27,8 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def shard_model(model: nn.Module, *, reshard_after_forward: bool = True, mesh=None) -> nn.Module:
-    """``fully_shard`` each transformer block of every stack of ``model``, then ``model`` itself.
+    """``fully_shard`` each transformer block of every stack of ``model`` (and its embeddings and output
+    head when they are not tied), then ``model`` itself.
 
     Needs an initialised process group (``mesh`` defaults to all ranks). The model is changed in
     place and returned; its parameters become DTensors sharded on dim 0.
@@ -45,10 +46,16 @@ def shard_model(model: nn.Module, *, reshard_after_forward: bool = True, mesh=No
         raise ValueError(
             f"model: FSDP shards models whose parameters share one float dtype, got {sorted(map(str, dtypes))}"
         )
-    sides = get_adapter(model).sides
-    for side in sides:
-        for block in get_adapter(model, side=side).blocks:
-            fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    units = [
+        block for side in get_adapter(model).sides for block in get_adapter(model, side).blocks
+    ]
+    # Untied embeddings and output head get units of their own: otherwise they sit in the root unit,
+    # gathered for the whole forward, and an early-exit tap never needs the head at all.
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if inputs is not None and outputs is not None and outputs.weight is not inputs.weight:
+        units += [inputs, outputs]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return model
 
@@ -178,12 +185,19 @@ def check_sharding(cfg, world_size: int) -> None:
 
 
 def shard_trainable(module: nn.Module, *, reshard_after_forward: bool = True) -> None:
-    """``fully_shard`` ``module`` when it has trainable parameters (a projector next to a sharded
-    student), so that its gradients are averaged over ranks like the student's."""
-    if any(p.requires_grad for p in module.parameters()):
-        from torch.distributed.fsdp import fully_shard
+    """``fully_shard`` ``module`` (each member of a ``ModuleList``, whose members are what is called)
+    when it has trainable parameters: a projector next to a sharded student, so that its gradients are
+    averaged over ranks like the student's. As DDP does, every rank starts from rank 0's values (each
+    rank initialised its own)."""
+    from torch.distributed.fsdp import fully_shard
 
-        fully_shard(module, reshard_after_forward=reshard_after_forward)
+    members = list(module) if isinstance(module, nn.ModuleList) else [module]
+    for member in members:
+        if any(p.requires_grad for p in member.parameters()):
+            with torch.no_grad():
+                for tensor in [*member.parameters(), *member.buffers()]:
+                    torch.distributed.broadcast(tensor, src=0)
+            fully_shard(member, reshard_after_forward=reshard_after_forward)
 
 
 @contextlib.contextmanager

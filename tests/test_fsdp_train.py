@@ -29,6 +29,8 @@ RUNS = {
     "fsdp": FSDP,
     "stored": [*FSDP, "distill.teacher_outputs=teacher-outputs"],
     "resumed": FSDP,
+    "ddp-projector": ["distill.feature=projector"],
+    "fsdp-projector": [*FSDP, "distill.feature=projector"],
 }
 INTERRUPT_AT = 3  # the forward of step 3, after the step-2 checkpoint
 
@@ -101,8 +103,8 @@ def test_fsdp_steps_match_ddp_and_resume_exactly(tmp_path):
     assert [m["step"] for m in metrics["resumed"]] == [1, 2, 3, 4]
     # FSDP reduce-scatters where DDP all-reduces: the same sums in another order, so they agree to fp32
     # rounding over the 4 steps; the stored teacher outputs (fp32) stand in for the live sharded teacher
-    for run in ("fsdp", "stored"):
-        for one, two in zip(metrics["ddp"], metrics[run], strict=True):
+    for run, ddp in (("fsdp", "ddp"), ("stored", "ddp"), ("fsdp-projector", "ddp-projector")):
+        for one, two in zip(metrics[ddp], metrics[run], strict=True):
             for term in ("task", "logit", "feature", "total", "grad_norm", "units_task"):
                 assert two[term] == pytest.approx(one[term], rel=1e-5), (run, one["step"], term)
 
@@ -112,9 +114,9 @@ def test_fsdp_steps_match_ddp_and_resume_exactly(tmp_path):
     }
     config = json.loads((tmp_path / "fsdp" / "student" / "config.json").read_text())
     assert config["architectures"] == ["GPT2LMHeadModel"]
-    for run in ("fsdp", "stored"):
-        assert students[run].keys() == students["ddp"].keys()
-        for name, want in students["ddp"].items():
+    for run, ddp in (("fsdp", "ddp"), ("stored", "ddp"), ("fsdp-projector", "ddp-projector")):
+        assert students[run].keys() == students[ddp].keys()
+        for name, want in students[ddp].items():
             torch.testing.assert_close(students[run][name], want, rtol=1e-4, atol=1e-6)
     # resuming from the sharded checkpoint continues exactly: bitwise the uninterrupted run
     for name, want in students["fsdp"].items():

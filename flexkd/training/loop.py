@@ -299,10 +299,14 @@ def _distil(cfg: Config, accelerator) -> TrainResult:
     # Optimizer, schedule, and where to start.
     order = ShardedOrder(len(train_rows), tc.batch_size, seed=tc.seed, rank=rank, world_size=world)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * order.per_epoch / tc.grad_accum))
+    if fsdp.student:  # before the optimizer takes the projectors' (then sharded) parameters
+        shard_trainable(
+            distiller.feature_losses.to(accelerator.device),
+            reshard_after_forward=fsdp.reshard_after_forward,
+        )
     optimizer = build_optimizer(distiller.trainable_parameters(), tc)
     scheduler = build_scheduler(optimizer, tc, total_steps)
     if fsdp.student:  # no DDP: the student's gradients are reduce-scattered by FSDP
-        shard_trainable(distiller.feature_losses, reshard_after_forward=fsdp.reshard_after_forward)
         model = distiller
     else:
         model, optimizer = accelerator.prepare(distiller, optimizer)
