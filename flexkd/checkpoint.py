@@ -9,6 +9,10 @@ A checkpoint is a folder ``<root>/step-000100/``::
     rng/rank-<r>.pt               python, numpy, torch CPU and CUDA generator states of each rank
     manifest.json                 size and sha256 of every file above, written last
 
+A run whose student is sharded (FSDP2) writes ``sharded/`` instead of ``feature_losses.safetensors``
+and ``optimizer.pt``: the student's and projectors' parameters and the optimizer state as each rank
+holds them (``torch.distributed.checkpoint``); ``student/`` is then gathered on rank 0.
+
 It is written into ``<root>/.step-000100.tmp`` and renamed into place with ``os.replace``
 only when every rank has written its part, so a crash never leaves a half-written
 checkpoint where ``latest_checkpoint`` would find it. A checkpoint damaged later (a full disk,
@@ -35,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flexkd._io import one_line, read_json, replace_dir, sha256_file, write_json
+from flexkd.distributed import is_sharded
 from flexkd.errors import DamagedCheckpointError, ResumeMismatchError, UnreadableFileError
 
 _NAME = re.compile(r"^step-(\d{6,})$")
@@ -99,19 +104,27 @@ def save_checkpoint(
     root = Path(root)
     final = root / checkpoint_name(state.step)
     tmp = root / f".{final.name}.tmp"
+    sharded = is_sharded(student)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
-        student.save_pretrained(tmp / "student")
-        feature_state = {
-            k: v.detach().cpu().contiguous() for k, v in feature_losses.state_dict().items()
-        }
-        if feature_state:
-            save_file(feature_state, str(tmp / "feature_losses.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    barrier()
+    full = gather_full_state_dict(student) if sharded else None
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(_sharded_state(student, feature_losses, optimizer), checkpoint_id=tmp / "sharded")
+    if rank == 0:
+        student.save_pretrained(tmp / "student", state_dict=full)
+        if not sharded:
+            feature_state = {
+                k: v.detach().cpu().contiguous() for k, v in feature_losses.state_dict().items()
+            }
+            if feature_state:
+                save_file(feature_state, str(tmp / "feature_losses.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
-    barrier()
     torch.save(capture_rng(), tmp / "rng" / f"rank-{rank}.pt")
     barrier()
     if rank == 0:
@@ -119,6 +132,39 @@ def save_checkpoint(
         replace_dir(tmp, final)
     barrier()
     return final
+
+
+def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A sharded model's full state dict on CPU, on rank 0 (empty on the others; collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+
+
+def _sharded_state(student: nn.Module, feature_losses: nn.Module, optimizer) -> dict[str, Any]:
+    """What ``sharded/`` holds: every rank's shards of the trained modules and the optimizer state."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    trained = nn.ModuleDict({"student": student, "feature_losses": feature_losses})
+    model_state, optimizer_state = get_state_dict(trained, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def _load_sharded(folder: Path, student: nn.Module, feature_losses: nn.Module, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = _sharded_state(student, feature_losses, optimizer)
+    with _naming(folder):
+        dcp.load(state, checkpoint_id=folder)
+    set_state_dict(
+        nn.ModuleDict({"student": student, "feature_losses": feature_losses}),
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+    )
 
 
 def _files(folder: Path) -> list[str]:
@@ -232,6 +278,26 @@ def load_checkpoint(
             f"checkpoint: {path} was written by {state.world_size} processes, this run has {world_size}; "
             "resume with the same number of processes (the data order is sharded per process)"
         )
+    sharded = (path / "sharded").is_dir()
+    if sharded != is_sharded(student):
+        written, now = ("a sharded", "not sharded") if sharded else ("an unsharded", "sharded")
+        raise ResumeMismatchError(
+            f"checkpoint: {path} was written by {written} student, this run's student is {now}; "
+            "resume with the same distributed.fsdp.student"
+        )
+    if sharded:
+        _load_sharded(path / "sharded", student, feature_losses, optimizer)
+    else:
+        _load_replicated(path, student, feature_losses, optimizer)
+    with _naming(path / "scheduler.pt"):
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    rng_file = path / "rng" / f"rank-{rank}.pt"
+    with _naming(rng_file):
+        restore_rng(torch.load(rng_file, weights_only=False))
+    return state
+
+
+def _load_replicated(path: Path, student: nn.Module, feature_losses: nn.Module, optimizer) -> None:
     with _naming(path / "student"):
         saved = type(student).from_pretrained(
             path / "student", dtype=next(student.parameters()).dtype
@@ -247,12 +313,6 @@ def load_checkpoint(
         optimizer.load_state_dict(
             torch.load(path / "optimizer.pt", map_location=device, weights_only=False)
         )
-    with _naming(path / "scheduler.pt"):
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    rng_file = path / "rng" / f"rank-{rank}.pt"
-    with _naming(rng_file):
-        restore_rng(torch.load(rng_file, weights_only=False))
-    return state
 
 
 @contextlib.contextmanager

@@ -210,6 +210,24 @@ class EvalSection(_Section):
     output: str | None = Field(None, description="default: <train.output_dir>/eval.json")
 
 
+class FSDPSection(_Section):
+    """``torch.distributed.fsdp.fully_shard`` per transformer block and the model (several processes)."""
+
+    teacher: bool = Field(False, description="shard the frozen teacher over the processes")
+    student: bool = Field(False, description="shard the student (and its optimizer state)")
+    reshard_after_forward: bool = Field(
+        True, description="free gathered parameters after each block's forward (less memory)"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.teacher or self.student
+
+
+class DistributedSection(_Section):
+    fsdp: FSDPSection = FSDPSection()
+
+
 class Config(_Section):
     model: ModelSection
     data: DataSection
@@ -217,6 +235,7 @@ class Config(_Section):
     distill: DistillSection = DistillSection()
     train: TrainSection
     eval: EvalSection = EvalSection()
+    distributed: DistributedSection = DistributedSection()
     base_dir: str = Field(
         ".", description="folder relative paths are resolved against (set by load_config)"
     )

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from flexkd.adapters import TeacherIdentity
 from flexkd.adapters.masks import aligned_logits, check_task, counted_labels, scored_positions
+from flexkd.distributed import in_step, is_sharded
 from flexkd.ops import STATS, importance_scores
 from flexkd.selection import DimensionSelection
 from flexkd.taps import LayerTap
@@ -135,8 +136,11 @@ def score(
         unit="batch",
         disable=not progress,
     )
+    steps = ((batch, True) for batch in bar)
+    if world_size > 1 and is_sharded(teacher):
+        steps = in_step(bar, device=device)  # a sharded forward is a collective
     with bar, _scoring_mode(teacher), tap, torch.enable_grad():
-        for batch in bar:
+        for batch, counts in steps:
             batch = move_to_device(batch, device)
             outputs = tap.run(**(batch if loss_fn is not None else _model_inputs(batch, task)))
             loss = (
@@ -146,6 +150,8 @@ def score(
             )
             hidden = [tap.hidden[layer] for layer in tap.layers]
             grads = torch.autograd.grad(loss, hidden, allow_unused=True)
+            if not counts:
+                continue
             weights = scored_positions(
                 batch, task=task, side=adapter.side, shape=tuple(hidden[0].shape[:2]), device=device
             )

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from flexkd.adapters import HookSite, ModelAdapter, check_layer_number, get_adapter
+from flexkd.distributed import end_early_forward
 
 
 class _StopForward(Exception):
@@ -107,6 +108,7 @@ class LayerTap:
         try:
             outputs = self.model(*args, **kwargs)
         except _StopForward:
+            end_early_forward(self.model)
             return None
         missing = [layer for layer in self.layers if layer not in self.hidden]
         if missing:

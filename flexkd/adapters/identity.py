@@ -108,14 +108,71 @@ def config_hash(config) -> str:
 
 @torch.no_grad()
 def weights_fingerprint(model: nn.Module) -> str:
-    """sha256 over the names, shapes and leading values of the model's first and last parameters."""
+    """sha256 over the names, shapes and leading values of the model's first and last parameters.
+
+    A sharded model (DTensor parameters, e.g. ``fully_shard``) gives the unsharded model's value on
+    every rank; every rank must then call this, since the leading values are gathered.
+    """
     named = list(model.named_parameters())
     chosen = named[:_FINGERPRINT_PARAMETERS] + named[-_FINGERPRINT_PARAMETERS:]
     digest = hashlib.sha256()
     for name, param in chosen:
         digest.update(f"{name}:{tuple(param.shape)}".encode())
-        head = (
-            param.detach().reshape(-1)[:_FINGERPRINT_ELEMENTS].to(device="cpu", dtype=torch.float32)
-        )
-        digest.update(head.numpy().tobytes())
+        digest.update(_leading_values(param.detach(), _FINGERPRINT_ELEMENTS).numpy().tobytes())
     return digest.hexdigest()
+
+
+def _leading_values(param: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` elements of ``param`` flattened, as fp32 on the CPU."""
+    if not _is_dtensor(param):
+        return param.reshape(-1)[:count].to(device="cpu", dtype=torch.float32)
+    if param.dim() == 0:
+        return param.full_tensor().reshape(1).to(device="cpu", dtype=torch.float32)
+    return _dtensor_leading_values(param, count)
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _dtensor_leading_values(param, count: int) -> torch.Tensor:
+    """The leading values of a DTensor without gathering it: each rank places the part of the first
+    ``count`` global elements it holds into a zero buffer of their fp32 bit patterns, and the buffers
+    are summed over the mesh (a sum of one pattern and zeros is exact, -0.0 and NaN included)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh, placements = param.device_mesh, param.placements
+    local = param.to_local()
+    count = min(count, param.numel())
+    bits = torch.zeros(count, dtype=torch.int64, device=local.device)
+    coordinate = mesh.get_coordinate()
+    # Of the ranks that hold the same block (replicated mesh dims), only the first contributes.
+    contributes = coordinate is not None and all(
+        c == 0 for c, p in zip(coordinate, placements, strict=True) if not isinstance(p, Shard)
+    )
+    if contributes and local.numel() > 0 and count > 0:
+        if any(not isinstance(p, (Shard, Replicate)) for p in placements):
+            raise ValueError(f"weights_fingerprint: cannot read parameters placed as {placements}")
+        _, offset = compute_local_shape_and_global_offset(param.shape, mesh, placements)
+        strides = torch.ones(param.dim(), dtype=torch.int64)
+        for d in range(param.dim() - 2, -1, -1):
+            strides[d] = strides[d + 1] * param.shape[d + 1]
+        rows = max(0, min(local.shape[0], -(-count // int(strides[0])) - offset[0]))
+        block = local[:rows]
+        flat = torch.zeros((), dtype=torch.int64)
+        for d in range(param.dim()):
+            along = (offset[d] + torch.arange(block.shape[d])) * strides[d]
+            flat = flat.unsqueeze(-1) + along
+        flat, values = flat.reshape(-1), block.reshape(-1).to(device="cpu", dtype=torch.float32)
+        keep = flat < count
+        bits[flat[keep].to(bits.device)] = (
+            values[keep].view(torch.int32).to(torch.int64).to(bits.device)
+        )
+    for dim in range(mesh.ndim):
+        torch.distributed.all_reduce(bits, group=mesh.get_group(dim))
+    return bits.cpu().to(torch.int32).view(torch.float32)

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from flexkd.checkpoint import (
     RunState,
+    gather_full_state_dict,
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
@@ -39,6 +40,14 @@ from flexkd.checkpoint import (
     save_checkpoint,
 )
 from flexkd.config import Config
+from flexkd.distributed import (
+    check_sharding,
+    is_sharded,
+    no_gradient_sync,
+    shard_model,
+    shard_trainable,
+    warn_if_fewer_processes,
+)
 from flexkd.errors import (
     NonFiniteLossError,
     ResumeMismatchError,
@@ -86,7 +95,9 @@ def make_accelerator(**kwargs: Any):
     """
     from accelerate import Accelerator
 
-    return Accelerator(cpu=not torch.accelerator.is_available(), **kwargs)
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available(), **kwargs)
+    warn_if_fewer_processes(accelerator.num_processes)
+    return accelerator
 
 
 def window_units(
@@ -122,13 +133,22 @@ def train_step(
     """
     units = window_units(distiller, window, accelerator)
     world = accelerator.num_processes
+    sharded_student = is_sharded(distiller.student)
     names, summed = None, None
     for i, batch in enumerate(window):
         stored = store.batch(window_rows[i]) if store is not None else None
-        sync = contextlib.nullcontext() if i == len(window) - 1 else accelerator.no_sync(model)
-        with sync:
+        sync, cast = contextlib.nullcontext(), contextlib.nullcontext()
+        last = i == len(window) - 1
+        if sharded_student:  # not prepared by accelerate: no DDP wrapper to autocast or skip syncs
+            sync, cast = (
+                (sync if last else no_gradient_sync(distiller.student)),
+                accelerator.autocast(),
+            )
+        elif not last:
+            sync = accelerator.no_sync(model)
+        with sync, cast:
             loss, terms = model(batch, normalizers=units, teacher_outputs=stored)
-            # DDP averages gradients over processes; the loss is already a global sum / units
+            # DDP and FSDP average gradients over processes; the loss is already a global sum / units
             accelerator.backward(loss * world)
         values = torch.stack([value.to(torch.float32) for value in terms.values()])
         names, summed = list(terms), values if summed is None else summed + values
@@ -232,6 +252,8 @@ def _distil(cfg: Config, accelerator) -> TrainResult:
 
     tc = cfg.train
     rank, world = accelerator.process_index, accelerator.num_processes
+    check_sharding(cfg, world)
+    fsdp = cfg.distributed.fsdp
     main = accelerator.is_main_process
     checkpoints = cfg.output_dir / "checkpoints"
     metrics_path = cfg.output_dir / "metrics.jsonl"
@@ -247,6 +269,12 @@ def _distil(cfg: Config, accelerator) -> TrainResult:
     splits = build_splits(cfg, tokenizer)
     teacher = build_model(cfg, "teacher", num_labels=splits.num_labels).to(accelerator.device)
     student = build_model(cfg, "student", num_labels=splits.num_labels)
+    if fsdp.teacher:
+        shard_model(teacher, reshard_after_forward=fsdp.reshard_after_forward)
+    if fsdp.student:
+        shard_model(
+            student.to(accelerator.device), reshard_after_forward=fsdp.reshard_after_forward
+        )
     collate = Collator(cfg.data.task, pad_token_id(tokenizer, teacher))
     train_rows = splits.get("train")
 
@@ -271,9 +299,17 @@ def _distil(cfg: Config, accelerator) -> TrainResult:
     # Optimizer, schedule, and where to start.
     order = ShardedOrder(len(train_rows), tc.batch_size, seed=tc.seed, rank=rank, world_size=world)
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * order.per_epoch / tc.grad_accum))
+    if fsdp.student:  # before the optimizer takes the projectors' (then sharded) parameters
+        shard_trainable(
+            distiller.feature_losses.to(accelerator.device),
+            reshard_after_forward=fsdp.reshard_after_forward,
+        )
     optimizer = build_optimizer(distiller.trainable_parameters(), tc)
     scheduler = build_scheduler(optimizer, tc, total_steps)
-    model, optimizer = accelerator.prepare(distiller, optimizer)
+    if fsdp.student:  # no DDP: the student's gradients are reduce-scattered by FSDP
+        model = distiller
+    else:
+        model, optimizer = accelerator.prepare(distiller, optimizer)
     state = RunState(step=0, epoch=0, position=0, seed=tc.seed, world_size=world)
     if resume_from is not None:
         state = load_checkpoint(
@@ -355,8 +391,9 @@ def _distil(cfg: Config, accelerator) -> TrainResult:
     bar.close()
 
     student_dir = cfg.output_dir / "student"
+    full = gather_full_state_dict(distiller.student) if fsdp.student else None
     if main:
-        save_student(distiller.student, tokenizer, student_dir)
+        save_student(distiller.student, tokenizer, student_dir, state_dict=full)
     accelerator.wait_for_everyone()
     return TrainResult(
         student_dir=student_dir, steps=state.step, metrics_path=metrics_path, is_main_process=main

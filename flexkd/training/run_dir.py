@@ -224,11 +224,12 @@ def append_metrics(path: Path, record: Mapping[str, Any]) -> None:
         f.write(json.dumps(clean, allow_nan=False) + "\n")
 
 
-def save_student(student: nn.Module, tokenizer, target: Path) -> None:
-    """``save_pretrained`` into a temporary folder, then swap it into ``target`` atomically."""
+def save_student(student: nn.Module, tokenizer, target: Path, *, state_dict=None) -> None:
+    """``save_pretrained`` (of ``state_dict`` when given, e.g. a sharded student's gathered one) into a
+    temporary folder, then swap it into ``target`` atomically."""
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
+    student.save_pretrained(tmp, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     replace_dir(tmp, target)

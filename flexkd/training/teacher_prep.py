@@ -3,9 +3,14 @@ on the configured split and saved) and, with ``distill.teacher_outputs``, the st
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+
 from torch import nn
 
 from flexkd.config import Config
+from flexkd.distributed import is_sharded
 from flexkd.errors import ConfigError, StoreMismatchError
 from flexkd.training.data import Splits
 
@@ -129,11 +134,14 @@ def teacher_output_store(cfg: Config, distiller, train_rows, collate, accelerato
     path = cfg.path(cfg.distill.teacher_outputs)
     layers = distiller.teacher_layers
     logits = distiller.weights["logit"] > 0
-    if not (path / "meta.json").is_file() and accelerator.is_main_process:
+    # A sharded teacher's forward is a collective: every rank runs it, the others into a scratch folder.
+    writes = accelerator.is_main_process or is_sharded(distiller.teacher)
+    scratch = None if accelerator.is_main_process else Path(tempfile.mkdtemp()) / "outputs"
+    if not (path / "meta.json").is_file() and writes:
         write_teacher_outputs(
             distiller.teacher,
             train_rows,
-            path,
+            scratch or path,
             layers=layers,
             collate=collate,
             logits=logits,
@@ -141,6 +149,8 @@ def teacher_output_store(cfg: Config, distiller, train_rows, collate, accelerato
             side=cfg.distill.side,
             progress=cfg.train.progress,
         )
+    if scratch is not None:
+        shutil.rmtree(scratch.parent, ignore_errors=True)
     accelerator.wait_for_everyone()
     store = TeacherOutputStore(path)
     try:

@@ -1,0 +1,210 @@
+"""Sharded (FSDP2) teachers and students, and the launcher check.
+
+``shard_model`` applies ``torch.distributed.fsdp.fully_shard`` to every transformer block the adapter
+finds, then to the model. A sharded model's forward is a collective: every rank must run the same
+number of forwards (and backwards), so the helpers here keep ranks in step where their data differ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is a DTensor (``fully_shard``, tensor parallel)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def shard_model(model: nn.Module, *, reshard_after_forward: bool = True, mesh=None) -> nn.Module:
+    """``fully_shard`` each transformer block of every stack of ``model`` (and its embeddings and output
+    head when they are not tied), then ``model`` itself.
+
+    Needs an initialised process group (``mesh`` defaults to all ranks). The model is changed in
+    place and returned; its parameters become DTensors sharded on dim 0.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    from flexkd.adapters import get_adapter
+
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        raise RuntimeError(
+            "shard_model needs torch.distributed initialised (start with torchrun --nproc_per_node N)"
+        )
+    dtypes = {p.dtype for p in model.parameters()}
+    if len(dtypes) > 1 or not all(d.is_floating_point for d in dtypes):
+        raise ValueError(
+            f"model: FSDP shards models whose parameters share one float dtype, got {sorted(map(str, dtypes))}"
+        )
+    units = [
+        block for side in get_adapter(model).sides for block in get_adapter(model, side).blocks
+    ]
+    # Untied embeddings and output head get units of their own: otherwise they sit in the root unit,
+    # gathered for the whole forward, and an early-exit tap never needs the head at all.
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if inputs is not None and outputs is not None and outputs.weight is not inputs.weight:
+        units += [inputs, outputs]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def end_early_forward(model: nn.Module) -> None:
+    """After a forward that a tap stopped early (no backward follows): free every gathered parameter
+    and reset the sharded model's per-iteration state, which its skipped post-forward hooks would do."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    from flexkd.adapters.registry import unwrap_model
+
+    model = unwrap_model(model)
+    if not isinstance(model, FSDPModule):
+        return
+    model.reset_iter_state()
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def in_step(batches: Iterable, *, device: torch.device) -> Iterator[tuple[object, bool]]:
+    """``(batch, counts)`` pairs in which every rank runs the same number of steps: once a rank's
+    batches run out it repeats its last one with ``counts=False`` until every rank's have.
+
+    For a sharded model, whose forward and backward are collectives; costs one tiny all-reduce per step.
+    """
+    import torch.distributed as dist
+
+    rank, last = dist.get_rank(), None
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, None)
+        more = torch.tensor([batch is not None], dtype=torch.float32, device=device)
+        dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if not more.item():
+            return
+        if batch is not None:
+            last = batch
+            yield batch, True
+        elif last is None:
+            raise ValueError(
+                f"batches: rank {rank} has none while other ranks do; a sharded teacher needs at "
+                "least one batch on every rank"
+            )
+        else:
+            yield last, False
+
+
+# What each launcher sets when it is asked for several processes.
+_LAUNCHER_SIZES = (
+    ("WORLD_SIZE", "torchrun / accelerate launch"),
+    ("LOCAL_WORLD_SIZE", "torchrun"),
+    ("SLURM_NTASKS", "SLURM (srun)"),
+    ("OMPI_COMM_WORLD_SIZE", "mpirun"),
+)
+SEVERAL_PROCESSES_HINT = (
+    "start N processes with `torchrun --nproc_per_node N -m flexkd distill CONFIG` or "
+    "`accelerate launch --multi_gpu --num_processes N -m flexkd distill CONFIG` (this form starts N "
+    "processes on CPU-only machines too; `accelerate launch --cpu --num_processes N` starts one)"
+)
+_warned = False
+
+
+def requested_processes() -> tuple[int, str] | None:
+    """How many processes the launcher of this process asked for, and which launcher, when it is
+    more than one; ``accelerate launch --cpu`` sets nothing, so its command line is read (Linux)."""
+    for name, launcher in _LAUNCHER_SIZES:
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 1:
+            return int(value), f"{launcher} ({name}={value})"
+    if os.environ.get("ACCELERATE_USE_CPU") is not None:
+        asked = _accelerate_num_processes(Path(f"/proc/{os.getppid()}/cmdline"))
+        if asked is not None and asked > 1:
+            return asked, f"accelerate launch --num_processes {asked}"
+    return None
+
+
+def _accelerate_num_processes(cmdline: Path) -> int | None:
+    try:
+        args = cmdline.read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    for i, arg in enumerate(args):
+        value = None
+        if arg == "--num_processes" and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--num_processes="):
+            value = arg.partition("=")[2]
+        if value is not None and value.isdigit():
+            return int(value)
+    return None
+
+
+def warn_if_fewer_processes(world_size: int) -> None:
+    """Warn (once per process) when a launcher asked for several processes but the run has fewer."""
+    global _warned
+    asked = requested_processes()
+    if _warned or asked is None or asked[0] <= world_size:
+        return
+    _warned = True
+    warnings.warn(
+        f"flexkd: started by {asked[1]} asking for {asked[0]} processes, but this run has a world "
+        f"size of {world_size}: each process runs alone. To {SEVERAL_PROCESSES_HINT}",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def check_sharding(cfg, world_size: int) -> None:
+    """Fail before any model is built when ``cfg.distributed`` cannot work with ``world_size`` processes."""
+    from flexkd.errors import ConfigError
+
+    fsdp = cfg.distributed.fsdp
+    for role in ("teacher", "student"):
+        if not getattr(fsdp, role):
+            continue
+        field = f"distributed.fsdp.{role}"
+        if not torch.distributed.is_available():
+            raise ConfigError(f"{field}: this PyTorch build has no torch.distributed")
+        if world_size < 2:
+            raise ConfigError(
+                f"{field}: sharding needs several processes, this run has {world_size}; "
+                f"{SEVERAL_PROCESSES_HINT}"
+            )
+
+
+def shard_trainable(module: nn.Module, *, reshard_after_forward: bool = True) -> None:
+    """``fully_shard`` ``module`` (each member of a ``ModuleList``, whose members are what is called)
+    when it has trainable parameters: a projector next to a sharded student, so that its gradients are
+    averaged over ranks like the student's. As DDP does, every rank starts from rank 0's values (each
+    rank initialised its own)."""
+    from torch.distributed.fsdp import fully_shard
+
+    members = list(module) if isinstance(module, nn.ModuleList) else [module]
+    for member in members:
+        if any(p.requires_grad for p in member.parameters()):
+            with torch.no_grad():
+                for tensor in [*member.parameters(), *member.buffers()]:
+                    torch.distributed.broadcast(tensor, src=0)
+            fully_shard(member, reshard_after_forward=reshard_after_forward)
+
+
+@contextlib.contextmanager
+def no_gradient_sync(model: nn.Module):
+    """Accumulate a sharded model's gradients locally (no reduce-scatter) inside the block."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)

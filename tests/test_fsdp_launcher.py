@@ -1,0 +1,57 @@
+"""The warning when a launcher asked for several processes but the run has one (``flexkd.distributed``)."""
+
+import warnings
+
+import pytest
+
+from flexkd import distributed
+
+LAUNCHER_VARIABLES = ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+@pytest.fixture
+def clean_launcher(monkeypatch):
+    for name in (*LAUNCHER_VARIABLES, "ACCELERATE_USE_CPU"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(distributed, "_warned", False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("variable", LAUNCHER_VARIABLES)
+def test_a_launcher_asking_for_two_processes_warns_once_with_the_working_commands(
+    clean_launcher, variable
+):
+    clean_launcher.setenv(variable, "2")
+    with pytest.warns(RuntimeWarning, match=rf"{variable}=2.*2 processes.*world size of 1") as seen:
+        distributed.warn_if_fewer_processes(1)
+    assert "torchrun --nproc_per_node N" in str(seen[0].message)
+    assert "accelerate launch --multi_gpu --num_processes N" in str(seen[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        distributed.warn_if_fewer_processes(1)  # once per process
+
+
+def test_no_warning_when_the_world_has_the_processes_asked_for(clean_launcher):
+    clean_launcher.setenv("WORLD_SIZE", "2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        distributed.warn_if_fewer_processes(2)
+        clean_launcher.setenv("WORLD_SIZE", "1")
+        distributed.warn_if_fewer_processes(1)
+
+
+def test_accelerate_launch_cpu_is_read_from_the_parent_command_line(clean_launcher, tmp_path):
+    """``accelerate launch --cpu --num_processes 2`` starts one process and sets no size variable."""
+    cmdline = tmp_path / "cmdline"
+    for args, asked in (
+        (["accelerate", "launch", "--cpu", "--num_processes", "2", "-m", "flexkd"], 2),
+        (["accelerate", "launch", "--num_processes=3", "train.py"], 3),
+        (["accelerate", "launch", "train.py"], None),
+    ):
+        cmdline.write_bytes("\0".join(args).encode() + b"\0")
+        assert distributed._accelerate_num_processes(cmdline) == asked
+    assert distributed._accelerate_num_processes(tmp_path / "missing") is None
+    clean_launcher.setenv("ACCELERATE_USE_CPU", "True")
+    clean_launcher.setattr(distributed, "_accelerate_num_processes", lambda path: 2)
+    with pytest.warns(RuntimeWarning, match="accelerate launch --num_processes 2"):
+        distributed.warn_if_fewer_processes(1)

@@ -1,0 +1,125 @@
+"""A teacher and student sharded with FSDP2 (2 gloo processes) give what the unsharded models give:
+the weights fingerprint, the scores and top-k (ranks holding different numbers of batches), and every
+Distiller term and student gradient, with and without the teacher's early exit.
+
+Run as a test, or as the worker: ``torchrun --nproc_per_node 2 tests/test_fsdp_parity.py OUT_FILE``.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import _scoring_rows as rows_of  # noqa: E402
+import _tiny_hf as tiny  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers as tf  # noqa: E402
+
+import flexkd  # noqa: E402
+from flexkd.adapters.identity import weights_fingerprint  # noqa: E402
+from flexkd.distill import Distiller  # noqa: E402
+
+LAYERS, K = [1, -1], 16
+WEIGHTS = {
+    "early-exit": {"task": 1.0, "logit": 0.0, "feature": 1.0},
+    "logits": {"task": 1.0, "logit": 0.5, "feature": 1.0},
+}
+
+
+def models(dtype=torch.float32):
+    torch.manual_seed(0)
+    teacher = tiny.build("llama").to(dtype)
+    config = tf.LlamaConfig(**{**tiny._decoder_kwargs(), "hidden_size": K, "num_hidden_layers": 2})
+    student = tf.LlamaForCausalLM(config)
+    return teacher, student
+
+
+def scoring_rows():
+    rows = rows_of.causal_rows(11, 10, vocab=tiny.VOCAB)
+    return rows, rows_of.batches_of(rows, [3, 1, 2])  # 5 batches: 3 on rank 0, 2 on rank 1
+
+
+def distill_batch():
+    return tiny.padded_batch(4, 9, generator=torch.Generator().manual_seed(3))
+
+
+def distil(teacher, student, selection, weights, batch):
+    """Every term and the student's gradients (full tensors) of one Distiller forward + backward."""
+    distiller = Distiller(teacher, student, selection=selection, weights=weights)
+    loss, terms = distiller(batch)
+    loss.backward()
+    grads = {}
+    for name, param in student.named_parameters():
+        grad = param.grad
+        grads[name] = grad.full_tensor() if hasattr(grad, "full_tensor") else grad.clone()
+        param.grad = None
+    return {name: float(value) for name, value in terms.items()}, grads
+
+
+def worker(out_file: str) -> None:
+    import torch.distributed as dist
+
+    from flexkd.distributed import shard_model
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    result = {"fingerprint": {}}
+    for dtype in (torch.float32, torch.bfloat16):
+        teacher, _ = models(dtype)
+        result["fingerprint"][str(dtype)] = weights_fingerprint(shard_model(teacher))
+    teacher, student = models()
+    shard_model(teacher)
+    shard_model(student, reshard_after_forward=False)
+    _, batches = scoring_rows()
+    selection = flexkd.score(teacher, batches[rank::2], layers=LAYERS, k=K, progress=False)
+    selection.validate(teacher)
+    result["scores"] = {layer: selection.scores(layer) for layer in selection.layers}
+    result["index"] = {layer: selection.index(layer) for layer in selection.layers}
+    result["tokens"] = selection.tokens_seen
+    for name, weights in WEIGHTS.items():
+        result[name] = distil(teacher, student, selection, weights, distill_batch())
+    if rank == 0:
+        torch.save(result, out_file)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_sharded_teacher_and_student_match_unsharded(tmp_path):
+    out = tmp_path / "result.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        + [__file__, str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    got = torch.load(out, weights_only=False)
+
+    for dtype in (torch.float32, torch.bfloat16):
+        assert got["fingerprint"][str(dtype)] == weights_fingerprint(models(dtype)[0])
+    teacher, student = models()
+    rows, _ = scoring_rows()
+    expected = flexkd.score(teacher, [rows_of.collate(rows)], layers=LAYERS, k=K, progress=False)
+    assert got["tokens"] == expected.tokens_seen
+    for layer in expected.layers:
+        torch.testing.assert_close(got["scores"][layer], expected.scores(layer), rtol=1e-5, atol=0)
+        assert torch.equal(got["index"][layer], expected.index(layer))
+    for name, weights in WEIGHTS.items():
+        terms, grads = distil(teacher, student, expected, weights, distill_batch())
+        assert set(got[name][0]) == set(terms)
+        for term, value in terms.items():
+            assert got[name][0][term] == pytest.approx(value, rel=1e-5), (name, term)
+        for param, grad in grads.items():
+            torch.testing.assert_close(got[name][1][param], grad, rtol=1e-5, atol=1e-7)
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])

@@ -1,0 +1,148 @@
+"""`flexkd distill` with `distributed.fsdp` on 2 gloo processes: the steps equal a DDP run's, the
+teacher's stored outputs are written by the sharded teacher, a run interrupted after its step-2
+checkpoint resumes (torch.distributed.checkpoint) to the uninterrupted run's weights, the saved student
+is a plain HF folder; and sharding configs that cannot work fail before any model is built.
+
+The 2-process part runs as ``torchrun --nproc_per_node 2 tests/test_fsdp_train.py FOLDER``.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from _train_helpers import write_causal_config  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from flexkd.config import load_config  # noqa: E402
+from flexkd.errors import ConfigError  # noqa: E402
+from flexkd.training import train  # noqa: E402
+
+FSDP = ["distributed.fsdp.teacher=true", "distributed.fsdp.student=true"]
+RUNS = {
+    "ddp": [],
+    "fsdp": FSDP,
+    "stored": [*FSDP, "distill.teacher_outputs=teacher-outputs"],
+    "resumed": FSDP,
+    "ddp-projector": ["distill.feature=projector"],
+    "fsdp-projector": [*FSDP, "distill.feature=projector"],
+}
+INTERRUPT_AT = 3  # the forward of step 3, after the step-2 checkpoint
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupted_train(cfg) -> None:
+    """``train(cfg)`` stopped by an exception in the forward of step ``INTERRUPT_AT`` on every rank."""
+    from flexkd.distill import Distiller
+
+    real, calls = Distiller.forward, []
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == INTERRUPT_AT:
+            raise Interrupted
+        return real(self, *args, **kwargs)
+
+    Distiller.forward = forward
+    try:
+        train(cfg)
+    except Interrupted:
+        pass
+    finally:
+        Distiller.forward = real
+
+
+def worker(folder: str) -> None:
+    path = Path(folder) / "cfg.yaml"
+    for name, overrides in RUNS.items():
+        cfg = load_config(path, [*overrides, f"train.output_dir={name}"])
+        if name == "resumed":
+            interrupted_train(cfg)
+            assert [p.name for p in (cfg.output_dir / "checkpoints").iterdir()] == ["step-000002"]
+        train(cfg)
+
+
+def _metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp_steps_match_ddp_and_resume_exactly(tmp_path):
+    write_causal_config(
+        tmp_path,
+        train={"max_steps": 4, "checkpoint_every": 2, "batch_size": 2},
+        dropout=0.0,
+        rows=16,
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        + [__file__, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (tmp_path / "teacher-outputs" / "meta.json").is_file()
+
+    metrics = {name: _metrics(tmp_path / name) for name in RUNS}
+    checkpoint = tmp_path / "fsdp" / "checkpoints" / "step-000004"
+    assert (checkpoint / "sharded" / ".metadata").is_file()
+    assert not (checkpoint / "optimizer.pt").exists()
+    assert [m["step"] for m in metrics["fsdp"]] == [1, 2, 3, 4]
+    assert [m["step"] for m in metrics["resumed"]] == [1, 2, 3, 4]
+    # FSDP reduce-scatters where DDP all-reduces: the same sums in another order, so they agree to fp32
+    # rounding over the 4 steps; the stored teacher outputs (fp32) stand in for the live sharded teacher
+    for run, ddp in (("fsdp", "ddp"), ("stored", "ddp"), ("fsdp-projector", "ddp-projector")):
+        for one, two in zip(metrics[ddp], metrics[run], strict=True):
+            for term in ("task", "logit", "feature", "total", "grad_norm", "units_task"):
+                assert two[term] == pytest.approx(one[term], rel=1e-5), (run, one["step"], term)
+
+    students = {
+        name: AutoModelForCausalLM.from_pretrained(tmp_path / name / "student").state_dict()
+        for name in RUNS
+    }
+    config = json.loads((tmp_path / "fsdp" / "student" / "config.json").read_text())
+    assert config["architectures"] == ["GPT2LMHeadModel"]
+    for run, ddp in (("fsdp", "ddp"), ("stored", "ddp"), ("fsdp-projector", "ddp-projector")):
+        assert students[run].keys() == students[ddp].keys()
+        for name, want in students[ddp].items():
+            torch.testing.assert_close(students[run][name], want, rtol=1e-4, atol=1e-6)
+    # resuming from the sharded checkpoint continues exactly: bitwise the uninterrupted run
+    for name, want in students["fsdp"].items():
+        assert torch.equal(students["resumed"][name], want), name
+
+
+@pytest.mark.parametrize("role", ["teacher", "student"])
+def test_sharding_on_one_process_fails_before_any_model_is_built(tmp_path, monkeypatch, role):
+    from flexkd.training import loop
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(loop, "build_model", never)
+    monkeypatch.setattr(loop, "build_tokenizer", never)
+    cfg = load_config(write_causal_config(tmp_path), [f"distributed.fsdp.{role}=true"])
+    with pytest.raises(
+        ConfigError, match=rf"distributed\.fsdp\.{role}: sharding needs several processes.*torchrun"
+    ):
+        train(cfg)
+
+
+def test_unknown_sharding_field_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"distributed\.fsdp\.shard_optimizer: unknown field"):
+        load_config(write_causal_config(tmp_path), ["distributed.fsdp.shard_optimizer=true"])
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
