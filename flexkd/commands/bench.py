@@ -14,9 +14,17 @@ from __future__ import annotations
 import argparse
 
 from flexkd.bench import common, ops_cpu, ops_gpu
+from flexkd.bench import linear_logit_kd as linear_logit_kd_bench
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--suite",
+        choices=("ops", "linear_logit_kd"),
+        default="ops",
+        help="ops: the feature-loss/importance op benchmarks (default); linear_logit_kd: the fused "
+        "linear + logit-KD op against the materialised path (CPU; takes --quick, --n, --dtypes)",
+    )
     parser.add_argument(
         "--device",
         choices=("cpu", "cuda"),
@@ -35,9 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         shapes=False,
     )
     ops_gpu.add_arguments(parser.add_argument_group("--device cuda"), shapes=False)
+    linear_logit_kd_bench.add_arguments(parser.add_argument_group("--suite linear_logit_kd"))
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.suite == "linear_logit_kd":
+        return linear_logit_kd_bench.run(args)
     device = args.device
     if device is None:
         import torch

@@ -1,0 +1,194 @@
+"""``flexkd bench --suite linear_logit_kd``: the fused ``flexkd.ops.linear_logit_kd`` against the path a
+user writes, ``logit_kd(hidden @ weight.T + bias, teacher_logits)``, eager and under ``torch.compile``,
+forward + backward, in one run, on the CPU.
+
+Per case (N rows, vocabulary V, hidden H, weight dtype; the teacher logits share the weight's dtype):
+the median wall time of fwd+bwd (``common.median_ms``; compile time excluded by the warm-up calls) and
+the peak resident memory above the inputs while one fwd+bwd runs (``common.peak_extra_mib``: VmHWM after
+a reset, so it counts what the call allocates, the weight's gradient included, on every path). A
+baseline whose ``[N, V]`` fp32 buffers would not fit in the memory left is skipped and says so. The
+targets (issue 13): fused peak ≤ 0.25x eager's, time ≤ 1.0x eager and ≤ 1.2x compile.
+The header records /proc/loadavg before and after: the timings are only as steady as the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from flexkd.bench import common
+from flexkd.losses import logit_kd
+from flexkd.ops import linear_logit_kd
+
+DEFAULT_OUT = Path("flexkd-bench") / "linear_logit_kd"
+GRID_N, GRID_V, GRID_H = (2048, 8192), (32000, 151936), (512, 1024)
+QUICK = (512, 32000, 512)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+IMPLS = ("fused", "eager", "compile")
+# fp32 [N, V] buffers the eager path holds at its peak (logits, log-softmaxes, their product, grads):
+# a case is skipped for a baseline when this many would not fit in MemAvailable.
+_EAGER_BUFFERS = 6
+TARGETS = {"peak_vs_eager": 0.25, "time_vs_eager": 1.0, "time_vs_compile": 1.2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    n: int
+    vocab: int
+    hidden: int
+    dtype: str
+
+    @property
+    def name(self) -> str:
+        return f"N{self.n}-V{self.vocab}-H{self.hidden}-{self.dtype}"
+
+
+def _inputs(case: Case) -> dict:
+    dtype = DTYPES[case.dtype]
+    g = torch.Generator().manual_seed(0)
+    return {
+        "hidden": torch.randn(case.n, case.hidden, generator=g).to(dtype).requires_grad_(),
+        "weight": (torch.randn(case.vocab, case.hidden, generator=g) / case.hidden**0.5)
+        .to(dtype)
+        .requires_grad_(),
+        "bias": torch.zeros(case.vocab, dtype=dtype).requires_grad_(),
+        "teacher": (torch.randn(case.n, case.vocab, generator=g) * 2).to(dtype),
+    }
+
+
+def _eager_loss(hidden, weight, bias, teacher):
+    return logit_kd(hidden @ weight.T + bias, teacher, temperature=2.0)
+
+
+def _fused_loss(hidden, weight, bias, teacher):
+    return linear_logit_kd(hidden, weight, teacher, bias=bias, temperature=2.0)
+
+
+def _step(loss_fn, x: dict):
+    def run():
+        for name in ("hidden", "weight", "bias"):
+            x[name].grad = None
+        loss = loss_fn(x["hidden"], x["weight"], x["bias"], x["teacher"])
+        loss.backward()
+        return loss.detach()
+
+    return run
+
+
+def _mem_available_mib() -> float:
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("inf")
+
+
+def load_average() -> str:
+    try:
+        with open("/proc/loadavg") as handle:
+            return " ".join(handle.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def run_case(case: Case, impls: list[str], reps: int) -> dict:
+    torch._dynamo.reset()
+    x = _inputs(case)
+    row: dict = {"case": case.name, "load_before": load_average()}
+    needed_mib = _EAGER_BUFFERS * case.n * case.vocab * 4 / 2**20
+    losses = {}
+    for impl in impls:
+        if impl != "fused" and needed_mib > 0.8 * _mem_available_mib():
+            row[f"{impl}_ms"] = row[f"{impl}_peak_mib"] = float("nan")
+            row[f"{impl}_note"] = f"skipped: needs ~{needed_mib / 1024:.0f} GiB"
+            continue
+        loss_fn = {"fused": _fused_loss, "eager": _eager_loss}.get(impl) or torch.compile(
+            _eager_loss
+        )
+        step = _step(loss_fn, x)
+        losses[impl] = float(step())  # compiles the compiled path; not timed
+        row[f"{impl}_ms"] = round(
+            common.median_ms(step, min_reps=reps, max_reps=reps, budget_s=0.0, warmup=1), 1
+        )
+        for name in ("hidden", "weight", "bias"):  # freed before the baseline RSS is read
+            x[name].grad = None
+        row[f"{impl}_peak_mib"] = round(common.peak_extra_mib(step), 1)
+        row[f"{impl}_note"] = ""
+    if "fused" in losses and "eager" in losses:
+        row["loss_rel_diff"] = abs(losses["fused"] - losses["eager"]) / abs(losses["eager"])
+    for base in ("eager", "compile"):
+        if base in impls:
+            row[f"time_vs_{base}"] = row["fused_ms"] / row[f"{base}_ms"]
+            row[f"peak_vs_{base}"] = row["fused_peak_mib"] / max(row[f"{base}_peak_mib"], 1e-9)
+    row["load_after"] = load_average()
+    return row
+
+
+def cases_from_args(args: argparse.Namespace) -> list[Case]:
+    dtypes = common.parse_list("--dtypes", args.dtypes or "fp32,bf16", tuple(DTYPES))
+    if args.n is not None or args.vocab is not None or args.hidden is not None:
+        grid = ([args.n or QUICK[0]], [args.vocab or QUICK[1]], [args.hidden or QUICK[2]])
+    elif args.quick:
+        grid = ([QUICK[0]], [QUICK[1]], [QUICK[2]])
+    else:
+        grid = (GRID_N, GRID_V, GRID_H)
+    for name, values in zip(("--n", "--vocab", "--hidden"), grid, strict=True):
+        if any(v < 1 for v in values):
+            raise ValueError(f"{name} must be >= 1")
+    return [Case(n, v, h, d) for n, v, h in itertools.product(*grid) for d in dtypes]
+
+
+def format_row(row: dict, impls: list[str]) -> str:
+    parts = [f"{row['case']:<26}"]
+    for impl in impls:
+        note = row.get(f"{impl}_note")
+        parts.append(
+            f"{impl} {note}" if note else f"{impl} {row[f'{impl}_ms']:>9.1f} ms {row[f'{impl}_peak_mib']:>8.0f} MiB"
+        )
+    for key, target in TARGETS.items():
+        if key in row and row[key] == row[key]:
+            verdict = "MET" if row[key] <= target else "MISS"
+            parts.append(f"{key}={row[key]:.2f} ({verdict} <= {target})")
+    parts.append(f"load {row['load_before']} -> {row['load_after']}")
+    return "  ".join(parts)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--vocab", type=int, default=None, help="vocabulary V (one case with --n/--hidden)")
+    parser.add_argument("--hidden", type=int, default=None, help="student hidden size H")
+    parser.add_argument("--kd-impls", default=",".join(IMPLS), help=f"comma list of {','.join(IMPLS)}")
+    parser.add_argument("--kd-reps", type=int, default=3, help="timed fwd+bwd calls per case and path")
+    parser.add_argument("--kd-out", type=Path, default=DEFAULT_OUT,
+                        help=f"output prefix: writes PREFIX.csv (default: {DEFAULT_OUT})")  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cases = cases_from_args(args)
+        impls = common.parse_list("--kd-impls", args.kd_impls, IMPLS)
+        if "fused" not in impls:
+            raise ValueError("--kd-impls must include fused")
+    except ValueError as error:
+        print(f"flexkd bench: error: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"linear_logit_kd fwd+bwd, forward_kl T=2, CPU, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} cores, load {load_average()}"
+    )
+    rows = []
+    for case in cases:
+        rows.append(run_case(case, impls, args.kd_reps))
+        print(format_row(rows[-1], impls), flush=True)
+        args.kd_out.parent.mkdir(parents=True, exist_ok=True)
+        common.write_csv(args.kd_out.with_suffix(".csv"), rows)
+    print(f"wrote {args.kd_out.with_suffix('.csv')}")
+    return 0
