@@ -107,6 +107,18 @@ def _output_size(model: nn.Module) -> int | None:
     return getattr(config, "num_labels", None) if config is not None else None
 
 
+def _assert_count(mask: Tensor, stored: int, what: str) -> None:
+    """Fail unless ``mask`` has ``stored`` positions on, without reading the count back to the host."""
+    message = (
+        f"teacher_outputs: {stored} stored {what}, the batch has a different number; the outputs "
+        "were stored for other rows"
+    )
+    try:
+        torch._assert_async(mask.sum() == stored, message)
+    except RuntimeError:  # raised at once on the CPU
+        raise StoreMismatchError(message) from None
+
+
 class Distiller(nn.Module):
     """Weighted sum of the task loss, logit KD and a feature loss between teacher and student.
 
@@ -463,9 +475,14 @@ class Distiller(nn.Module):
                     reduction="sum",
                 )
             if teacher_logits is not None:
+                teacher = (
+                    {"teacher_topk": teacher_logits}
+                    if isinstance(teacher_logits, tuple)
+                    else {"teacher_logits": teacher_logits}
+                )
                 sums["logit"] = logit_kd(
                     logits,
-                    teacher_logits,
+                    **teacher,
                     kind=self.logit_kind,
                     temperature=self.temperature,
                     beta=self.beta,
@@ -518,38 +535,37 @@ class Distiller(nn.Module):
         positions: Tensor | None,
         feature_mask: Tensor | None,
         device: torch.device,
-    ) -> tuple[Tensor | None, dict[int, Tensor]]:
+    ) -> tuple[Tensor | tuple[Tensor, Tensor] | None, dict[int, Tensor]]:
         """Stored (packed) teacher outputs as the live teacher path yields them: logits at ``positions``
-        (None: not needed), hidden states ``[batch, tokens, width]`` at ``layers`` (zero where
-        ``feature_mask`` is off), only the selected columns for ``flex``; on ``device``."""
+        (None: not needed), or ``(values, indices)`` when the store holds top-K logits; hidden states
+        ``[batch, tokens, width]`` at ``layers`` (zero where ``feature_mask`` is off), only the selected
+        columns for ``flex``; on ``device``.
+
+        Nothing here reads a device value back: the stored counts are checked against the batch with
+        ``torch._assert_async`` (raised here on the CPU, by the device later on an accelerator)."""
         logits = None
         if positions is not None:
-            if stored.logits is None:
+            if stored.logits is None and stored.logit_topk is None:
                 raise StoreMismatchError("teacher_outputs: no logits stored, but logit KD is on")
-            if stored.logits.shape[0] != int(positions.sum()):
-                raise StoreMismatchError(
-                    f"teacher_outputs: {stored.logits.shape[0]} stored logit positions, the batch has "
-                    f"{int(positions.sum())}; the outputs were stored for other rows"
-                )
-            logits = stored.logits.to(device)
+            if stored.logit_topk is not None:
+                logits = tuple(t.to(device, non_blocking=True) for t in stored.logit_topk)
+                count = stored.logit_topk[0].shape[0]
+            else:
+                logits = stored.logits.to(device, non_blocking=True)
+                count = stored.logits.shape[0]
+            _assert_count(positions, count, "logit positions")
         hidden = {}
-        feature_positions = int(feature_mask.sum()) if layers else 0
         for layer in layers:
             if layer not in stored.hidden:
                 raise StoreMismatchError(
                     f"teacher_outputs: no hidden states of teacher layer {layer} (stored: {sorted(stored.hidden)})"
                 )
-            packed = stored.hidden[layer].to(device)
-            if packed.shape[0] != feature_positions:
-                raise StoreMismatchError(
-                    f"teacher_outputs: {packed.shape[0]} stored positions of layer {layer}, the batch has "
-                    f"{feature_positions}; the outputs were stored for other rows"
-                )
+            packed = stored.hidden[layer].to(device, non_blocking=True)
+            _assert_count(feature_mask, packed.shape[0], f"positions of layer {layer}")
             if self._teacher_columns is not None:
                 packed = packed.index_select(-1, self._teacher_columns[layer].to(device))
             full = packed.new_zeros(*feature_mask.shape, packed.shape[-1])
-            full[feature_mask] = packed
-            hidden[layer] = full
+            hidden[layer] = full.masked_scatter(feature_mask.unsqueeze(-1), packed)
         return logits, hidden
 
     def _run_tapped(
