@@ -107,6 +107,16 @@ def _output_size(model: nn.Module) -> int | None:
     return getattr(config, "num_labels", None) if config is not None else None
 
 
+def _per_unit(total: Tensor, units: Tensor | float) -> Tensor:
+    """``total / units`` in fp32, 0 (with a zero gradient) where ``units`` is 0."""
+    total = total.float()
+    if not isinstance(units, Tensor):
+        return total / float(units) if units else torch.zeros_like(total)
+    units = units.to(device=total.device, dtype=torch.float32)
+    counted = units > 0
+    return torch.where(counted, total / torch.where(counted, units, 1.0), 0.0)
+
+
 def _assert_count(mask: Tensor, stored: int, what: str) -> None:
     """Fail unless ``mask`` has ``stored`` positions on, without reading the count back to the host."""
     message = (
@@ -322,16 +332,26 @@ class Distiller(nn.Module):
 
     # ----------------------------------------------------------------- units
     def count_units(self, batch: Mapping[str, Any]) -> dict[str, float]:
-        """How many units each term of ``batch`` sums over (computed from the batch alone)."""
-        units = {"task": 0.0, "logit": 0.0, "feature": 0.0}
+        """How many units each term of ``batch`` sums over (computed from the batch alone).
+
+        Python numbers, so call it on the host copy of a batch (the training loop does, before moving
+        the batch to the device); on device tensors it waits for the device. ``forward`` without
+        ``normalizers`` counts on the device instead and reads nothing back."""
+        return {name: float(count) for name, count in self._unit_counts(batch).items()}
+
+    def _unit_counts(self, batch: Mapping[str, Any]) -> dict[str, Tensor | float]:
+        """:meth:`count_units` as 0-d fp32 tensors on the batch's device (0.0 for a term not counted)."""
+        units: dict[str, Tensor | float] = {"task": 0.0, "logit": 0.0, "feature": 0.0}
         labels = batch.get("labels")
-        if labels is not None and self.task is not None:
-            units["task"] = float(self._target_weights(batch)[1].sum())
-        if self.weights["logit"] > 0:
-            units["logit"] = float(self._target_weights(batch)[1].sum())
+        if (labels is not None and self.task is not None) or self.weights["logit"] > 0:
+            positions = self._target_weights(batch)[1].sum(dtype=torch.float32)
+            if labels is not None and self.task is not None:
+                units["task"] = positions
+            if self.weights["logit"] > 0:
+                units["logit"] = positions
         if self.feature != "none":
             per_pair = (
-                float(self._feature_weights(batch).sum())
+                self._feature_weights(batch).sum(dtype=torch.float32)
                 if self.feature_losses[0].per_token
                 else 1.0
             )
@@ -389,7 +409,7 @@ class Distiller(nn.Module):
     def forward(
         self,
         batch: Mapping[str, Any],
-        normalizers: Mapping[str, float] | None = None,
+        normalizers: Mapping[str, Tensor | float] | None = None,
         teacher_outputs: TeacherOutputs | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """``(total_loss, terms)``: ``terms`` holds every term (unweighted) and ``"total"`` as detached
@@ -397,12 +417,12 @@ class Distiller(nn.Module):
 
         With several layer pairs, ``"feature"`` is their mean and ``"feature/s<i>-t<j>"`` each pair's.
 
-        ``normalizers`` (term -> units) defaults to ``count_units(batch)``; a term whose
-        normaliser is 0 contributes 0. ``teacher_outputs`` (``TeacherOutputStore.batch`` of this batch's
+        ``normalizers`` (term -> units, numbers or 0-d device tensors) defaults to this batch's units,
+        counted on the device; a term whose normaliser is 0 contributes 0. ``teacher_outputs`` (``TeacherOutputStore.batch`` of this batch's
         rows) replaces running the teacher.
         """
         if normalizers is None:
-            normalizers = self.count_units(batch)
+            normalizers = self._unit_counts(batch)
         positions = self._positions(batch)
         teacher_logits, teacher_hidden = self._teacher_side(batch, positions, teacher_outputs)
         student_out, student_hidden = self._run_student(batch)
@@ -504,27 +524,27 @@ class Distiller(nn.Module):
         self,
         sums: Mapping[str, Tensor],
         pair_sums: list[Tensor],
-        normalizers: Mapping[str, float],
+        normalizers: Mapping[str, Tensor | float],
         device: torch.device,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The weighted total of ``sum / units`` per term, and every term as a detached tensor."""
+        """The weighted total of ``sum / units`` per term, and every term as a detached tensor. A
+        normaliser may be a number or a 0-d tensor on the device; neither is read back to the host."""
         zero = torch.zeros((), device=device)
         total = zero
         terms: dict[str, Tensor] = {}
         for name in TERMS:
-            if name not in sums or not normalizers.get(name, 0):
+            units = normalizers.get(name, 0)
+            if name not in sums or (not isinstance(units, Tensor) and not units):
                 terms[name] = zero
                 continue
-            value = sums[name].float() / float(normalizers[name])
+            value = _per_unit(sums[name], units)
             terms[name] = value.detach()
             if self.weights[name] > 0:
                 total = total + self.weights[name] * value
         if len(pair_sums) > 1:  # "feature" is the mean over pairs; report each pair too
-            per_pair_units = float(normalizers.get("feature", 0)) / len(pair_sums)
+            per_pair_units = normalizers.get("feature", 0) / len(pair_sums)
             for (s, t), pair_sum in zip(self.layer_pairs, pair_sums, strict=True):
-                terms[f"feature/s{s}-t{t}"] = (
-                    pair_sum.detach().float() / per_pair_units if per_pair_units else zero
-                )
+                terms[f"feature/s{s}-t{t}"] = _per_unit(pair_sum.detach(), per_pair_units)
         terms["total"] = total.detach()
         return total, terms
 

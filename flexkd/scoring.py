@@ -137,6 +137,7 @@ def score(
     )
     with bar, _scoring_mode(teacher), tap, torch.enable_grad():
         for batch in bar:
+            fingerprint.add(batch)  # hashed on the host copy: reads nothing back from the device
             batch = move_to_device(batch, device)
             outputs = tap.run(**(batch if loss_fn is not None else _model_inputs(batch, task)))
             loss = (
@@ -155,7 +156,6 @@ def score(
                     continue
                 importance_scores(h.detach(), g, weights, stat=stat, out=totals[layer])
             tokens += weights.sum()
-            fingerprint.add(batch)
             del outputs, loss, hidden, grads
     if world_size > 1:
         for total in totals.values():
