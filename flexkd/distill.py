@@ -107,7 +107,7 @@ def _output_size(model: nn.Module) -> int | None:
     return getattr(config, "num_labels", None) if config is not None else None
 
 
-def _per_unit(total: Tensor, units: Tensor | float) -> Tensor:
+def per_unit(total: Tensor, units: Tensor | float) -> Tensor:
     """``total / units`` in fp32, 0 (with a zero gradient) where ``units`` is 0."""
     total = total.float()
     if not isinstance(units, Tensor):
@@ -537,14 +537,14 @@ class Distiller(nn.Module):
             if name not in sums or (not isinstance(units, Tensor) and not units):
                 terms[name] = zero
                 continue
-            value = _per_unit(sums[name], units)
+            value = per_unit(sums[name], units)
             terms[name] = value.detach()
             if self.weights[name] > 0:
                 total = total + self.weights[name] * value
         if len(pair_sums) > 1:  # "feature" is the mean over pairs; report each pair too
             per_pair_units = normalizers.get("feature", 0) / len(pair_sums)
             for (s, t), pair_sum in zip(self.layer_pairs, pair_sums, strict=True):
-                terms[f"feature/s{s}-t{t}"] = _per_unit(pair_sum.detach(), per_pair_units)
+                terms[f"feature/s{s}-t{t}"] = per_unit(pair_sum.detach(), per_pair_units)
         terms["total"] = total.detach()
         return total, terms
 

@@ -27,7 +27,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,14 +86,15 @@ class StepResult:
     reported: bool = True
 
 
-def make_accelerator(**kwargs: Any):
-    """An ``Accelerator`` that also forms a process group on machines without an accelerator.
+def make_accelerator(*, cpu: bool | None = None, **kwargs: Any):
+    """An ``Accelerator`` that also forms a process group on machines without an accelerator
+    (``cpu=None``: the CPU only when there is no accelerator).
 
     (``accelerate`` only sets up multi-process CPU runs, e.g. under ``torchrun``, when told ``cpu=True``.)
     """
     from accelerate import Accelerator
 
-    return Accelerator(cpu=not torch.accelerator.is_available(), **kwargs)
+    return Accelerator(cpu=not torch.accelerator.is_available() if cpu is None else cpu, **kwargs)
 
 
 def window_units(
@@ -199,8 +200,59 @@ class UncheckedTerms:
         first, self.total = self.first_step, None
         terms = dict(zip(self.names, summed, strict=True))
         check_finite(
-            terms, step=step - 1, layer_pairs=layer_pairs, when=f"between steps {first} and {step - 1}"
+            terms, step=step, layer_pairs=layer_pairs, when=f"between steps {first} and {step - 1}"
         )
+
+
+def run_steps(
+    model,
+    objective,
+    windows: Iterator[tuple[list[dict[str, torch.Tensor]], list[list[int]] | None]],
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    accelerator,
+    start: int,
+    total: int,
+    max_grad_norm: float | None,
+    log_every: int,
+    checkpoint_every: int | None = None,
+    store=None,
+) -> Iterator[tuple[int, StepResult]]:
+    """The training loop: steps ``start + 1 .. total``, each a :func:`train_step` on the next
+    ``(window, window_rows)`` of ``windows`` (host batches), yielding ``(step, result)``.
+
+    ``objective`` is the :class:`~flexkd.distill.Distiller` (or anything with its ``count_units``,
+    ``layer_pairs`` and call), ``model`` its prepared form. Only steps that log (every ``log_every``),
+    checkpoint (every ``checkpoint_every``) or end the run report, i.e. wait for the device; each first
+    checks the unreported steps' terms (:class:`UncheckedTerms`)."""
+    unchecked = UncheckedTerms()
+    for step in range(start + 1, total + 1):
+        window, window_rows = next(windows)
+        report = (
+            step % log_every == 0
+            or step == total
+            or bool(checkpoint_every and step % checkpoint_every == 0)
+        )
+        if report:  # what is logged or checkpointed was checked finite first
+            unchecked.check(accelerator, step=step, layer_pairs=objective.layer_pairs)
+        result = train_step(
+            model,
+            objective,
+            window,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            accelerator=accelerator,
+            step=step,
+            max_grad_norm=max_grad_norm,
+            store=store,
+            window_rows=window_rows,
+            units=window_units(objective, window, accelerator),
+            report=report,
+        )
+        if not report:
+            unchecked.add(result.terms, step)
+        yield step, result
 
 
 def check_finite(
@@ -358,6 +410,16 @@ def _distil(cfg: Config, accelerator) -> TrainResult:
 
     # The loop.
     batches = order.batches(state.epoch, state.position)
+
+    def windows():
+        while True:
+            window, window_rows = [], []
+            for _ in range(tc.grad_accum):
+                state.epoch, state.position, rows = next(batches)
+                window.append(collate([train_rows[i] for i in rows]))  # host copies
+                window_rows.append(rows)
+            yield window, window_rows
+
     bar = tqdm(
         total=total_steps,
         initial=state.step,
@@ -366,41 +428,23 @@ def _distil(cfg: Config, accelerator) -> TrainResult:
         disable=not (main and tc.progress),
     )
     started = time.perf_counter()
-    unchecked = UncheckedTerms()
     model.train()
-    while state.step < total_steps:
-        window, window_rows = [], []
-        for _ in range(tc.grad_accum):
-            state.epoch, state.position, rows = next(batches)
-            window.append(collate([train_rows[i] for i in rows]))  # host copies, moved per forward
-            window_rows.append(rows)
-        step = state.step + 1
-        # only these steps wait for the device: what is logged or checkpointed was checked finite first
-        report = (
-            step % tc.log_every == 0
-            or step == total_steps
-            or bool(tc.checkpoint_every and step % tc.checkpoint_every == 0)
-        )
-        if report:
-            unchecked.check(accelerator, step=step, layer_pairs=distiller.layer_pairs)
-        result = train_step(
-            model,
-            distiller,
-            window,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            accelerator=accelerator,
-            step=step,
-            max_grad_norm=tc.max_grad_norm,
-            store=store,
-            window_rows=window_rows,
-            units=window_units(distiller, window, accelerator),
-            report=report,
-        )
+    for step, result in run_steps(
+        model,
+        distiller,
+        windows(),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        accelerator=accelerator,
+        start=state.step,
+        total=total_steps,
+        max_grad_norm=tc.max_grad_norm,
+        log_every=tc.log_every,
+        checkpoint_every=tc.checkpoint_every,
+        store=store,
+    ):
         state.step = step
-        if not report:
-            unchecked.add(result.terms, step)
-        elif main and (step % tc.log_every == 0 or step == total_steps):
+        if main and result.reported and (step % tc.log_every == 0 or step == total_steps):
             append_metrics(
                 metrics_path,
                 {
@@ -413,7 +457,7 @@ def _distil(cfg: Config, accelerator) -> TrainResult:
                     "elapsed_s": round(time.perf_counter() - started, 3),
                 },
             )
-        if report:
+        if result.reported:
             bar.set_postfix(loss=f"{result.terms['total']:.4f}")
         bar.update(1)
         if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
