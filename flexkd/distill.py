@@ -418,8 +418,8 @@ class Distiller(nn.Module):
         With several layer pairs, ``"feature"`` is their mean and ``"feature/s<i>-t<j>"`` each pair's.
 
         ``normalizers`` (term -> units, numbers or 0-d device tensors) defaults to this batch's units,
-        counted on the device; a term whose normaliser is 0 contributes 0. ``teacher_outputs`` (``TeacherOutputStore.batch`` of this batch's
-        rows) replaces running the teacher.
+        counted on the device; a term whose normaliser is 0 contributes 0. ``teacher_outputs``
+        (``TeacherOutputStore.batch`` of this batch's rows) replaces running the teacher.
         """
         if normalizers is None:
             normalizers = self._unit_counts(batch)
@@ -533,11 +533,10 @@ class Distiller(nn.Module):
         total = zero
         terms: dict[str, Tensor] = {}
         for name in TERMS:
-            units = normalizers.get(name, 0)
-            if name not in sums or (not isinstance(units, Tensor) and not units):
+            if name not in sums:
                 terms[name] = zero
                 continue
-            value = per_unit(sums[name], units)
+            value = per_unit(sums[name], normalizers.get(name, 0))
             terms[name] = value.detach()
             if self.weights[name] > 0:
                 total = total + self.weights[name] * value
