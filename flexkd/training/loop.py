@@ -17,7 +17,8 @@ Between reports the loop never waits for the device: the terms stay there, and o
 (every ``train.log_every`` steps), checkpoints, or ends the run reduces them over the processes and
 reads them back. Such a step first checks the sums of the unreported steps, then its own terms before
 its update, so a non-finite term stops the run before anything from it is logged or checkpointed
-(with ``log_every: 1``, before the update of the step it happened in).
+(with ``log_every: 1``, before the update of the step it happened in). ``tests/test_host_syncs.py``
+counts the read-backs of a step (its docstring gives the method): none in flexkd's code.
 """
 
 from __future__ import annotations
