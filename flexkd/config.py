@@ -163,6 +163,23 @@ class DistillSection(_Section):
     # A folder of the teacher's outputs on data.train (flexkd.teacher_outputs), written on first use; the
     # teacher then never runs during training.
     teacher_outputs: str | None = None
+    # Keep the teacher's K largest logits per position in that store instead of the whole vocabulary;
+    # logit KD then reads the top-K renormalised at the temperature (flexkd.teacher_outputs).
+    teacher_topk: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _topk_needs_a_store(self) -> DistillSection:
+        if self.teacher_topk is not None and self.teacher_outputs is None:
+            raise ValueError(
+                "teacher_topk: top-K teacher logits are a stored-outputs format; set "
+                "distill.teacher_outputs too"
+            )
+        if self.teacher_topk is not None and self.logit_kind == "reverse_kl":
+            raise ValueError(
+                "teacher_topk: reverse_kl is infinite against a top-K teacher (no mass off its K "
+                "indices); use logit_kind forward_kl or jsd, or dense teacher outputs"
+            )
+        return self
 
     @field_validator("layer_pairs")
     @classmethod

@@ -123,6 +123,28 @@ def _output_size(model: nn.Module) -> int | None:
     return getattr(config, "num_labels", None) if config is not None else None
 
 
+def per_unit(total: Tensor, units: Tensor | float) -> Tensor:
+    """``total / units`` in fp32, 0 (with a zero gradient) where ``units`` is 0."""
+    total = total.float()
+    if not isinstance(units, Tensor):
+        return total / float(units) if units else torch.zeros_like(total)
+    units = units.to(device=total.device, dtype=torch.float32)
+    counted = units > 0
+    return torch.where(counted, total / torch.where(counted, units, 1.0), 0.0)
+
+
+def _assert_count(mask: Tensor, stored: int, what: str) -> None:
+    """Fail unless ``mask`` has ``stored`` positions on, without reading the count back to the host."""
+    message = (
+        f"teacher_outputs: {stored} stored {what}, the batch has a different number; the outputs "
+        "were stored for other rows"
+    )
+    try:
+        torch._assert_async(mask.sum() == stored, message)
+    except RuntimeError:  # raised at once on the CPU
+        raise StoreMismatchError(message) from None
+
+
 class Distiller(nn.Module):
     """Weighted sum of the task loss, logit KD and a feature loss between teacher and student.
 
@@ -364,16 +386,26 @@ class Distiller(nn.Module):
 
     # ----------------------------------------------------------------- units
     def count_units(self, batch: Mapping[str, Any]) -> dict[str, float]:
-        """How many units each term of ``batch`` sums over (computed from the batch alone)."""
-        units = {"task": 0.0, "logit": 0.0, "feature": 0.0}
+        """How many units each term of ``batch`` sums over (computed from the batch alone).
+
+        Python numbers, so call it on the host copy of a batch (the training loop does, before moving
+        the batch to the device); on device tensors it waits for the device. ``forward`` without
+        ``normalizers`` counts on the device instead and reads nothing back."""
+        return {name: float(count) for name, count in self._unit_counts(batch).items()}
+
+    def _unit_counts(self, batch: Mapping[str, Any]) -> dict[str, Tensor | float]:
+        """:meth:`count_units` as 0-d fp32 tensors on the batch's device (0.0 for a term not counted)."""
+        units: dict[str, Tensor | float] = {"task": 0.0, "logit": 0.0, "feature": 0.0}
         labels = batch.get("labels")
-        if labels is not None and self.task is not None:
-            units["task"] = float(self._target_weights(batch)[1].sum())
-        if self.weights["logit"] > 0:
-            units["logit"] = float(self._target_weights(batch)[1].sum())
+        if (labels is not None and self.task is not None) or self.weights["logit"] > 0:
+            positions = self._target_weights(batch)[1].sum(dtype=torch.float32)
+            if labels is not None and self.task is not None:
+                units["task"] = positions
+            if self.weights["logit"] > 0:
+                units["logit"] = positions
         if self.feature != "none":
             per_pair = (
-                float(self._feature_weights(batch).sum())
+                self._feature_weights(batch).sum(dtype=torch.float32)
                 if self.feature_losses[0].per_token
                 else 1.0
             )
@@ -431,7 +463,7 @@ class Distiller(nn.Module):
     def forward(
         self,
         batch: Mapping[str, Any],
-        normalizers: Mapping[str, float] | None = None,
+        normalizers: Mapping[str, Tensor | float] | None = None,
         teacher_outputs: TeacherOutputs | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """``(total_loss, terms)``: ``terms`` holds every term (unweighted) and ``"total"`` as detached
@@ -439,17 +471,21 @@ class Distiller(nn.Module):
 
         With several layer pairs, ``"feature"`` is their mean and ``"feature/s<i>-t<j>"`` each pair's.
 
-        ``normalizers`` (term -> units) defaults to ``count_units(batch)``; a term whose
-        normaliser is 0 contributes 0. ``teacher_outputs`` (``TeacherOutputStore.batch`` of this batch's
-        rows) replaces running the teacher.
+        ``normalizers`` (term -> units, numbers or 0-d device tensors) defaults to this batch's units,
+        counted on the device; a term whose normaliser is 0 contributes 0. ``teacher_outputs``
+        (``TeacherOutputStore.batch`` of this batch's rows) replaces running the teacher.
         """
         if normalizers is None:
-            normalizers = self.count_units(batch)
+            normalizers = self._unit_counts(batch)
         positions = self._positions(batch)
         teacher_logits, teacher_hidden = self._teacher_side(batch, positions, teacher_outputs)
+        teacher_topk = None
+        if isinstance(teacher_logits, tuple):  # a store of top-K logits: (values, indices)
+            teacher_logits, teacher_topk = None, teacher_logits
         student_out, student_hidden = self._run_student(batch)
         sums, pair_sums = self._term_sums(
-            batch, positions, teacher_logits, teacher_hidden, student_out, student_hidden
+            batch, positions, teacher_logits, teacher_hidden, student_out, student_hidden,
+            teacher_topk=teacher_topk,
         )
         return self._normalise(sums, pair_sums, normalizers, positions.device)
 
@@ -604,27 +640,26 @@ class Distiller(nn.Module):
         self,
         sums: Mapping[str, Tensor],
         pair_sums: list[Tensor],
-        normalizers: Mapping[str, float],
+        normalizers: Mapping[str, Tensor | float],
         device: torch.device,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The weighted total of ``sum / units`` per term, and every term as a detached tensor."""
+        """The weighted total of ``sum / units`` per term, and every term as a detached tensor. A
+        normaliser may be a number or a 0-d tensor on the device; neither is read back to the host."""
         zero = torch.zeros((), device=device)
         total = zero
         terms: dict[str, Tensor] = {}
         for name in TERMS:
-            if name not in sums or not normalizers.get(name, 0):
+            if name not in sums:
                 terms[name] = zero
                 continue
-            value = sums[name].float() / float(normalizers[name])
+            value = per_unit(sums[name], normalizers.get(name, 0))
             terms[name] = value.detach()
             if self.weights[name] > 0:
                 total = total + self.weights[name] * value
         if len(pair_sums) > 1:  # "feature" is the mean over pairs; report each pair too
-            per_pair_units = float(normalizers.get("feature", 0)) / len(pair_sums)
+            per_pair_units = normalizers.get("feature", 0) / len(pair_sums)
             for (s, t), pair_sum in zip(self.layer_pairs, pair_sums, strict=True):
-                terms[f"feature/s{s}-t{t}"] = (
-                    pair_sum.detach().float() / per_pair_units if per_pair_units else zero
-                )
+                terms[f"feature/s{s}-t{t}"] = per_unit(pair_sum.detach(), per_pair_units)
         terms["total"] = total.detach()
         return total, terms
 
@@ -635,38 +670,37 @@ class Distiller(nn.Module):
         positions: Tensor | None,
         feature_mask: Tensor | None,
         device: torch.device,
-    ) -> tuple[Tensor | None, dict[int, Tensor]]:
+    ) -> tuple[Tensor | tuple[Tensor, Tensor] | None, dict[int, Tensor]]:
         """Stored (packed) teacher outputs as the live teacher path yields them: logits at ``positions``
-        (None: not needed), hidden states ``[batch, tokens, width]`` at ``layers`` (zero where
-        ``feature_mask`` is off), only the selected columns for ``flex``; on ``device``."""
+        (None: not needed), or ``(values, indices)`` when the store holds top-K logits; hidden states
+        ``[batch, tokens, width]`` at ``layers`` (zero where ``feature_mask`` is off), only the selected
+        columns for ``flex``; on ``device``.
+
+        Nothing here reads a device value back: the stored counts are checked against the batch with
+        ``torch._assert_async`` (raised here on the CPU, by the device later on an accelerator)."""
         logits = None
         if positions is not None:
-            if stored.logits is None:
+            if stored.logits is None and stored.logit_topk is None:
                 raise StoreMismatchError("teacher_outputs: no logits stored, but logit KD is on")
-            if stored.logits.shape[0] != int(positions.sum()):
-                raise StoreMismatchError(
-                    f"teacher_outputs: {stored.logits.shape[0]} stored logit positions, the batch has "
-                    f"{int(positions.sum())}; the outputs were stored for other rows"
-                )
-            logits = stored.logits.to(device)
+            if stored.logit_topk is not None:
+                logits = tuple(t.to(device, non_blocking=True) for t in stored.logit_topk)
+                count = stored.logit_topk[0].shape[0]
+            else:
+                logits = stored.logits.to(device, non_blocking=True)
+                count = stored.logits.shape[0]
+            _assert_count(positions, count, "logit positions")
         hidden = {}
-        feature_positions = int(feature_mask.sum()) if layers else 0
         for layer in layers:
             if layer not in stored.hidden:
                 raise StoreMismatchError(
                     f"teacher_outputs: no hidden states of teacher layer {layer} (stored: {sorted(stored.hidden)})"
                 )
-            packed = stored.hidden[layer].to(device)
-            if packed.shape[0] != feature_positions:
-                raise StoreMismatchError(
-                    f"teacher_outputs: {packed.shape[0]} stored positions of layer {layer}, the batch has "
-                    f"{feature_positions}; the outputs were stored for other rows"
-                )
+            packed = stored.hidden[layer].to(device, non_blocking=True)
+            _assert_count(feature_mask, packed.shape[0], f"positions of layer {layer}")
             if self._teacher_columns is not None:
                 packed = packed.index_select(-1, self._teacher_columns[layer].to(device))
             full = packed.new_zeros(*feature_mask.shape, packed.shape[-1])
-            full[feature_mask] = packed
-            hidden[layer] = full
+            hidden[layer] = full.masked_scatter(feature_mask.unsqueeze(-1), packed)
         return logits, hidden
 
     def _run_tapped(

@@ -141,6 +141,8 @@ def score(
         steps = in_step(bar, device=device)  # a sharded forward is a collective
     with bar, _scoring_mode(teacher), tap, torch.enable_grad():
         for batch, counts in steps:
+            if counts:
+                fingerprint.add(batch)  # hashed on the host copy: reads nothing back from the device
             batch = move_to_device(batch, device)
             outputs = tap.run(**(batch if loss_fn is not None else _model_inputs(batch, task)))
             loss = (
@@ -161,7 +163,6 @@ def score(
                     continue
                 importance_scores(h.detach(), g, weights, stat=stat, out=totals[layer])
             tokens += weights.sum()
-            fingerprint.add(batch)
             del outputs, loss, hidden, grads
     if world_size > 1:
         for total in totals.values():

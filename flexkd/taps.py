@@ -217,9 +217,12 @@ def _resolve_columns(
         ):
             raise TypeError(f"columns[{layer}] must be a 1-D integer tensor")
         width = adapter.layer_width(key)
-        if index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= width:
-            raise ValueError(
-                f"columns[{layer}] must be non-empty with values in [0, {width}), the layer's width"
-            )
+        message = f"columns[{layer}] must be non-empty with values in [0, {width}), the layer's width"
+        if index.numel() == 0:
+            raise ValueError(message)
+        try:  # checked on the index's device, read back to the host only on the CPU (raised there)
+            torch._assert_async(((index >= 0) & (index < width)).all(), message)
+        except RuntimeError:
+            raise ValueError(message) from None
         resolved[key] = index.to(torch.int64)
     return resolved

@@ -14,6 +14,13 @@ LM keeps only its labelled positions, not ``[rows, length, vocab]``.
 The store is a folder of ``.npy`` arrays (memory-mapped when read, so processes share one copy in the
 page cache) and a ``meta.json`` naming the teacher and a fingerprint of the rows; it appears whole or not
 at all. Stored in float32.
+
+With ``topk=K`` the logits are kept as the teacher's K largest per position: ``logit_values [positions, K]``
+(float32, so an fp32, bf16 or fp16 teacher's values are kept exactly) and ``logit_indices [positions, K]``
+(int32), K x (4 + 4) bytes per position instead of vocab x 4. Logit KD against them uses the top-K
+renormalised at the temperature T (``flexkd.losses.logit_kd(teacher_topk=...)``). What that drops is the
+tail mass, ``1 - sum of softmax(logits / T) over the top K``; ``meta.json`` records its mean and max over
+the positions (``TeacherOutputStore.tail_mass``).
 """
 
 from __future__ import annotations
@@ -46,10 +53,13 @@ SUPPORTED_TASKS = ("sequence", "causal_lm", "token")
 @dataclass
 class TeacherOutputs:
     """The teacher's outputs on one batch, packed: ``logits [logit positions, vocab]`` (None when not
-    stored) and ``hidden[layer] [feature positions, width]``, positions in row-major order of the batch."""
+    stored as dense logits), ``logit_topk`` = ``(values, indices)``, each ``[logit positions, K]`` (None
+    when not stored as top-K) and ``hidden[layer] [feature positions, width]``, positions in row-major
+    order of the batch."""
 
     logits: Tensor | None
     hidden: dict[int, Tensor]
+    logit_topk: tuple[Tensor, Tensor] | None = None
 
 
 def rows_fingerprint(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -77,6 +87,8 @@ def write_teacher_outputs(
     layers: Sequence[int],
     collate: Callable[[list], dict[str, Tensor]],
     logits: bool = True,
+    topk: int | None = None,
+    temperature: float = 1.0,
     batch_size: int = 32,
     side: str | None = None,
     ignore_index: int = -100,
@@ -85,10 +97,18 @@ def write_teacher_outputs(
     """Run ``teacher`` once over ``rows`` (batched by ``collate``) and store its outputs at ``path``.
 
     ``layers`` are the teacher layers (HF ``hidden_states`` numbering, negative from the end) whose hidden
-    states are kept; ``logits=False`` stores no logits (for runs without logit KD).
+    states are kept; ``logits=False`` stores no logits (for runs without logit KD). ``topk=K`` keeps the
+    K largest logits per position instead of the vocabulary; ``temperature`` is the T its tail mass is
+    measured at (the run's KD temperature).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+        raise ValueError(f"topk: expected None or an int >= 1, got {topk!r}")
+    if topk is not None and not logits:
+        raise ValueError("topk: top-K logits asked for, but logits=False stores none")
+    if not (isinstance(temperature, int | float) and temperature > 0):
+        raise ValueError(f"temperature: expected a number > 0, got {temperature!r}")
     if len(rows) == 0:
         raise ValueError("rows: nothing to run the teacher on")
     task = detect_task(teacher)
@@ -129,17 +149,27 @@ def write_teacher_outputs(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))  # one per writer
     arrays = _PackedArrays(tmp)
+    tail = _TailMass(float(temperature))
     try:
         progress_bar = tqdm(spans, desc="flexkd teacher outputs", unit="batch", disable=not progress)
         for span, batch, (positions, features) in zip(progress_bar, batches, batch_masks, strict=True):
             inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-            with LayerTap(teacher, resolved, stop_after_deepest=not logits, side=adapter.side) as tap:
-                out = tap.run(**inputs)
-                hidden = dict(tap.hidden)
+            if resolved:
+                with LayerTap(teacher, resolved, stop_after_deepest=not logits, side=adapter.side) as tap:
+                    out = tap.run(**inputs)
+                    hidden = dict(tap.hidden)
+            else:  # logits only
+                out, hidden = teacher(**inputs), {}
             rows_span = (span[0], span[-1] + 1)
             if logits:
                 packed = aligned_logits(out.logits, task)[positions.to(out.logits.device)]
-                arrays.write("logits", packed, logit_offsets, rows_span)
+                if topk is None:
+                    arrays.write("logits", packed, logit_offsets, rows_span)
+                else:
+                    values, indices = _top_logits(packed, topk)
+                    tail.add(packed, values)
+                    arrays.write("logit_values", values, logit_offsets, rows_span)
+                    arrays.write("logit_indices", indices, logit_offsets, rows_span)
             for layer in resolved:
                 packed = hidden[layer][features.to(hidden[layer].device)]
                 arrays.write(f"hidden.{layer}", packed, feature_offsets, rows_span)
@@ -152,6 +182,8 @@ def write_teacher_outputs(
             "side": adapter.side,
             "layers": resolved,
             "logits": logits,
+            "logit_topk": topk,
+            "tail_mass": tail.summary() if topk is not None else None,
             "rows": len(rows),
             "rows_fingerprint": rows_fingerprint(rows),
             "ignore_index": ignore_index,
@@ -166,21 +198,54 @@ def write_teacher_outputs(
     return TeacherOutputStore(path)
 
 
+def _top_logits(packed: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest logits per position (fp32, descending) and their int32 vocabulary indices."""
+    vocab = packed.shape[-1]
+    if k > vocab:
+        raise ValueError(f"topk: K={k} is larger than the teacher's vocabulary of {vocab}")
+    values, indices = packed.float().topk(k, dim=-1)
+    return values, indices.to(torch.int32)
+
+
+class _TailMass:
+    """Running mean and max over positions of ``1 - softmax(logits / T)`` summed over the top K."""
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature, self.total, self.max, self.count = temperature, 0.0, 0.0, 0
+
+    def add(self, logits: Tensor, top_values: Tensor) -> None:
+        if logits.shape[0] == 0:
+            return
+        scaled = logits.float() / self.temperature
+        kept = torch.logsumexp(top_values / self.temperature, -1) - torch.logsumexp(scaled, -1)
+        tail = (-torch.expm1(kept)).clamp_min(0.0)  # 1 - exp(kept), exact near 0
+        self.total += float(tail.double().sum())
+        self.max = max(self.max, float(tail.max()))
+        self.count += tail.numel()
+
+    def summary(self) -> dict[str, float]:
+        mean = self.total / self.count if self.count else 0.0
+        return {"temperature": self.temperature, "mean": mean, "max": self.max}
+
+
 class _PackedArrays:
-    """The store's float32 ``.npy`` arrays, created on first write (the width is known only then)."""
+    """The store's ``.npy`` arrays (float32, int32 indices), created on first write (the width is known
+    only then)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder, self.arrays = folder, {}
 
     def write(self, name: str, packed: Tensor, offsets: np.ndarray, rows: tuple[int, int]) -> None:
+        dtype = np.int32 if packed.dtype == torch.int32 else np.float32
         if name not in self.arrays:
             self.arrays[name] = np.lib.format.open_memmap(
                 self.folder / f"{name}.npy",
                 mode="w+",
-                dtype=np.float32,
+                dtype=dtype,
                 shape=(int(offsets[-1]), packed.shape[-1]),
             )
-        self.arrays[name][offsets[rows[0]] : offsets[rows[1]]] = packed.float().cpu().numpy()
+        values = packed if dtype == np.int32 else packed.float()
+        self.arrays[name][offsets[rows[0]] : offsets[rows[1]]] = values.cpu().numpy()
 
     def close(self) -> None:
         for array in self.arrays.values():
@@ -207,11 +272,21 @@ class TeacherOutputStore:
         try:
             self.layers: list[int] = list(self.meta["layers"])
             self.has_logits: bool = bool(self.meta["logits"])
+            self.topk: int | None = self.meta.get("logit_topk")
         except (KeyError, TypeError) as error:
             raise UnreadableFileError(meta_path, f"lacks a valid {_io.one_line(error)} entry") from None
         self._logit_offsets = self._array("logit_offsets.npy")
         self._feature_offsets = self._array("feature_offsets.npy")
-        self._logits = self._array("logits.npy", mmap_mode="r") if self.has_logits else None
+        dense = self.has_logits and self.topk is None
+        self._logits = self._array("logits.npy", mmap_mode="r") if dense else None
+        self._topk = (
+            (
+                self._array("logit_values.npy", mmap_mode="r"),
+                self._array("logit_indices.npy", mmap_mode="r"),
+            )
+            if self.has_logits and self.topk is not None
+            else None
+        )
         self._hidden = {
             layer: self._array(f"hidden.{layer}.npy", mmap_mode="r") for layer in self.layers
         }
@@ -228,6 +303,12 @@ class TeacherOutputStore:
     def __len__(self) -> int:
         return int(self.meta["rows"])
 
+    @property
+    def tail_mass(self) -> dict[str, float] | None:
+        """For top-K logits, ``{"temperature", "mean", "max"}`` of the softmax mass outside the top K
+        over the stored positions (None for dense or no logits)."""
+        return self.meta.get("tail_mass")
+
     def check(
         self,
         teacher: nn.Module,
@@ -235,9 +316,11 @@ class TeacherOutputStore:
         *,
         layers: Sequence[int] = (),
         logits: bool = False,
+        topk: int | None = None,
     ) -> None:
         """Raise ``StoreMismatchError`` (a ``ValueError``) unless this store was made by ``teacher`` on ``rows`` and holds ``layers``
-        (resolved against the teacher) and, when ``logits``, the logits."""
+        (resolved against the teacher) and, when ``logits``, the logits: dense when ``topk`` is None, else
+        the top ``topk``."""
         problems = TeacherIdentity.from_dict(self.meta["teacher"]).mismatches(
             TeacherIdentity.of(teacher, side=self.meta["side"])
         )
@@ -251,6 +334,10 @@ class TeacherOutputStore:
             problems.append(f"layers: {missing} not stored (it holds {self.layers})")
         if logits and not self.has_logits:
             problems.append("logits: not stored, but the run uses logit KD")
+        elif logits and self.topk != topk:
+            stored = "dense logits" if self.topk is None else f"the top-{self.topk} logits"
+            asked = "dense logits" if topk is None else f"the top-{topk} logits"
+            problems.append(f"teacher_topk: the store holds {stored}, the run asks for {asked}")
         if problems:
             raise StoreMismatchError(
                 f"teacher_outputs: {self.path} does not fit this run: " + "; ".join(problems)
@@ -267,7 +354,12 @@ class TeacherOutputStore:
             return torch.from_numpy(np.concatenate(parts) if parts else data[:0].copy())
 
         logits = gather(self._logits, self._logit_offsets) if self._logits is not None else None
+        topk = (
+            tuple(gather(data, self._logit_offsets) for data in self._topk)
+            if self._topk is not None
+            else None
+        )
         hidden = {
             layer: gather(data, self._feature_offsets) for layer, data in self._hidden.items()
         }
-        return TeacherOutputs(logits=logits, hidden=hidden)
+        return TeacherOutputs(logits=logits, hidden=hidden, logit_topk=topk)

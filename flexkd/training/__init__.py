@@ -8,7 +8,8 @@ One job per module, in the order a run uses them:
 - ``teacher_prep``: the dimension selection (loaded or scored) and the stored teacher outputs;
 - ``optim``: AdamW with weight-decay groups, the learning-rate schedule;
 - ``run_dir``: the run folder's lock, metrics log and final student;
-- ``loop``: :func:`train` and its :func:`train_step`.
+- ``loop``: :func:`train`, the loop :func:`run_steps` and its :func:`train_step`;
+- ``finetune``: :func:`fit`, one model on its own task loss through the same loop (the lab's teachers).
 """
 
 from flexkd.training.data import (
@@ -27,7 +28,15 @@ from flexkd.training.factories import (
     register_data_factory,
     register_model_factory,
 )
-from flexkd.training.loop import StepResult, TrainResult, make_accelerator, train, train_step
+from flexkd.training.finetune import TaskObjective, fit
+from flexkd.training.loop import (
+    StepResult,
+    TrainResult,
+    make_accelerator,
+    run_steps,
+    train,
+    train_step,
+)
 from flexkd.training.models import auto_class, build_model, build_tokenizer
 from flexkd.training.teacher_prep import score_selection, selection_k
 
@@ -39,17 +48,20 @@ __all__ = [
     "ShardedOrder",
     "Splits",
     "StepResult",
+    "TaskObjective",
     "TrainResult",
     "auto_class",
     "build_model",
     "build_splits",
     "build_tokenizer",
+    "fit",
     "make_accelerator",
     "move_to_device",
     "pad_sequences",
     "pad_token_id",
     "register_data_factory",
     "register_model_factory",
+    "run_steps",
     "score_selection",
     "selection_k",
     "train",

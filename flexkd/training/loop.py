@@ -6,13 +6,19 @@ order is our own (``ShardedOrder``), so resuming continues exactly where a run s
 
 One optimizer step (:func:`train_step`, ``grad_accum`` micro-batches per process):
   1. count every term's units (valid tokens, sequences, ...) over the whole window and all
-     processes, before any forward;
-  2. for each micro-batch: ``loss = Σ_t w_t · sum_t / units_t`` and backward (DDP averages
-     over processes, so the loss is scaled by the world size);
-  3. sum the terms over the window and the processes; a non-finite term stops the run here,
-     before the optimizer steps, so nothing from that step is logged or checkpointed;
+     processes, on the host copies of the batches, before any forward;
+  2. for each micro-batch: move it to the device, ``loss = Σ_t w_t · sum_t / units_t`` and backward
+     (DDP averages over processes, so the loss is scaled by the world size);
+  3. sum the terms over the window on the device;
   4. clip, step.
 The result is "sum of token losses / valid tokens in the window", never a mean of means.
+
+Between reports the loop never waits for the device: the terms stay there, and only a step that logs
+(every ``train.log_every`` steps), checkpoints, or ends the run reduces them over the processes and
+reads them back. Such a step first checks the sums of the unreported steps, then its own terms before
+its update, so a non-finite term stops the run before anything from it is logged or checkpointed
+(with ``log_every: 1``, before the update of the step it happened in). ``tests/test_host_syncs.py``
+counts the read-backs of a step (its docstring gives the method): none in flexkd's code.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,37 +86,48 @@ class TrainResult:
 
 @dataclass
 class StepResult:
-    """One optimizer step: every term summed over the window and the processes, each term's units,
-    and the gradient norm before clipping (None without clipping)."""
+    """One optimizer step. Reported (``train_step(report=True)``): every term summed over the window and
+    the processes and each term's units, as floats, and the gradient norm before clipping (None without
+    clipping). Not reported: the same, unreduced (this process's window), as 0-d tensors on the device."""
 
-    terms: dict[str, float]
-    units: dict[str, float]
-    grad_norm: float | None
+    terms: dict[str, float] | dict[str, torch.Tensor]
+    units: dict[str, float] | dict[str, torch.Tensor]
+    grad_norm: float | torch.Tensor | None
+    reported: bool = True
 
 
-def make_accelerator(**kwargs: Any):
-    """An ``Accelerator`` that also forms a process group on machines without an accelerator.
+def make_accelerator(*, cpu: bool | None = None, **kwargs: Any):
+    """An ``Accelerator`` that also forms a process group on machines without an accelerator
+    (``cpu=None``: the CPU only when there is no accelerator).
 
     (``accelerate`` only sets up multi-process CPU runs, e.g. under ``torchrun``, when told ``cpu=True``.)
     """
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=not torch.accelerator.is_available(), **kwargs)
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available() if cpu is None else cpu, **kwargs)
     warn_if_fewer_processes(accelerator.num_processes)
     return accelerator
 
 
 def window_units(
     distiller, window: Sequence[dict[str, torch.Tensor]], accelerator
-) -> dict[str, float]:
-    """Each term's units summed over the accumulation window and all processes."""
-    units = torch.zeros(len(UNIT_TERMS), dtype=torch.float64, device=accelerator.device)
-    for batch in window:
-        counted = distiller.count_units(batch)
-        units += torch.tensor(
-            [counted[n] for n in UNIT_TERMS], dtype=torch.float64, device=units.device
-        )
-    return dict(zip(UNIT_TERMS, accelerator.reduce(units, reduction="sum").tolist(), strict=True))
+) -> dict[str, float] | dict[str, torch.Tensor]:
+    """Each term's units summed over the accumulation window and all processes.
+
+    Counted on ``window`` as given: pass the host copies (before the move to the device) and nothing
+    waits for the device. One process: floats. Several: 0-d tensors on the device, all-reduced there
+    and not read back (the normalisers of the step)."""
+    counted = [distiller.count_units(batch) for batch in window]
+    units = {name: float(sum(c[name] for c in counted)) for name in UNIT_TERMS}
+    if accelerator.num_processes == 1:
+        return units
+    local = torch.tensor([units[n] for n in UNIT_TERMS], dtype=torch.float64)
+    summed = accelerator.reduce(local.to(accelerator.device), reduction="sum")
+    return dict(zip(UNIT_TERMS, summed.to(torch.float32).unbind(), strict=True))
+
+
+def _as_floats(values: dict[str, float] | dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(v) for k, v in values.items()}
 
 
 def train_step(
@@ -125,17 +142,28 @@ def train_step(
     max_grad_norm: float | None = None,
     store=None,
     window_rows: Sequence[Sequence[int]] | None = None,
+    units: dict[str, float] | dict[str, torch.Tensor] | None = None,
+    report: bool = True,
 ) -> StepResult:
     """One optimizer step over the micro-batches of ``window`` (``model`` is the prepared ``distiller``).
 
-    ``store`` (with the row indices of each micro-batch in ``window_rows``) replaces running the
-    teacher. ``step`` is the number of this step, for the message of a non-finite term.
+    ``window`` holds the micro-batches on the host or the device; each is moved to the device just
+    before its forward. ``units`` (:func:`window_units` of the host copies) defaults to counting
+    ``window``. ``store`` (with the row indices of each micro-batch in ``window_rows``) replaces running
+    the teacher. ``step`` is the number of this step, for the message of a non-finite term.
+
+    With ``report=False`` the step never waits for the device (no all-reduce of the terms, no value read
+    back, so no check that they are finite): the terms stay on the device. ``report=True`` reduces
+    them over the processes and raises :class:`NonFiniteLossError` before the update when one is not
+    finite.
     """
-    units = window_units(distiller, window, accelerator)
+    if units is None:
+        units = window_units(distiller, window, accelerator)
     world = accelerator.num_processes
     sharded_student = is_sharded(distiller.student)
     names, summed = None, None
     for i, batch in enumerate(window):
+        batch = move_to_device(batch, accelerator.device)
         stored = store.batch(window_rows[i]) if store is not None else None
         sync, cast = contextlib.nullcontext(), contextlib.nullcontext()
         last = i == len(window) - 1
@@ -152,22 +180,111 @@ def train_step(
             accelerator.backward(loss * world)
         values = torch.stack([value.to(torch.float32) for value in terms.values()])
         names, summed = list(terms), values if summed is None else summed + values
-    totals = dict(zip(names, accelerator.reduce(summed, reduction="sum").tolist(), strict=True))
-    check_finite(totals, step=step, layer_pairs=distiller.layer_pairs)
+    if report:
+        totals = dict(zip(names, accelerator.reduce(summed, reduction="sum").tolist(), strict=True))
+        check_finite(totals, step=step, layer_pairs=distiller.layer_pairs)
 
     grad_norm = None
     if max_grad_norm is not None:
-        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(totals, units, grad_norm)
+    if not report:
+        return StepResult(dict(zip(names, summed.unbind(), strict=True)), units, grad_norm, False)
+    return StepResult(
+        totals, _as_floats(units), None if grad_norm is None else float(grad_norm), True
+    )
+
+
+class UncheckedTerms:
+    """The terms of the steps that did not report, summed on the device, so that a report step can tell
+    whether one of them was not finite (a NaN or inf stays one in the sum)."""
+
+    def __init__(self) -> None:
+        self.names: list[str] | None = None
+        self.total: torch.Tensor | None = None
+        self.first_step: int | None = None
+
+    def add(self, terms: dict[str, torch.Tensor], step: int) -> None:
+        values = torch.stack(list(terms.values()))
+        if self.total is None:
+            self.names, self.total, self.first_step = list(terms), values, step
+        else:
+            self.total = self.total + values
+
+    def check(self, accelerator, *, step: int, layer_pairs: Sequence[tuple[int, int]]) -> None:
+        """Raise :class:`NonFiniteLossError` when a term of the unchecked steps was not finite; reset."""
+        if self.total is None:
+            return
+        summed = accelerator.reduce(self.total, reduction="sum").tolist()
+        first, self.total = self.first_step, None
+        terms = dict(zip(self.names, summed, strict=True))
+        check_finite(
+            terms, step=step, layer_pairs=layer_pairs, when=f"between steps {first} and {step - 1}"
+        )
+
+
+def run_steps(
+    model,
+    objective,
+    windows: Iterator[tuple[list[dict[str, torch.Tensor]], list[list[int]] | None]],
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    accelerator,
+    start: int,
+    total: int,
+    max_grad_norm: float | None,
+    log_every: int,
+    checkpoint_every: int | None = None,
+    store=None,
+) -> Iterator[tuple[int, StepResult]]:
+    """The training loop: steps ``start + 1 .. total``, each a :func:`train_step` on the next
+    ``(window, window_rows)`` of ``windows`` (host batches), yielding ``(step, result)``.
+
+    ``objective`` is the :class:`~flexkd.distill.Distiller` (or anything with its ``count_units``,
+    ``layer_pairs`` and call), ``model`` its prepared form. Only steps that log (every ``log_every``),
+    checkpoint (every ``checkpoint_every``) or end the run report, i.e. wait for the device; each first
+    checks the unreported steps' terms (:class:`UncheckedTerms`)."""
+    unchecked = UncheckedTerms()
+    for step in range(start + 1, total + 1):
+        window, window_rows = next(windows)
+        report = (
+            step % log_every == 0
+            or step == total
+            or bool(checkpoint_every and step % checkpoint_every == 0)
+        )
+        if report:  # what is logged or checkpointed was checked finite first
+            unchecked.check(accelerator, step=step, layer_pairs=objective.layer_pairs)
+        result = train_step(
+            model,
+            objective,
+            window,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            accelerator=accelerator,
+            step=step,
+            max_grad_norm=max_grad_norm,
+            store=store,
+            window_rows=window_rows,
+            units=window_units(objective, window, accelerator),
+            report=report,
+        )
+        if not report:
+            unchecked.add(result.terms, step)
+        yield step, result
 
 
 def check_finite(
-    terms: dict[str, float], *, step: int, layer_pairs: Sequence[tuple[int, int]]
+    terms: dict[str, float],
+    *,
+    step: int,
+    layer_pairs: Sequence[tuple[int, int]],
+    when: str | None = None,
 ) -> None:
-    """Raise :class:`NonFiniteLossError` naming the first non-finite term, the step and the layer pair."""
+    """Raise :class:`NonFiniteLossError` naming the first non-finite term, the step (or ``when``, the
+    steps it happened in) and the layer pair."""
     bad = [name for name, value in terms.items() if not math.isfinite(value)]
     if not bad:
         return
@@ -181,8 +298,9 @@ def check_finite(
     else:
         where = "the logits (no layer pair)"
     raise NonFiniteLossError(
-        f"step {step}: loss term {name!r} is {terms[name]} at {where}; the run stops before this "
-        f"step's update (non-finite terms: {bad}). The last checkpoint is from an earlier step."
+        f"{when or f'step {step}'}: loss term {name!r} is {terms[name]} at {where}; the run stops "
+        f"before step {step}'s update (non-finite terms: {bad}). The last checkpoint is from an "
+        "earlier step."
     )
 
 
@@ -329,6 +447,16 @@ def _distil(cfg: Config, accelerator) -> TrainResult:
 
     # The loop.
     batches = order.batches(state.epoch, state.position)
+
+    def windows():
+        while True:
+            window, window_rows = [], []
+            for _ in range(tc.grad_accum):
+                state.epoch, state.position, rows = next(batches)
+                window.append(collate([train_rows[i] for i in rows]))  # host copies
+                window_rows.append(rows)
+            yield window, window_rows
+
     bar = tqdm(
         total=total_steps,
         initial=state.step,
@@ -338,29 +466,22 @@ def _distil(cfg: Config, accelerator) -> TrainResult:
     )
     started = time.perf_counter()
     model.train()
-    while state.step < total_steps:
-        window, window_rows = [], []
-        for _ in range(tc.grad_accum):
-            state.epoch, state.position, rows = next(batches)
-            window.append(
-                move_to_device(collate([train_rows[i] for i in rows]), accelerator.device)
-            )
-            window_rows.append(rows)
-        result = train_step(
-            model,
-            distiller,
-            window,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            accelerator=accelerator,
-            step=state.step + 1,
-            max_grad_norm=tc.max_grad_norm,
-            store=store,
-            window_rows=window_rows,
-        )
-        state.step += 1
-
-        if main and (state.step % tc.log_every == 0 or state.step == total_steps):
+    for step, result in run_steps(
+        model,
+        distiller,
+        windows(),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        accelerator=accelerator,
+        start=state.step,
+        total=total_steps,
+        max_grad_norm=tc.max_grad_norm,
+        log_every=tc.log_every,
+        checkpoint_every=tc.checkpoint_every,
+        store=store,
+    ):
+        state.step = step
+        if main and result.reported and (step % tc.log_every == 0 or step == total_steps):
             append_metrics(
                 metrics_path,
                 {
@@ -373,7 +494,8 @@ def _distil(cfg: Config, accelerator) -> TrainResult:
                     "elapsed_s": round(time.perf_counter() - started, 3),
                 },
             )
-        bar.set_postfix(loss=f"{result.terms['total']:.4f}")
+        if result.reported:
+            bar.set_postfix(loss=f"{result.terms['total']:.4f}")
         bar.update(1)
         if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
             save_checkpoint(

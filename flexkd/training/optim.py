@@ -1,7 +1,10 @@
-"""The optimizer and learning-rate schedule of a run.
+"""The optimizer and learning-rate schedule of a run (distillation and fine-tuning alike).
 
-Weight decay follows the teachers' fine-tuning loop (``flexkd_lab.tasks.training``): matrices decay,
-parameters with fewer than two dimensions (biases, norm weights) do not.
+Weight decay: matrices decay, parameters with fewer than two dimensions (biases, norm weights) do not.
+The schedules are Hugging Face's (``transformers.get_scheduler``): with W warm-up steps, the learning
+rate of optimizer step s (counted from 0) is ``lr * s / W`` while ``s < W`` (so with warm-up the first
+step runs at 0), then ``linear`` decays to 0 at the last step, ``cosine`` follows half a cosine,
+``constant`` stays at ``lr``.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import torch
 from torch import nn
 
 from flexkd.config import TrainSection
+
+SCHEDULES = ("linear", "cosine", "constant")
 
 
 def parameter_groups(parameters: list[nn.Parameter], weight_decay: float) -> list[dict]:
@@ -22,16 +27,29 @@ def parameter_groups(parameters: list[nn.Parameter], weight_decay: float) -> lis
     ]
 
 
+def adamw(parameters: list[nn.Parameter], *, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(parameter_groups(parameters, weight_decay), lr=lr)
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, kind: str, *, warmup_steps: int, total_steps: int):
+    """The ``kind`` schedule (one of ``SCHEDULES``) over ``total_steps`` optimizer steps."""
+    from transformers import get_scheduler
+
+    if kind not in SCHEDULES:
+        raise ValueError(f"kind: expected one of {SCHEDULES}, got {kind!r}")
+    return get_scheduler(
+        kind if kind != "constant" else "constant_with_warmup",
+        optimizer,
+        num_warmup_steps=warmup_steps,
+        num_training_steps=total_steps,
+    )
+
+
 def build_optimizer(parameters: list[nn.Parameter], tc: TrainSection) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(parameter_groups(parameters, tc.weight_decay), lr=tc.lr)
+    return adamw(parameters, lr=tc.lr, weight_decay=tc.weight_decay)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, tc: TrainSection, total_steps: int):
-    from transformers import get_scheduler
-
-    return get_scheduler(
-        tc.scheduler if tc.scheduler != "constant" else "constant_with_warmup",
-        optimizer,
-        num_warmup_steps=tc.warmup_steps,
-        num_training_steps=total_steps,
+    return lr_schedule(
+        optimizer, tc.scheduler, warmup_steps=tc.warmup_steps, total_steps=total_steps
     )

@@ -4,6 +4,7 @@ on the configured split and saved) and, with ``distill.teacher_outputs``, the st
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -134,27 +135,38 @@ def teacher_output_store(cfg: Config, distiller, train_rows, collate, accelerato
     path = cfg.path(cfg.distill.teacher_outputs)
     layers = distiller.teacher_layers
     logits = distiller.weights["logit"] > 0
+    topk = cfg.distill.teacher_topk if logits else None
     # A sharded teacher's forward is a collective: every rank runs it, the others into a scratch folder.
     writes = accelerator.is_main_process or is_sharded(distiller.teacher)
     scratch = None if accelerator.is_main_process else Path(tempfile.mkdtemp()) / "outputs"
     if not (path / "meta.json").is_file() and writes:
-        write_teacher_outputs(
+        written = write_teacher_outputs(
             distiller.teacher,
             train_rows,
             scratch or path,
             layers=layers,
             collate=collate,
             logits=logits,
+            topk=topk,
+            temperature=cfg.distill.temperature,
             batch_size=cfg.train.batch_size,
             side=cfg.distill.side,
             progress=cfg.train.progress,
         )
+        if written.tail_mass is not None and accelerator.is_main_process:
+            tail = written.tail_mass
+            print(
+                f"flexkd distill: stored the teacher's top-{topk} logits; the softmax mass they drop at "
+                f"T={tail['temperature']:g} is {tail['mean']:.4f} on average, {tail['max']:.4f} at most",
+                file=sys.stderr,
+                flush=True,
+            )
     if scratch is not None:
         shutil.rmtree(scratch.parent, ignore_errors=True)
     accelerator.wait_for_everyone()
     store = TeacherOutputStore(path)
     try:
-        store.check(distiller.teacher, train_rows, layers=layers, logits=logits)
+        store.check(distiller.teacher, train_rows, layers=layers, logits=logits, topk=topk)
     except ValueError as err:
         raise StoreMismatchError(f"distill.{err}") from None
     return store

@@ -14,7 +14,7 @@ import torch
 
 from .training import FitConfig, fit
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: trained by the library loop (flexkd.training.finetune)
 REPORT_FILE = "flexkd_teacher.json"
 
 
@@ -82,14 +82,7 @@ def get_teacher(
         return _load(task, path, device)
 
     model = task.build_teacher(seed=seed).to(device)
-    loader = task.dataloader(
-        "train",
-        fit_config.batch_size,
-        shuffle=True,
-        limit=fit_config.train_limit,
-        seed=fit_config.seed,
-    )
-    stats = fit(model, loader, fit_config, desc=f"teacher {task.name}", progress=progress)
+    stats = fit(model, task, fit_config, desc=f"teacher {task.name}", progress=progress)
     limit = task.teacher_eval_limit if eval_limit is None else eval_limit
     metrics = task.evaluate(model, "validation", limit=limit, progress=progress)
     report = {

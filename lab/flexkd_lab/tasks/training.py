@@ -1,17 +1,12 @@
-"""A plain supervised fine-tuning loop (AdamW, linear warm-up/decay, progress bar), used to
-train the teachers. Distillation has its own loop in ``flexkd.training``."""
+"""The teachers' fine-tuning settings. The training itself is the library's loop
+(:func:`flexkd.training.finetune.fit`, the steps ``flexkd distill`` runs): see its conventions for
+the warm-up, the last short batch (dropped) and the data order."""
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import asdict, dataclass
 
-import torch
 from torch import nn
-from tqdm.auto import tqdm
-
-from flexkd.training.data import move_to_device
 
 
 @dataclass(frozen=True)
@@ -43,69 +38,11 @@ class FitConfig:
         return asdict(self)
 
 
-def linear_schedule(total_steps: int, warmup_steps: int):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+def fit(model: nn.Module, task, config: FitConfig, *, desc: str = "train", progress: bool = True) -> dict:
+    """Train ``model`` on ``task``'s train split (its first ``config.train_limit`` rows) with the
+    library's loop. Returns steps, seconds and the first and last losses."""
+    from flexkd.training.finetune import fit as library_fit
 
-    return factor
-
-
-def fit(
-    model: nn.Module, loader, config: FitConfig, *, desc: str = "train", progress: bool = True
-) -> dict:
-    """Train ``model`` on batches from ``loader`` (dicts that ``model(**batch)`` accepts, with
-    labels, so the output has ``.loss``). Returns steps, seconds and the last losses."""
-    steps_per_epoch = len(loader)
-    total = math.ceil(config.epochs * steps_per_epoch)
-    if config.max_steps is not None:
-        total = min(total, config.max_steps)
-    words = model.get_input_embeddings().weight
-    words_trainable = words.requires_grad
-    if config.freeze_word_embeddings:
-        words.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": config.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=config.lr,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, linear_schedule(total, max(1, int(config.warmup_ratio * total)))
-    )
-    device = next(model.parameters()).device
-    model.train()
-    losses: list[float] = []
-    start = time.perf_counter()
-    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress)
-    step = 0
-    while step < total:
-        for batch in loader:
-            if step >= total:
-                break
-            loss = model(**move_to_device(batch, device)).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step}")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-    bar.close()
-    words.requires_grad_(words_trainable)
-    model.eval()
-    return {
-        "steps": step,
-        "seconds": time.perf_counter() - start,
-        "first_loss": losses[0],
-        "last_loss_mean20": sum(losses[-20:]) / len(losses[-20:]),
-    }
+    settings = config.to_dict()
+    rows = task.encode("train", settings.pop("train_limit"))
+    return library_fit(model, rows, task.collate, **settings, desc=desc, progress=progress)
