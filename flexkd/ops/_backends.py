@@ -65,6 +65,13 @@ def unavailable_reason(backend: str, device_type: str, *, native: bool = True) -
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def _reason(backend: str, device_type: str, native: bool) -> str | None:
+    # The two-argument call for the native ops keeps unavailable_reason's original call shape.
+    if native:
+        return unavailable_reason(backend, device_type)
+    return unavailable_reason(backend, device_type, native=False)
+
+
 _AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 _warned: set[tuple[str, str]] = set()
 
@@ -85,13 +92,13 @@ def resolve(backend: str, device_type: str, op_name: str) -> str:
     requested = _requested(backend)
     native = op_name not in PURE_TORCH_OPS
     if requested != "auto":
-        reason = unavailable_reason(requested, device_type, native=native)
+        reason = _reason(requested, device_type, native)
         if reason is not None:
             raise RuntimeError(f"{op_name}: backend {requested!r} is not available: {reason}")
         return requested
     reasons = []
     for candidate in _AUTO_ORDER.get(device_type, ()):
-        reason = unavailable_reason(candidate, device_type, native=native)
+        reason = _reason(candidate, device_type, native)
         if reason is None:
             return candidate
         reasons.append(f"{candidate}: {reason}")
