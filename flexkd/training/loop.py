@@ -44,7 +44,7 @@ from flexkd.distributed import (
     check_sharding,
     is_sharded,
     no_gradient_sync,
-    shard_model,
+    shard_from_config,
     shard_trainable,
     warn_if_fewer_processes,
 )
@@ -269,12 +269,8 @@ def _distil(cfg: Config, accelerator) -> TrainResult:
     splits = build_splits(cfg, tokenizer)
     teacher = build_model(cfg, "teacher", num_labels=splits.num_labels).to(accelerator.device)
     student = build_model(cfg, "student", num_labels=splits.num_labels)
-    if fsdp.teacher:
-        shard_model(teacher, reshard_after_forward=fsdp.reshard_after_forward)
-    if fsdp.student:
-        shard_model(
-            student.to(accelerator.device), reshard_after_forward=fsdp.reshard_after_forward
-        )
+    shard_from_config(cfg, teacher, "teacher")
+    shard_from_config(cfg, student.to(accelerator.device) if fsdp.student else student, "student")
     collate = Collator(cfg.data.task, pad_token_id(tokenizer, teacher))
     train_rows = splits.get("train")
 
