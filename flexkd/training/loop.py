@@ -137,15 +137,13 @@ def train_step(
     names, summed = None, None
     for i, batch in enumerate(window):
         stored = store.batch(window_rows[i]) if store is not None else None
-        sync, cast = contextlib.nullcontext(), contextlib.nullcontext()
         last = i == len(window) - 1
         if sharded_student:  # not prepared by accelerate: no DDP wrapper to autocast or skip syncs
-            sync, cast = (
-                (sync if last else no_gradient_sync(distiller.student)),
-                accelerator.autocast(),
-            )
-        elif not last:
-            sync = accelerator.no_sync(model)
+            sync = contextlib.nullcontext() if last else no_gradient_sync(distiller.student)
+            cast = accelerator.autocast()
+        else:
+            sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+            cast = contextlib.nullcontext()
         with sync, cast:
             loss, terms = model(batch, normalizers=units, teacher_outputs=stored)
             # DDP and FSDP average gradients over processes; the loss is already a global sum / units

@@ -134,10 +134,11 @@ def teacher_output_store(cfg: Config, distiller, train_rows, collate, accelerato
     path = cfg.path(cfg.distill.teacher_outputs)
     layers = distiller.teacher_layers
     logits = distiller.weights["logit"] > 0
-    # A sharded teacher's forward is a collective: every rank runs it, the others into a scratch folder.
-    writes = accelerator.is_main_process or is_sharded(distiller.teacher)
-    scratch = None if accelerator.is_main_process else Path(tempfile.mkdtemp()) / "outputs"
-    if not (path / "meta.json").is_file() and writes:
+    # A sharded teacher's forward is a collective: the other ranks run it too, into a scratch folder.
+    main = accelerator.is_main_process
+    scratch = None
+    if not (path / "meta.json").is_file() and (main or is_sharded(distiller.teacher)):
+        scratch = None if main else Path(tempfile.mkdtemp()) / "outputs"
         write_teacher_outputs(
             distiller.teacher,
             train_rows,
