@@ -77,3 +77,23 @@ def test_shard_model_needs_a_process_group():
     with pytest.raises(RuntimeError, match="torch.distributed initialised.*torchrun"):
         distributed.shard_model(tiny.build("llama"))
     assert not distributed.is_sharded(tiny.build("llama"))
+
+
+def test_a_sharded_checkpoint_is_refused_by_an_unsharded_student(tmp_path):
+    import json
+
+    from flexkd.checkpoint import load_checkpoint
+    from flexkd.errors import ResumeMismatchError
+
+    state = {"step": 2, "epoch": 0, "position": 2, "seed": 0, "world_size": 1}
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    (tmp_path / "sharded").mkdir()
+    student = tiny.build("llama")
+    with pytest.raises(ResumeMismatchError, match="sharded student.*not sharded.*fsdp.student"):
+        load_checkpoint(
+            tmp_path,
+            student=student,
+            feature_losses=torch.nn.ModuleList(),
+            optimizer=torch.optim.AdamW(student.parameters()),
+            scheduler=None,
+        )
