@@ -236,10 +236,6 @@ class FSDPSection(_Section):
         True, description="free gathered parameters after each block's forward (less memory)"
     )
 
-    @property
-    def enabled(self) -> bool:
-        return self.teacher or self.student
-
 
 class DistributedSection(_Section):
     fsdp: FSDPSection = FSDPSection()

@@ -37,14 +37,14 @@ def shard_model(model: nn.Module, *, reshard_after_forward: bool = True, mesh=No
 
     from flexkd.adapters import get_adapter
 
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        raise RuntimeError(
-            "shard_model needs torch.distributed initialised (start with torchrun --nproc_per_node N)"
-        )
     dtypes = {p.dtype for p in model.parameters()}
     if len(dtypes) > 1 or not all(d.is_floating_point for d in dtypes):
         raise ValueError(
             f"model: FSDP shards models whose parameters share one float dtype, got {sorted(map(str, dtypes))}"
+        )
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        raise RuntimeError(
+            "shard_model needs torch.distributed initialised (start with torchrun --nproc_per_node N)"
         )
     units = [
         block for side in get_adapter(model).sides for block in get_adapter(model, side).blocks
@@ -208,3 +208,11 @@ def no_gradient_sync(model: nn.Module):
         yield
     finally:
         model.set_requires_gradient_sync(True)
+
+
+def shard_from_config(cfg, model: nn.Module, role: str) -> nn.Module:
+    """``model`` sharded when ``distributed.fsdp.<role>`` asks for it (``role``: teacher or student)."""
+    fsdp = cfg.distributed.fsdp
+    if getattr(fsdp, role):
+        shard_model(model, reshard_after_forward=fsdp.reshard_after_forward)
+    return model

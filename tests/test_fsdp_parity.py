@@ -5,8 +5,6 @@ Distiller term and student gradient, with and without the teacher's early exit.
 Run as a test, or as the worker: ``torchrun --nproc_per_node 2 tests/test_fsdp_parity.py OUT_FILE``.
 """
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import _tiny_hf as tiny  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
+from _torchrun import run_two_processes  # noqa: E402
 
 import flexkd  # noqa: E402
 from flexkd.adapters.identity import weights_fingerprint  # noqa: E402
@@ -91,16 +90,7 @@ def worker(out_file: str) -> None:
 @pytest.mark.slow
 def test_sharded_teacher_and_student_match_unsharded(tmp_path):
     out = tmp_path / "result.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        + [__file__, str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_two_processes(__file__, str(out), timeout=300)
     got = torch.load(out, weights_only=False)
 
     for dtype in (torch.float32, torch.bfloat16):

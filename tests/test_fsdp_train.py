@@ -7,8 +7,6 @@ The 2-process part runs as ``torchrun --nproc_per_node 2 tests/test_fsdp_train.p
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from _torchrun import run_two_processes  # noqa: E402
 from _train_helpers import write_causal_config  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
@@ -83,16 +82,7 @@ def test_fsdp_steps_match_ddp_and_resume_exactly(tmp_path):
         dropout=0.0,
         rows=16,
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        + [__file__, str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_two_processes(__file__, str(tmp_path), timeout=400)
     assert (tmp_path / "teacher-outputs" / "meta.json").is_file()
 
     metrics = {name: _metrics(tmp_path / name) for name in RUNS}

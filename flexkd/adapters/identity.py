@@ -147,6 +147,8 @@ def _dtensor_leading_values(param, count: int) -> torch.Tensor:
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     mesh, placements = param.device_mesh, param.placements
+    if any(not isinstance(p, (Shard, Replicate)) for p in placements):  # the same on every rank
+        raise ValueError(f"weights_fingerprint: cannot read parameters placed as {placements}")
     local = param.to_local()
     count = min(count, param.numel())
     bits = torch.zeros(count, dtype=torch.int64, device=local.device)
@@ -156,8 +158,6 @@ def _dtensor_leading_values(param, count: int) -> torch.Tensor:
         c == 0 for c, p in zip(coordinate, placements, strict=True) if not isinstance(p, Shard)
     )
     if contributes and local.numel() > 0 and count > 0:
-        if any(not isinstance(p, (Shard, Replicate)) for p in placements):
-            raise ValueError(f"weights_fingerprint: cannot read parameters placed as {placements}")
         _, offset = compute_local_shape_and_global_offset(param.shape, mesh, placements)
         strides = torch.ones(param.dim(), dtype=torch.int64)
         for d in range(param.dim() - 2, -1, -1):

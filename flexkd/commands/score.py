@@ -25,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from flexkd.distributed import check_sharding, shard_from_config
     from flexkd.training import (
         Collator,
         build_model,
@@ -39,9 +40,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         accelerator = make_accelerator()
+        check_sharding(cfg, accelerator.num_processes)
         tokenizer = build_tokenizer(cfg)
         splits = build_splits(cfg, tokenizer)
         teacher = build_model(cfg, "teacher", num_labels=splits.num_labels).to(accelerator.device)
+        shard_from_config(cfg, teacher, "teacher")
         k = selection_k(cfg, teacher, build_model(cfg, "student", num_labels=splits.num_labels))
         selection = score_selection(
             cfg,

@@ -50,7 +50,7 @@ from flexkd.distributed import (
     check_sharding,
     is_sharded,
     no_gradient_sync,
-    shard_model,
+    shard_from_config,
     shard_trainable,
     warn_if_fewer_processes,
 )
@@ -165,15 +165,13 @@ def train_step(
     for i, batch in enumerate(window):
         batch = move_to_device(batch, accelerator.device)
         stored = store.batch(window_rows[i]) if store is not None else None
-        sync, cast = contextlib.nullcontext(), contextlib.nullcontext()
         last = i == len(window) - 1
         if sharded_student:  # not prepared by accelerate: no DDP wrapper to autocast or skip syncs
-            sync, cast = (
-                (sync if last else no_gradient_sync(distiller.student)),
-                accelerator.autocast(),
-            )
-        elif not last:
-            sync = accelerator.no_sync(model)
+            sync = contextlib.nullcontext() if last else no_gradient_sync(distiller.student)
+            cast = accelerator.autocast()
+        else:
+            sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+            cast = contextlib.nullcontext()
         with sync, cast:
             loss, terms = model(batch, normalizers=units, teacher_outputs=stored)
             # DDP and FSDP average gradients over processes; the loss is already a global sum / units
@@ -387,12 +385,8 @@ def _distil(cfg: Config, accelerator) -> TrainResult:
     splits = build_splits(cfg, tokenizer)
     teacher = build_model(cfg, "teacher", num_labels=splits.num_labels).to(accelerator.device)
     student = build_model(cfg, "student", num_labels=splits.num_labels)
-    if fsdp.teacher:
-        shard_model(teacher, reshard_after_forward=fsdp.reshard_after_forward)
-    if fsdp.student:
-        shard_model(
-            student.to(accelerator.device), reshard_after_forward=fsdp.reshard_after_forward
-        )
+    shard_from_config(cfg, teacher, "teacher")
+    shard_from_config(cfg, student.to(accelerator.device) if fsdp.student else student, "student")
     collate = Collator(cfg.data.task, pad_token_id(tokenizer, teacher))
     train_rows = splits.get("train")
 

@@ -29,7 +29,9 @@ from flexkd.errors import ResumeMismatchError, RunFolderLockedError, UnreadableF
 LOCK_NAME = "run.lock"
 RUN_CONFIG_NAME = "run_config.json"
 # Fields a resumed run may change: they cannot change its result (the whole ``eval`` section is
-# read by ``flexkd eval`` only; the run folder is where the record lies).
+# read by ``flexkd eval`` only; the run folder is where the record lies; ``distributed`` changes only
+# how the same sums are spread over the processes, and a checkpoint of a sharded student is refused
+# by an unsharded one and vice versa).
 RESULT_NEUTRAL_FIELDS = frozenset(
     {
         "train.progress",
@@ -40,7 +42,7 @@ RESULT_NEUTRAL_FIELDS = frozenset(
         "train.output_dir",
     }
 )
-RESULT_NEUTRAL_SECTIONS = frozenset({"eval"})
+RESULT_NEUTRAL_SECTIONS = frozenset({"eval", "distributed"})
 
 
 class RunLock:

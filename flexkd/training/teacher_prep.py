@@ -136,10 +136,11 @@ def teacher_output_store(cfg: Config, distiller, train_rows, collate, accelerato
     layers = distiller.teacher_layers
     logits = distiller.weights["logit"] > 0
     topk = cfg.distill.teacher_topk if logits else None
-    # A sharded teacher's forward is a collective: every rank runs it, the others into a scratch folder.
-    writes = accelerator.is_main_process or is_sharded(distiller.teacher)
-    scratch = None if accelerator.is_main_process else Path(tempfile.mkdtemp()) / "outputs"
-    if not (path / "meta.json").is_file() and writes:
+    # A sharded teacher's forward is a collective: the other ranks run it too, into a scratch folder.
+    main = accelerator.is_main_process
+    scratch = None
+    if not (path / "meta.json").is_file() and (main or is_sharded(distiller.teacher)):
+        scratch = None if main else Path(tempfile.mkdtemp()) / "outputs"
         written = write_teacher_outputs(
             distiller.teacher,
             train_rows,
@@ -153,7 +154,7 @@ def teacher_output_store(cfg: Config, distiller, train_rows, collate, accelerato
             side=cfg.distill.side,
             progress=cfg.train.progress,
         )
-        if written.tail_mass is not None and accelerator.is_main_process:
+        if written.tail_mass is not None and main:
             tail = written.tail_mass
             print(
                 f"flexkd distill: stored the teacher's top-{topk} logits; the softmax mass they drop at "
