@@ -212,7 +212,9 @@ def _generic_blocks(root: nn.Module, config, side: str, model_type: str) -> list
 
 
 def _expected_layers(config, side: str) -> int | None:
-    for key in (f"{side}_layers", "num_hidden_layers", "n_layer", "num_layers"):
+    # T5 names its decoder depth num_decoder_layers (num_layers is the encoder's)
+    keys = (f"{side}_layers", f"num_{side}_layers", "num_hidden_layers", "n_layer", "num_layers")
+    for key in keys:
         value = getattr(config, key, None)
         if isinstance(value, int):
             return value
