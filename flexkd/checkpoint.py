@@ -233,11 +233,9 @@ def load_checkpoint(
             "resume with the same number of processes (the data order is sharded per process)"
         )
     with _naming(path / "student"):
-        saved = type(student).from_pretrained(
-            path / "student", dtype=next(student.parameters()).dtype
-        )
-    student.load_state_dict(saved.state_dict())
-    del saved
+        from flexkd.training.run_dir import load_student_weights
+
+        load_student_weights(student, path / "student")
     feature_file = path / "feature_losses.safetensors"
     if feature_file.exists():
         with _naming(feature_file):

@@ -8,6 +8,7 @@ from torch import nn
 
 from flexkd.adapters.base import ModelAdapter
 from flexkd.adapters.masks import detect_task
+from flexkd.adapters.wrappers import unwrap_model
 from flexkd.errors import UnsupportedModelError
 
 SIDES = ("encoder", "decoder")
@@ -136,17 +137,6 @@ def get_adapter(model: nn.Module, side: str | None = None) -> ModelAdapter:
         task=detect_task(model),
         family=family_name,
     )
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DDP / DataParallel / ``torch.compile`` wrappers (hooks on it fire through them)."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _choose_side(side: str | None, sides: tuple[str, ...], model_type: str) -> str:
