@@ -44,7 +44,10 @@ class FlexKDTrainer(Trainer):
       (``from_pretrained`` loads it; a PEFT student: its adapter) plus the feature-loss parameters in
       ``flexkd_feature_losses.safetensors``; ``resume_from_checkpoint`` and ``load_best_model_at_end``
       restore both. The Trainer has no public hook for loading, so ``_load_from_checkpoint`` and
-      ``_load_best_model`` are overridden; everything else uses the public hooks.
+      ``_load_best_model`` are overridden, nor for the columns ``remove_unused_columns`` keeps (the
+      student's inputs, not the distiller's), so ``_set_signature_columns_if_needed`` is; everything
+      else uses public hooks (``get_batch_samples``, ``compute_loss``, ``log``, ``evaluation_loop``,
+      ``prediction_step``, ``save_model``).
     """
 
     FEATURE_LOSSES_FILE = "flexkd_feature_losses.safetensors"
@@ -63,6 +66,14 @@ class FlexKDTrainer(Trainer):
             raise TypeError(f"distiller must be a flexkd Distiller, got {type(distiller).__name__}")
         if "model" in kwargs:
             raise TypeError("pass the Distiller as the first argument, not model=")
+        if not hasattr(Trainer, "loss_is_scaled_for_ga"):
+            import transformers
+
+            raise ImportError(
+                f"FlexKDTrainer needs a transformers Trainer with loss_is_scaled_for_ga (its gradient "
+                f"accumulation would divide the window-normalised loss again); transformers "
+                f"{transformers.__version__} has none, upgrade it"
+            )
         if teacher_dtype is not None and not (
             isinstance(teacher_dtype, torch.dtype) and teacher_dtype.is_floating_point
         ):

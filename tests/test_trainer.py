@@ -104,10 +104,18 @@ def test_prediction_step_returns_the_students_logits(setup, tmp_path):
         expected = trainer.distiller.student(**batch).logits
     torch.testing.assert_close(logits, expected)
     assert torch.equal(labels, batch["labels"]) and loss.dim() == 0
-    assert trainer.prediction_step(trainer.model, batch, prediction_loss_only=True)[1:] == (
-        None,
-        None,
+    _, no_logits, no_labels = trainer.prediction_step(
+        trainer.model, batch, prediction_loss_only=True
     )
+    assert no_logits is None and no_labels is None
+    # feature term only: the distiller's student stops after its tap, so the logits need a forward
+    teacher, selection = setup[:2]
+    feature_only = flexkd.Distiller(
+        teacher, trainer.distiller.student, selection=selection, weights={"task": 0, "logit": 0}
+    )
+    trainer = FlexKDTrainer(feature_only, args=trainer.args, data_collator=collate)
+    _, logits, _ = trainer.prediction_step(trainer.model, batch, prediction_loss_only=False)
+    torch.testing.assert_close(logits, expected)
 
 
 def test_gradient_accumulation_normalises_by_the_windows_units(setup, tmp_path):
