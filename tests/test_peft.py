@@ -180,3 +180,24 @@ def test_lora_section_is_validated_up_front(tmp_path):
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(ConfigError, match=r"model\.teacher.*only model\.student takes a lora"):
         flexkd.load_config(path)
+
+
+def test_pretrained_student_with_lora_builds_from_its_folder(tmp_path):
+    from flexkd.training.models import build_model
+
+    base = th.build(th.gpt2_config(th.STUDENT_HIDDEN, 1), seed=3)
+    base.save_pretrained(tmp_path / "base")
+    path = _lora_config(tmp_path, {"r": 2, "target_modules": ["c_attn"]})
+    config = yaml.safe_load(path.read_text())
+    config["model"]["student"] = {"pretrained": "base", "lora": config["model"]["student"]["lora"]}
+    path.write_text(yaml.safe_dump(config))
+    cfg = flexkd.load_config(path)
+    assert cfg.resolved()["model"]["student"]["pretrained"] == str(tmp_path / "base")
+    student = build_model(cfg, "student")
+    assert isinstance(student, peft.PeftModel)
+    inner = student.get_base_model().state_dict()
+    for name, value in base.state_dict().items():
+        key = name.replace("c_attn.weight", "c_attn.base_layer.weight").replace(
+            "c_attn.bias", "c_attn.base_layer.bias"
+        )
+        assert torch.equal(inner[key], value), name
