@@ -142,6 +142,17 @@ def test_config_lora_student_saves_an_adapter_peft_loads(tmp_path):
     metrics = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
     assert [m["step"] for m in metrics if "step" in m] == [1, 2, 3]
 
+    # flexkd eval attaches the adapter to the base the config builds
+    from flexkd.cli import main
+    from flexkd.training.models import load_trained_student
+
+    with torch.no_grad():
+        reloaded = load_trained_student(flexkd.load_config(path), saved).eval()(**batch).logits
+    torch.testing.assert_close(reloaded, adapted)
+    assert main(["eval", str(path)]) == 0
+    report = json.loads(cfg.eval_output.read_text())
+    assert report["models"]["student"]["loss"] > 0
+
 
 def test_config_lora_student_resumes_from_its_checkpoint(tmp_path):
     import shutil

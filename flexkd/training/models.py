@@ -3,6 +3,9 @@ init seeded by ``train.seed``) or a registered factory."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -41,6 +44,20 @@ def build_model(cfg: Config, role: str, *, num_labels: int | None = None) -> nn.
 
         model = add_lora(model, cfg.model.student_lora)
     return model
+
+
+def load_trained_student(
+    cfg: Config, folder: str | os.PathLike, *, num_labels: int | None = None
+) -> nn.Module:
+    """The student a run saved in ``folder``: an HF folder, or a LoRA student's adapter, attached to
+    the base model the config builds (``model.student`` without its ``lora``; a random init is the
+    seeded one the run started from)."""
+    folder = Path(folder)
+    if not (folder / "adapter_config.json").is_file():
+        return auto_class(cfg.data.task).from_pretrained(str(folder))
+    import peft
+
+    return peft.PeftModel.from_pretrained(_build_model(cfg, "student", num_labels), str(folder))
 
 
 def _build_model(cfg: Config, role: str, num_labels: int | None) -> nn.Module:
