@@ -286,9 +286,11 @@ class Distiller(nn.Module):
         for s_layer, t_layer in self.layer_pairs:
             teacher_width = self._teacher_adapter.layer_width(t_layer)
             student_width = self._student_adapter.layer_width(s_layer)
-            # hidden_size is the teacher's (config) width; a projected last layer (OPT-350m's
-            # project_out) is narrower, and its scores have that layer's own width
-            if int(selection.hidden_size) != self._teacher_adapter.hidden_size:
+            # hidden_size is the teacher's (config) width when the selection records its teacher
+            # (else it is read off the scores); a projected last layer (OPT-350m's project_out) is
+            # narrower, and its scores have that layer's own width
+            recorded = getattr(selection, "teacher", None) is not None
+            if recorded and int(selection.hidden_size) != self._teacher_adapter.hidden_size:
                 raise SelectionMismatchError(
                     f"selection: made for a teacher of hidden size {selection.hidden_size}, but this "
                     f"teacher has hidden size {self._teacher_adapter.hidden_size}; it does not belong to "

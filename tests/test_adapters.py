@@ -258,6 +258,10 @@ def test_opt_project_out_selection_and_distiller_agree_on_the_last_width(tmp_pat
     distiller = flexkd.Distiller(teacher, student, selection=loaded, layer_pairs=[(-1, -1)])
     loss, terms = distiller(batch)
     assert torch.isfinite(loss) and float(terms["feature"]) > 0
+    # a selection that records no teacher (its hidden_size read off the scores) works the same
+    bare = flexkd.DimensionSelection.from_scores({tiny.LAYERS: selection.scores(-1)}, k=8)
+    _, bare_terms = flexkd.Distiller(teacher, student, selection=bare)(batch)
+    assert float(bare_terms["feature"]) == pytest.approx(float(terms["feature"]))
     # the layer-1 scores (width 32) cannot stand in for the projected last layer (width 16)
     inner = flexkd.DimensionSelection.from_scores({-1: selection.scores(1)}, k=8, teacher=teacher)
     with pytest.raises(SelectionMismatchError, match="width 16"):

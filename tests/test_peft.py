@@ -57,6 +57,27 @@ def test_adapter_and_task_see_through_peft_wrappers():
     )
 
 
+def test_taps_on_a_peft_model_capture_the_adapted_hidden_states():
+    from flexkd.taps import LayerTap
+
+    student = _lora(_llama(STUDENT_HIDDEN, seed=1))
+    with torch.no_grad():
+        for name, param in student.named_parameters():
+            if "lora_B" in name:
+                param.normal_()  # LoRA B starts at 0; make the adapter change the function
+    batch = _batches(1)[0]
+    with torch.no_grad():
+        reference = student(**batch, output_hidden_states=True).hidden_states
+        base = student.get_base_model()
+        with student.disable_adapter():
+            unadapted = base(**batch, output_hidden_states=True).hidden_states
+    with LayerTap(student, list(range(tiny.LAYERS + 1))) as tap, torch.no_grad():
+        tap.run(**batch)
+    for layer in range(tiny.LAYERS + 1):
+        torch.testing.assert_close(tap.hidden[layer], reference[layer], rtol=0, atol=0)
+    assert not torch.allclose(tap.hidden[-1], unadapted[-1])
+
+
 def test_peft_wrapped_teacher_scores_and_distils_as_the_bare_teacher(teacher):
     batches = _batches(2)
     bare = flexkd.score(teacher, batches, layers=[1, -1], k=STUDENT_HIDDEN, progress=False)
