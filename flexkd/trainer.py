@@ -141,7 +141,7 @@ class FlexKDTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self._train_terms.steps:
-            sums = self._train_terms.reduced(self.accelerator)
+            sums, _ = self._train_terms.reduced(self.accelerator)
             steps = self._train_terms.steps
             logs.update({f"distill/{name}": value / steps for name, value in sums.items()})
             self._train_terms = _TermSums()
@@ -250,10 +250,10 @@ class _TermSums:
             self.units[name] = self.units.get(name, 0.0) + count
         self.add(weighted)
 
-    def reduced(self, accelerator) -> dict[str, float]:
-        """The sums over all processes (every process must call this)."""
+    def reduced(self, accelerator) -> tuple[dict[str, float], dict[str, float]]:
+        """``(sums, units)`` over all processes (every process must call this)."""
         if not self.sums:
-            return {}
+            return {}, {}
         names = sorted(self.sums)
         device = next(iter(self.sums.values())).device
         values = torch.stack([self.sums[n] for n in names])
@@ -268,15 +268,13 @@ class _TermSums:
         if accelerator.num_processes > 1:
             values = accelerator.reduce(values, reduction="sum")
         sums, units = values[: len(names)].tolist(), values[len(names) :].tolist()
-        self.units = dict(zip(names, units, strict=True))
-        return dict(zip(names, sums, strict=True))
+        return dict(zip(names, sums, strict=True)), dict(zip(names, units, strict=True))
 
     def means(self, accelerator, distiller: Distiller) -> dict[str, float]:
         """Each term's sum over its units (0 without units) and ``total``, their weighted sum."""
-        sums = self.reduced(accelerator)
+        sums, units = self.reduced(accelerator)
         means = {
-            name: (value / self.units[name] if self.units[name] else 0.0)
-            for name, value in sums.items()
+            name: (value / units[name] if units[name] else 0.0) for name, value in sums.items()
         }
         if means:
             means["total"] = sum(distiller.weights[name] * means.get(name, 0.0) for name in TERMS)
