@@ -19,21 +19,19 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
-        elif _is_peft_wrapper(model):
-            model = model.model if _is_peft_tuner(model) else model.get_base_model()
+        elif is_peft_model(model):
+            model = model.get_base_model()
+        elif _is_peft_tuner(model):  # LoraModel & co., the PeftModel's base_model
+            model = model.model
         else:
             return model
 
 
 def is_peft_model(model: nn.Module) -> bool:
-    """Whether ``model`` is a ``peft.PeftModel`` (without importing peft)."""
+    """Whether ``model`` is a ``peft.PeftModel`` (a model can only be one once peft is imported, so
+    this never imports it)."""
     peft = sys.modules.get("peft")
     return peft is not None and isinstance(model, peft.PeftModel)
-
-
-def _is_peft_wrapper(model: nn.Module) -> bool:
-    peft = sys.modules.get("peft")  # a model can only be a PEFT wrapper once peft is imported
-    return peft is not None and (isinstance(model, peft.PeftModel) or _is_peft_tuner(model))
 
 
 def _is_peft_tuner(model: nn.Module) -> bool:
