@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from transformers import Trainer
 
 from flexkd.adapters import unwrap_model
 from flexkd.distill import TERMS, Distiller
+from flexkd.training.loop import window_units
 from flexkd.training.run_dir import load_student_weights
 
 
@@ -111,20 +112,9 @@ class FlexKDTrainer(Trainer):
             epoch_iterator, num_batches, device
         )
         if batch_samples:
-            self._window_units = self._global_units(batch_samples)
+            self._window_units = window_units(self.distiller, batch_samples, self.accelerator)
             self._train_terms.steps += 1
         return batch_samples, num_items_in_batch
-
-    def _global_units(self, batches: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-        units = torch.zeros(len(TERMS), dtype=torch.float64, device=self.args.device)
-        for batch in batches:
-            counted = self.distiller.count_units(batch)
-            units += torch.tensor(
-                [counted[n] for n in TERMS], dtype=torch.float64, device=units.device
-            )
-        if self.accelerator.num_processes > 1:
-            units = self.accelerator.reduce(units, reduction="sum")
-        return dict(zip(TERMS, units.tolist(), strict=True))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The distiller's loss, normalised by the window's units (see the class docstring);
