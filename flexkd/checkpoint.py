@@ -299,11 +299,9 @@ def load_checkpoint(
 
 def _load_replicated(path: Path, student: nn.Module, feature_losses: nn.Module, optimizer) -> None:
     with _naming(path / "student"):
-        saved = type(student).from_pretrained(
-            path / "student", dtype=next(student.parameters()).dtype
-        )
-    student.load_state_dict(saved.state_dict())
-    del saved
+        from flexkd.training.run_dir import load_student_weights
+
+        load_student_weights(student, path / "student")
     feature_file = path / "feature_losses.safetensors"
     if feature_file.exists():
         with _naming(feature_file):

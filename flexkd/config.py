@@ -22,17 +22,19 @@ import argparse
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -48,10 +50,27 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoraSection(_Section):
+    """Train the student as a PEFT LoRA adapter (``pip install flexkd[peft]``): its own weights stay
+    frozen and only the adapter learns; the run saves the adapter (``save_merged``: also the merged
+    model, under ``student/merged``)."""
+
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 16.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="module names (or dotted suffixes) to adapt; default: PEFT's for the model type",
+    )
+    save_merged: bool = False
+
+
 class ModelFromConfig(_Section):
     """A randomly initialised model built with ``from_config`` (seeded by ``train.seed``)."""
 
     config: dict[str, Any]
+    lora: LoraSection | None = None
 
     @field_validator("config")
     @classmethod
@@ -61,7 +80,26 @@ class ModelFromConfig(_Section):
         return value
 
 
-ModelSpec = str | ModelFromConfig
+class ModelFromPretrained(_Section):
+    """An HF path or id, written as a mapping so that it can carry a ``lora`` section."""
+
+    pretrained: str
+    lora: LoraSection | None = None
+
+
+def _model_spec_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "ModelFromPretrained" if "pretrained" in value else "ModelFromConfig"
+    return type(value).__name__ if isinstance(value, BaseModel) else "str"
+
+
+# tagged, so that an error inside one form is reported for that form only
+ModelSpec = Annotated[
+    Annotated[str, Tag("str")]
+    | Annotated[ModelFromConfig, Tag("ModelFromConfig")]
+    | Annotated[ModelFromPretrained, Tag("ModelFromPretrained")],
+    Discriminator(_model_spec_kind),
+]
 
 
 class ModelSection(_Section):
@@ -78,9 +116,26 @@ class ModelSection(_Section):
     @field_validator("teacher", "student")
     @classmethod
     def _non_empty(cls, value: ModelSpec) -> ModelSpec:
-        if isinstance(value, str) and not value.strip():
-            raise ValueError("must be an HF path or id, a {config: {...}} mapping, or 'task:NAME'")
+        name = value.pretrained if isinstance(value, ModelFromPretrained) else value
+        if isinstance(name, str) and not name.strip():
+            raise ValueError(
+                "must be an HF path or id, a {config: {...}} or {pretrained: ...} mapping, or 'task:NAME'"
+            )
         return value
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_has_no_lora(cls, value: ModelSpec) -> ModelSpec:
+        if getattr(value, "lora", None) is not None:
+            raise ValueError(
+                "lora: only the student is trained, so only model.student takes a lora section "
+                "(a PEFT-wrapped teacher is passed as a model through the Python API)"
+            )
+        return value
+
+    @property
+    def student_lora(self) -> LoraSection | None:
+        return getattr(self.student, "lora", None)
 
 
 class DataSection(_Section):
@@ -290,6 +345,8 @@ class Config(_Section):
             spec = data["model"][field]
             if isinstance(spec, str) and not spec.startswith("task:") and self.path(spec).exists():
                 data["model"][field] = str(self.path(spec))
+            elif isinstance(spec, dict) and spec.get("pretrained") and self.path(spec["pretrained"]).exists():
+                spec["pretrained"] = str(self.path(spec["pretrained"]))
         for split in ("train", "validation", "test"):
             if data["data"][split] is not None:
                 data["data"][split] = str(self.path(data["data"][split]))

@@ -362,10 +362,15 @@ class Distiller(nn.Module):
         for s_layer, t_layer in self.layer_pairs:
             teacher_width = self._teacher_adapter.layer_width(t_layer)
             student_width = self._student_adapter.layer_width(s_layer)
-            if int(selection.hidden_size) != teacher_width:
+            # hidden_size is the teacher's (config) width when the selection records its teacher
+            # (else it is read off the scores); a projected last layer (OPT-350m's project_out) is
+            # narrower, and its scores have that layer's own width
+            recorded = getattr(selection, "teacher", None) is not None
+            if recorded and int(selection.hidden_size) != self._teacher_adapter.hidden_size:
                 raise SelectionMismatchError(
                     f"selection: made for a teacher of hidden size {selection.hidden_size}, but this "
-                    f"teacher's layer {t_layer} has width {teacher_width}; it does not belong to this teacher"
+                    f"teacher has hidden size {self._teacher_adapter.hidden_size}; it does not belong to "
+                    f"this teacher"
                 )
             if selection.k > teacher_width:
                 raise SelectionMismatchError(
@@ -380,6 +385,12 @@ class Distiller(nn.Module):
                 raise SelectionMismatchError(
                     f"selection: has no dimensions for teacher layer {t_layer} (it covers layers "
                     f"{sorted(selected_layers)}); score that layer or change layer_pairs"
+                )
+            scored_width = selection.scores(t_layer).numel()
+            if scored_width != teacher_width:
+                raise SelectionMismatchError(
+                    f"selection: scored {scored_width} dimensions of teacher layer {t_layer}, but that "
+                    f"layer has width {teacher_width}; it does not belong to this teacher"
                 )
             indices.append(selection.index(t_layer).to(torch.long))
         return indices

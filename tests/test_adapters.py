@@ -180,3 +180,89 @@ def test_wrapped_models_are_unwrapped():
     adapter = get_adapter(wrapped)
     assert adapter.model is model and adapter.blocks[0] is model.transformer.h[0]
     assert unwrap_model(wrapped) is model
+
+
+def _t5(encoder_layers=3, decoder_layers=2, d_model=tiny.HIDDEN):
+    import transformers as tf
+
+    config = tf.T5Config(
+        vocab_size=tiny.VOCAB,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=64,
+        num_layers=encoder_layers,
+        num_decoder_layers=decoder_layers,
+        num_heads=4,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return tf.T5ForConditionalGeneration(config).eval()
+
+
+def test_t5_with_unequal_depths_finds_both_stacks():
+    from flexkd.taps import LayerTap
+
+    model = _t5()
+    encoder, decoder = get_adapter(model, side="encoder"), get_adapter(model, side="decoder")
+    assert (encoder.num_layers, decoder.num_layers) == (3, 2)
+    assert decoder.blocks == list(model.decoder.block)
+    batch = tiny.padded_batch(seq2seq=True)
+    with torch.no_grad():
+        reference = model(**batch, output_hidden_states=True).decoder_hidden_states
+    with LayerTap(model, [0, 1, 2], side="decoder") as tap, torch.no_grad():
+        tap.run(**batch)
+    for layer in range(3):
+        torch.testing.assert_close(tap.hidden[layer], reference[layer], rtol=0, atol=0)
+
+
+def test_t5_decoder_side_scores_and_distils():
+    import flexkd
+
+    teacher, student = _t5(), _t5(encoder_layers=2, decoder_layers=1, d_model=16)
+    batch = tiny.padded_batch(seq2seq=True)
+    selection = flexkd.score(teacher, [batch], layers=[-1], k=16, side="decoder")
+    assert selection.scores(-1).shape == (tiny.HIDDEN,)
+    distiller = flexkd.Distiller(teacher, student, selection=selection, side="decoder")
+    loss, terms = distiller(batch)
+    assert torch.isfinite(loss) and float(terms["feature"]) > 0
+    loss.backward()
+    assert student.decoder.block[0].layer[0].SelfAttention.q.weight.grad.abs().sum() > 0
+
+
+def _opt_350m_style(hidden, projected):
+    import transformers as tf
+
+    options = tiny._opt_kwargs(do_layer_norm_before=False, word_embed_proj_dim=projected)
+    options.update(hidden_size=hidden, num_attention_heads=4)
+    return tf.OPTForCausalLM(tf.OPTConfig(**options)).eval()
+
+
+def test_opt_project_out_selection_and_distiller_agree_on_the_last_width(tmp_path):
+    """The last layer is the projected one (HF hidden_states[-1] includes project_out): its scores have
+    the projected width, the selection records the teacher's hidden size, and the Distiller accepts both."""
+    import flexkd
+    from flexkd.errors import SelectionMismatchError
+
+    teacher = tiny.build("opt_project_out")  # hidden 32, last layer projected to 16
+    student = _opt_350m_style(hidden=16, projected=8)
+    batch = tiny.batch_for("opt")
+    with torch.no_grad():
+        last = teacher(**batch, output_hidden_states=True).hidden_states[-1]
+    assert last.shape[-1] == 16
+    selection = flexkd.score(teacher, [batch], layers=[1, -1], k=8)
+    assert selection.hidden_size == tiny.HIDDEN
+    assert selection.scores(-1).shape == (16,) and selection.scores(1).shape == (tiny.HIDDEN,)
+    selection.save(tmp_path / "sel")
+    loaded = flexkd.DimensionSelection.load(tmp_path / "sel", teacher=teacher)
+    distiller = flexkd.Distiller(teacher, student, selection=loaded, layer_pairs=[(-1, -1)])
+    loss, terms = distiller(batch)
+    assert torch.isfinite(loss) and float(terms["feature"]) > 0
+    # a selection that records no teacher (its hidden_size read off the scores) works the same
+    bare = flexkd.DimensionSelection.from_scores({tiny.LAYERS: selection.scores(-1)}, k=8)
+    _, bare_terms = flexkd.Distiller(teacher, student, selection=bare)(batch)
+    assert float(bare_terms["feature"]) == pytest.approx(float(terms["feature"]))
+    # the layer-1 scores (width 32) cannot stand in for the projected last layer (width 16)
+    inner = flexkd.DimensionSelection.from_scores({-1: selection.scores(1)}, k=8, teacher=teacher)
+    with pytest.raises(SelectionMismatchError, match="width 16"):
+        flexkd.Distiller(teacher, student, selection=inner, layer_pairs=[(-1, -1)])

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from flexkd.adapters.wrappers import unwrap_model
+
 TASKS = ("causal_lm", "seq2seq", "sequence", "token")
 
 _CLASS_SUFFIXES = (
@@ -30,6 +32,7 @@ _CLASS_SUFFIXES = (
 
 def detect_task(model: nn.Module) -> str | None:
     """The labelling scheme of ``model``'s head, from its class name; ``None`` for a bare backbone."""
+    model = unwrap_model(model)
     name = type(model).__name__
     for suffix, task in _CLASS_SUFFIXES:
         if name.endswith(suffix):

@@ -8,6 +8,7 @@ from torch import nn
 
 from flexkd.adapters.base import ModelAdapter
 from flexkd.adapters.masks import detect_task
+from flexkd.adapters.wrappers import unwrap_model
 from flexkd.errors import UnsupportedModelError
 
 SIDES = ("encoder", "decoder")
@@ -138,17 +139,6 @@ def get_adapter(model: nn.Module, side: str | None = None) -> ModelAdapter:
     )
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DDP / DataParallel / ``torch.compile`` wrappers (hooks on it fire through them)."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def _choose_side(side: str | None, sides: tuple[str, ...], model_type: str) -> str:
     if side is None:
         return sides[0]
@@ -212,7 +202,9 @@ def _generic_blocks(root: nn.Module, config, side: str, model_type: str) -> list
 
 
 def _expected_layers(config, side: str) -> int | None:
-    for key in (f"{side}_layers", "num_hidden_layers", "n_layer", "num_layers"):
+    # T5 names its decoder depth num_decoder_layers (num_layers is the encoder's)
+    keys = (f"{side}_layers", f"num_{side}_layers", "num_hidden_layers", "n_layer", "num_layers")
+    for key in keys:
         value = getattr(config, key, None)
         if isinstance(value, int):
             return value

@@ -96,12 +96,12 @@ def evaluate(
 def run(args: argparse.Namespace) -> int:
     from flexkd.training import (
         Collator,
-        auto_class,
         build_model,
         build_splits,
         build_tokenizer,
         pad_token_id,
     )
+    from flexkd.training.models import load_trained_student
 
     cfg = config_from_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
                 raise ConfigError(
                     f"eval.student_path: no student at {cfg.student_path}; run flexkd distill first"
                 )
-            model = auto_class(cfg.data.task).from_pretrained(str(cfg.student_path))
+            model = load_trained_student(cfg, cfg.student_path, num_labels=splits.num_labels)
         else:
             model = build_model(cfg, "teacher", num_labels=splits.num_labels)
         model.to(device)

@@ -509,7 +509,14 @@ def _distil(cfg: Config, accelerator) -> TrainResult:
     student_dir = cfg.output_dir / "student"
     full = gather_full_state_dict(distiller.student) if fsdp.student else None
     if main:
-        save_student(distiller.student, tokenizer, student_dir, state_dict=full)
+        lora = cfg.model.student_lora
+        save_student(
+            distiller.student,
+            tokenizer,
+            student_dir,
+            state_dict=full,
+            merged=lora is not None and lora.save_merged,
+        )
     accelerator.wait_for_everyone()
     return TrainResult(
         student_dir=student_dir, steps=state.step, metrics_path=metrics_path, is_main_process=main

@@ -3,10 +3,13 @@ init seeded by ``train.seed``) or a registered factory."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from flexkd.config import Config, ModelFromConfig
+from flexkd.config import Config, ModelFromConfig, ModelFromPretrained
 from flexkd.errors import ConfigError
 from flexkd.training.factories import MODEL_FACTORIES, resolve_factory
 
@@ -28,13 +31,33 @@ def auto_class(task: str):
 def build_model(cfg: Config, role: str, *, num_labels: int | None = None) -> nn.Module:
     """The ``role`` ("teacher" or "student") model of ``cfg``; random inits are seeded by ``train.seed``.
 
+    A student with a ``lora`` section comes back as a ``peft.PeftModel`` (only the adapter trains).
+
     ``num_labels`` (counted from the data) sizes the head of classification models that do not
     fix it themselves. The teacher is cast to ``model.teacher_dtype`` when that is set.
     """
     model = _build_model(cfg, role, num_labels)
     if role == "teacher" and cfg.model.teacher_dtype is not None:
         model = model.to(getattr(torch, cfg.model.teacher_dtype))
+    if role == "student" and cfg.model.student_lora is not None:
+        from flexkd.training.lora import add_lora
+
+        model = add_lora(model, cfg.model.student_lora)
     return model
+
+
+def load_trained_student(
+    cfg: Config, folder: str | os.PathLike, *, num_labels: int | None = None
+) -> nn.Module:
+    """The student a run saved in ``folder``: an HF folder, or a LoRA student's adapter, attached to
+    the base model the config builds (``model.student`` without its ``lora``; a random init is the
+    seeded one the run started from)."""
+    folder = Path(folder)
+    if not (folder / "adapter_config.json").is_file():
+        return auto_class(cfg.data.task).from_pretrained(str(folder))
+    import peft
+
+    return peft.PeftModel.from_pretrained(_build_model(cfg, "student", num_labels), str(folder))
 
 
 def _build_model(cfg: Config, role: str, num_labels: int | None) -> nn.Module:
@@ -51,7 +74,9 @@ def _build_model(cfg: Config, role: str, num_labels: int | None) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed + (0 if role == "teacher" else 1))
             return auto_class(cfg.data.task).from_config(model_config)
-    if spec.startswith("task:"):
+    if isinstance(spec, ModelFromPretrained):
+        spec = spec.pretrained
+    elif spec.startswith("task:"):
         return resolve_factory(spec, MODEL_FACTORIES, field)(role, cfg)
     local = cfg.path(spec)
     source = str(local) if local.exists() else spec
@@ -66,12 +91,11 @@ def _build_model(cfg: Config, role: str, num_labels: int | None) -> nn.Module:
 def build_tokenizer(cfg: Config):
     """The tokenizer of ``model.tokenizer``, else of the teacher when it is a path; None if neither."""
     source = cfg.model.tokenizer
-    if (
-        source is None
-        and isinstance(cfg.model.teacher, str)
-        and not cfg.model.teacher.startswith("task:")
-    ):
-        source = cfg.model.teacher
+    teacher = cfg.model.teacher
+    if isinstance(teacher, ModelFromPretrained):
+        teacher = teacher.pretrained
+    if source is None and isinstance(teacher, str) and not teacher.startswith("task:"):
+        source = teacher
     if source is None:
         return None
     from transformers import AutoTokenizer, PreTrainedTokenizerFast

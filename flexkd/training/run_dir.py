@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -226,12 +227,40 @@ def append_metrics(path: Path, record: Mapping[str, Any]) -> None:
         f.write(json.dumps(clean, allow_nan=False) + "\n")
 
 
-def save_student(student: nn.Module, tokenizer, target: Path, *, state_dict=None) -> None:
+def save_student(
+    student: nn.Module, tokenizer, target: Path, *, state_dict=None, merged: bool = False
+) -> None:
     """``save_pretrained`` (of ``state_dict`` when given, e.g. a sharded student's gathered one) into a
-    temporary folder, then swap it into ``target`` atomically."""
+    temporary folder, then swap it into ``target`` atomically.
+
+    A PEFT student saves its adapter (``peft.PeftModel.from_pretrained(base, target)`` loads it);
+    with ``merged`` the adapter merged into a copy of the base model goes to ``target/merged``, a
+    plain HF folder.
+    """
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     student.save_pretrained(tmp, state_dict=state_dict)
+    if merged:
+        copy.deepcopy(student).merge_and_unload().save_pretrained(tmp / "merged")
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+        if merged:
+            tokenizer.save_pretrained(tmp / "merged")
     replace_dir(tmp, target)
+
+
+def load_student_weights(student: nn.Module, folder: Path) -> None:
+    """Load what ``save_pretrained`` wrote into ``folder`` into the live ``student`` (a PEFT student:
+    its adapter weights)."""
+    from flexkd.adapters.wrappers import is_peft_model
+
+    folder = Path(folder)
+    dtype = next(student.parameters()).dtype
+    if is_peft_model(student):
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(student, load_file(str(folder / "adapter_model.safetensors")))
+        return
+    saved = type(student).from_pretrained(folder, dtype=dtype)
+    student.load_state_dict(saved.state_dict())
