@@ -85,7 +85,8 @@ def flex_feature_loss(
     ``teacher`` column makes the loss (the affected rows for mse ``none``, every dim it
     touches for corr) and the gradients NaN or inf, also in rows of weight 0 (``0 · NaN`` is NaN). Only
     the degenerate cases of the contract return 0 whatever the values: ``mean`` with all weights 0 and
-    corr with fewer than two weighted rows. A NaN ``grad_output`` gives NaN gradients.
+    corr with fewer than two weighted rows. A NaN ``grad_output`` gives NaN gradients. A NaN, inf or
+    negative ``mask`` weight is a ValueError in eager mode (unread under ``torch.compile``).
     """
     index = _validate.feature_loss_args(student, teacher, index, mask, loss, reduction, eps)
     which = resolve_backend(backend, student.device.type, "flex_feature_loss")
