@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from flexkd._io import read_json, replace_dir, write_json, write_text
+from flexkd._io import apply_umask, read_json, replace_dir, write_json, write_text
 from flexkd.errors import ResumeMismatchError, RunFolderLockedError, UnreadableFileError
 
 LOCK_NAME = "run.lock"
@@ -231,4 +231,5 @@ def save_student(student: nn.Module, tokenizer, target: Path) -> None:
     student.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    apply_umask(tmp)  # transformers writes the weights 0600
     replace_dir(tmp, target)

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexkd._io import replace_dir
+    from flexkd._io import apply_umask, replace_dir
     from flexkd_lab.commands.demo import default_cache_dir
     from flexkd_lab.experiments.budget import demo_budget
     from flexkd_lab.experiments.kits import cached_teacher, quiet_transformers
@@ -61,8 +61,7 @@ def run(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     shutil.copytree(cached.path, tmp, dirs_exist_ok=True)
-    tmp.chmod(out.parent.stat().st_mode & 0o777)  # mkdtemp's 0700 would hide it from the group
-    replace_dir(tmp, out)
+    replace_dir(apply_umask(tmp), out)
     metrics = ", ".join(
         f"{name} {value:.3f}"
         for name, value in cached.report.get("validation", {}).items()
