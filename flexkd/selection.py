@@ -320,8 +320,9 @@ class DimensionSelection:
             ax.set_xlabel("rank of teacher dim")
             ax.set_ylabel(f"score ({self.stat})")
             ax.set_title(
-                f"{self.teacher_id} layer {key}: {100 * self.mass_in_top_k(key):.1f}% of the mass in the "
-                f"{self.which} {self.k}"
+                f"{_short_name(self.teacher_id)} layer {key}: {100 * self.mass_in_top_k(key):.1f}% of "
+                f"the mass in the {self.which} {self.k}",
+                fontsize=10,
             )
             ax.legend(loc="upper right")
         fig.tight_layout()
@@ -445,6 +446,12 @@ def _choose(scores: torch.Tensor, k: int, which: str, order: str, seed: int) -> 
     if order == "index":
         return torch.sort(chosen).values
     return chosen[torch.sort(scores[chosen], descending=True, stable=True).indices]
+
+
+def _short_name(teacher_id: str, limit: int = 32) -> str:
+    """A plot title's name for the teacher: a local path's last folder (not the cache path), cut to ``limit``."""
+    name = Path(teacher_id).name if teacher_id.startswith(("/", ".", "~")) else teacher_id
+    return name if len(name) <= limit else name[: limit - 1] + "…"
 
 
 def _resolve(layer: int, num_layers: int | None) -> int:

@@ -245,3 +245,17 @@ def test_every_which_and_order_round_trips_through_the_checks(tmp_path, teacher,
     sel = DimensionSelection.from_scores(_random_scores(), 8, teacher=teacher, which=which, order=order, seed=3)
     loaded = DimensionSelection.load(sel.save(tmp_path / "s.safetensors"), teacher)
     assert all(torch.equal(loaded.index(layer), sel.index(layer)) for layer in sel.layers)
+
+
+@pytest.mark.parametrize(
+    "teacher_id, short",
+    [
+        ("/root/.cache/flexkd/teachers/debian-sections-0123456789abcdef", "debian-sections-0123456789abcdef"),
+        ("gpt2", "gpt2"),
+        ("org/" + "x" * 40, "org/" + "x" * 27 + "…"),
+    ],
+)
+def test_plot_titles_name_the_teacher_briefly(teacher_id, short):
+    from flexkd.selection import _short_name
+
+    assert _short_name(teacher_id) == short and len(short) <= 32
