@@ -67,7 +67,9 @@ def main() -> None:
     }
     times = {name: median_us(fn, args.calls, args.repeats) for name, fn in cases.items()}
     base = times["call, reused index"]
-    print(f"N={args.n} D={args.d} k={args.k}, {torch.get_num_threads()} threads, medians of {args.repeats}")
+    print(
+        f"N={args.n} D={args.d} k={args.k}, {torch.get_num_threads()} threads, medians of {args.repeats}"
+    )
     for name, us in times.items():
         print(f"  {name:<48} {us:8.1f} us   {us / base:5.2f}x of the call")
 

@@ -34,6 +34,8 @@ def test_help_imports_nothing_heavy(command):
     assert heavy_imports(*command, "--help") == ""
 
 
-@pytest.mark.xfail(strict=True, reason="flexkd.bench's modules import torch at module level (not done)")
+@pytest.mark.xfail(
+    strict=True, reason="flexkd.bench's modules import torch at module level (not done)"
+)
 def test_bench_help_imports_nothing_heavy():
     assert heavy_imports("bench", "--help") == ""

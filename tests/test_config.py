@@ -203,3 +203,14 @@ def test_set_max_steps_replaces_epochs_and_back(tmp_path):
     assert (cfg.train.max_steps, cfg.train.epochs) == (None, 1.0)
     with pytest.raises(ConfigError, match="exactly one of 'max_steps' and 'epochs'"):
         parse_config({**data, "train": {**data["train"], "max_steps": 5}}, base_dir=tmp_path)
+
+
+@pytest.mark.parametrize("command", ["score", "distill", "eval"])
+def test_cli_reports_a_missing_teacher_in_one_line_up_front(tmp_path, capsys, command):
+    from flexkd.cli import main
+
+    path = _write(tmp_path, _patched([("model.teacher", "../runs/teachers/minilm-sections")]))
+    assert main([command, str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"flexkd {command}: error: ") and "\n" not in err
+    assert "model.teacher: no such folder" in err and "flexkd teacher" in err

@@ -49,8 +49,18 @@ NOT_RUN = {
 }
 BLOCK_TIMEOUT_S = 900
 COPY_IGNORE = shutil.ignore_patterns(
-    ".git", "runs", "build", "dist", "__pycache__", "*.egg-info", ".pytest_cache", ".hypothesis",
-    "flexkd-study", "flexkd-bench", ".venv*", "*.so",
+    ".git",
+    "runs",
+    "build",
+    "dist",
+    "__pycache__",
+    "*.egg-info",
+    ".pytest_cache",
+    ".hypothesis",
+    "flexkd-study",
+    "flexkd-bench",
+    ".venv*",
+    "*.so",
 )
 
 
@@ -78,7 +88,11 @@ def readme_blocks(text: str) -> list[Block]:
         if fence.group(1) in SHELL_FENCES:
             before = next((lines[j] for j in range(start - 1, -1, -1) if lines[j].strip()), "")
             mark = SKIP_MARK.search(before)
-            body = [line for line in lines[start + 1 : end] if line.strip() and not line.lstrip().startswith("#")]
+            body = [
+                line
+                for line in lines[start + 1 : end]
+                if line.strip() and not line.lstrip().startswith("#")
+            ]
             blocks.append(Block(f"README.md:{start + 1}", body, mark.group(1) if mark else None))
         i = end + 1
     return blocks
@@ -125,7 +139,9 @@ def as_run(line: str) -> tuple[str | None, list[str]]:
 
 def without_repeats(readme: list[Block], examples: list[Block]) -> list[Block]:
     """Examples whose every command a README block runs are marked as covered there, not run twice."""
-    runs = {shlex.join(shlex.split(line, comments=True)): b.source for b in readme for line in b.lines}
+    runs = {
+        shlex.join(shlex.split(line, comments=True)): b.source for b in readme for line in b.lines
+    }
     for block in examples:
         where = {runs.get(shlex.join(shlex.split(line, comments=True))) for line in block.lines}
         if None not in where:
@@ -148,11 +164,18 @@ def test_the_readme_states_every_reduced_form():
 def test_harness_reads_blocks_marks_and_segments():
     text = "x\n```bash\nflexkd info\n```\n<!-- readme-test: skip needs a GPU -->\n```sh\nnvidia-smi\n```\n```python\nx=1\n```\n"
     blocks = readme_blocks(text)
-    assert [(b.lines, b.skip) for b in blocks] == [(["flexkd info"], None), (["nvidia-smi"], "needs a GPU")]
+    assert [(b.lines, b.skip) for b in blocks] == [
+        (["flexkd info"], None),
+        (["nvidia-smi"], "needs a GPU"),
+    ]
     line, left_out = as_run("pip install -e . && flexkd demo   # the demo")
-    assert line == "flexkd demo --quick --no-progress" and left_out[0].startswith("pip install -e .")
+    assert line == "flexkd demo --quick --no-progress" and left_out[0].startswith(
+        "pip install -e ."
+    )
     assert as_run("pip install x && python -m pytest -q")[0] is None
-    assert subcommand(shlex.split("torchrun --nproc_per_node 2 -m flexkd distill c.yaml")) == "distill"
+    assert (
+        subcommand(shlex.split("torchrun --nproc_per_node 2 -m flexkd distill c.yaml")) == "distill"
+    )
 
 
 @pytest.mark.parametrize("block", ALL_BLOCKS, ids=lambda b: b.id)

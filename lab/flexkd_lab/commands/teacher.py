@@ -25,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, required=True, help="folder to write the teacher to (replaced)"
     )
     parser.add_argument(
-        "--quick", action="store_true", help="a 2-step fine-tune on a tiny slice (seconds; for tests)"
+        "--quick",
+        action="store_true",
+        help="a 2-step fine-tune on a tiny slice (seconds; for tests)",
     )
     parser.add_argument(
         "--cache-dir",
