@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from flexkd._io import one_line, read_json, replace_dir, sha256_file, write_json
+from flexkd._io import apply_umask, one_line, read_json, replace_dir, sha256_file, write_json
 from flexkd.errors import DamagedCheckpointError, ResumeMismatchError, UnreadableFileError
 
 _NAME = re.compile(r"^step-(\d{6,})$")
@@ -116,7 +116,7 @@ def save_checkpoint(
     barrier()
     if rank == 0:
         write_manifest(tmp)
-        replace_dir(tmp, final)
+        replace_dir(apply_umask(tmp), final)  # safetensors writes its files 0600
     barrier()
     return final
 

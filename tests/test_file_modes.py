@@ -1,5 +1,5 @@
 """Files flexkd writes get the process umask's modes (666/777 less the umask), as a plain ``open`` would:
-the temporary-file writers behind atomic writes (``mkstemp``, ``mkdtemp``, transformers' weights) would
+the temporary-file writers behind atomic writes (``mkstemp``, ``mkdtemp``) and safetensors would
 otherwise leave 0600/0700."""
 
 import os
@@ -39,3 +39,12 @@ def test_the_student_folder_follows_the_umask(tmp_path, umask):
     assert any(p.suffix == ".safetensors" for p in files)
     assert {p.name: _mode(p) for p in files} == {p.name: 0o666 & ~umask for p in files}
     assert _mode(target) == 0o777 & ~umask
+
+
+def test_a_checkpoint_follows_the_umask(tmp_path, umask):
+    from test_checkpoint import _two_checkpoints
+
+    _two_checkpoints(tmp_path)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "model.safetensors" for p in files)
+    assert {str(p): _mode(p) for p in files} == {str(p): 0o666 & ~umask for p in files}

@@ -231,5 +231,5 @@ def save_student(student: nn.Module, tokenizer, target: Path) -> None:
     student.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    apply_umask(tmp)  # transformers writes the weights 0600
+    apply_umask(tmp)  # safetensors writes the weights 0600
     replace_dir(tmp, target)
