@@ -8,6 +8,12 @@ The data fingerprint ``flexkd.score`` records is ``"rows:<sha256>"``, a hash of 
 rows scored, so it is the same for any batch size, padding side and world size. Files written before
 it hold a bare hex digest of the batch tensors instead; they load unchanged (the format did not
 change), but their fingerprint never equals a row-based one, so rescore to compare data.
+
+``load`` checks a file before anyone uses it: the required metadata fields and their types, each
+layer's tensors (fp32 scores of the file's ``hidden_size``, except that a final projection may change
+the last layer's width; int64 index of length ``k``), finite scores, and an index equal to what the
+file's scores, ``which``, ``order`` (and ``seed``) choose. Every failure is an ``UnreadableFileError``
+naming the file and the field.
 """
 
 from __future__ import annotations
