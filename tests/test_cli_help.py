@@ -27,7 +27,7 @@ def heavy_imports(*args: str) -> str:
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["info"], ["score"], ["distill"], ["eval"], ["demo"], ["study"], ["teacher"]],
+    [[], ["info"], ["score"], ["distill"], ["eval"], ["teacher"]],  # demo, study: tests/lab/test_cli_plugins.py
     ids=lambda c: " ".join(c) or "flexkd",
 )
 def test_help_imports_nothing_heavy(command):
