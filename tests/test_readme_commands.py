@@ -178,6 +178,7 @@ def test_harness_reads_blocks_marks_and_segments():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", ALL_BLOCKS, ids=lambda b: b.id)
 def test_readme_block_runs_as_written(block: Block, tmp_path: Path):
     if block.skip:
