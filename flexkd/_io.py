@@ -47,12 +47,38 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o666 & ~process_umask())  # mkstemp made it 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def process_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``/proc/self/status``)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(folder: str | os.PathLike) -> Path:
+    """Give ``folder`` and everything in it the modes a plain ``open``/``mkdir`` would (666/777 less the
+    umask): writers that go through temporary files (``mkdtemp``, ``mkstemp``, safetensors) leave 0700
+    and 0600 behind."""
+    folder = Path(folder)
+    umask = process_umask()
+    os.chmod(folder, 0o777 & ~umask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+    return folder
 
 
 def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> Path:

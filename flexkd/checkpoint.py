@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from flexkd._io import one_line, read_json, replace_dir, sha256_file, write_json
+from flexkd._io import apply_umask, one_line, read_json, replace_dir, sha256_file, write_json
 from flexkd.distributed import is_sharded
 from flexkd.errors import DamagedCheckpointError, ResumeMismatchError, UnreadableFileError
 
@@ -129,7 +129,7 @@ def save_checkpoint(
     barrier()
     if rank == 0:
         write_manifest(tmp)
-        replace_dir(tmp, final)
+        replace_dir(apply_umask(tmp), final)  # safetensors writes its files 0600
     barrier()
     return final
 

@@ -19,7 +19,9 @@ resolved against the YAML file's folder. Every error names the offending field
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -404,7 +406,62 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
             node = child
         node[parts[-1]] = yaml.safe_load(text)
+        rival = _EXCLUSIVE_FIELDS.get(key.strip())
+        if rival is not None and node[parts[-1]] is not None:
+            node.pop(rival, None)  # --set train.max_steps=N replaces the file's epochs (and back)
     return raw
+
+
+# pairs of fields of which a config gives one: overriding one drops the other
+_EXCLUSIVE_FIELDS = {"train.max_steps": "epochs", "train.epochs": "max_steps"}
+
+
+def _looks_local(spec: str) -> bool:
+    """A model name that can only be a folder (an HF id is ``name`` or ``owner/name``)."""
+    return spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1 or "\\" in spec
+
+
+def _check_models(config: Config, source: str) -> None:
+    """What pydantic cannot see: local model folders exist and ``{config: ...}`` models build."""
+    for role in ("teacher", "student", "tokenizer"):
+        spec = getattr(config.model, role)
+        if isinstance(spec, str) and not spec.startswith("task:") and _looks_local(spec):
+            if not config.path(Path(spec).expanduser()).exists():
+                raise ConfigError(
+                    f"{source}: model.{role}: no such folder {config.path(Path(spec).expanduser())}; "
+                    "make it first (flexkd-lab's `flexkd teacher TASK --out PATH` fine-tunes a teacher) "
+                    f"or point model.{role} at another folder or an HF model id"
+                )
+        if isinstance(spec, ModelFromConfig):
+            _check_model_config(spec.config, f"model.{role}.config", source)
+
+
+def _check_model_config(options: dict[str, Any], field: str, source: str) -> None:
+    from huggingface_hub.errors import StrictDataclassFieldValidationError
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = options["model_type"]
+    if model_type not in CONFIG_MAPPING_NAMES:
+        closest = difflib.get_close_matches(model_type, list(CONFIG_MAPPING_NAMES), n=3, cutoff=0.6)
+        hint = f"; closest: {', '.join(closest)}" if closest else ""
+        raise ConfigError(
+            f"{source}: {field}.model_type: unknown model type {model_type!r} "
+            f"(transformers knows {len(CONFIG_MAPPING_NAMES)}){hint}"
+        )
+    rest = {k: v for k, v in options.items() if k != "model_type"}
+    aliases = {}
+    try:
+        built = AutoConfig.for_model(model_type, **rest)
+        aliases = {real: alias for alias, real in built.attribute_map.items() if alias in rest}
+        type(built)(**built.to_dict())  # validates the fields an alias (hidden_size -> n_embd) set
+    except (StrictDataclassFieldValidationError, TypeError, ValueError) as error:
+        text = one_line(error)
+        named = re.search(r"field '(\w+)'", text)
+        name = aliases.get(named.group(1), named.group(1)) if named else None
+        where = f"{field}.{name}" if name in rest else field
+        detail = text.split("TypeError: ", 1)[-1] if named else text
+        raise ConfigError(f"{source}: {where}: {detail}") from None
 
 
 def parse_config(
@@ -436,7 +493,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if not isinstance(raw, dict):
         return parse_config(raw, source=str(path))
     raw = apply_overrides(raw, list(overrides or []))
-    return parse_config(raw, base_dir=path.parent.resolve(), source=str(path))
+    config = parse_config(raw, base_dir=path.parent.resolve(), source=str(path))
+    _check_models(config, str(path))
+    return config
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,10 +7,7 @@ import importlib.metadata
 import json
 import platform
 
-import torch
-
-from flexkd import __version__, _native
-from flexkd.ops import _backends
+from flexkd import __version__
 
 OPS = ("flex_feature_loss", "importance_scores")
 
@@ -23,6 +20,8 @@ def _package_version(name: str) -> str | None:
 
 
 def _resolution(op: str, device_type: str) -> str:
+    from flexkd.ops import _backends
+
     try:
         return _backends.resolve("auto", device_type, op)
     except (RuntimeError, ValueError) as err:
@@ -32,6 +31,11 @@ def _resolution(op: str, device_type: str) -> str:
 def collect() -> dict:
     """Everything ``flexkd info`` prints, as a dict."""
     import warnings
+
+    import torch  # here, not at module level: ``flexkd info --help`` must not wait for torch
+
+    from flexkd import _native
+    from flexkd.ops import _backends
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

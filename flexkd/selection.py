@@ -8,6 +8,12 @@ The data fingerprint ``flexkd.score`` records is ``"rows:<sha256>"``, a hash of 
 rows scored, so it is the same for any batch size, padding side and world size. Files written before
 it hold a bare hex digest of the batch tensors instead; they load unchanged (the format did not
 change), but their fingerprint never equals a row-based one, so rescore to compare data.
+
+``load`` checks a file before anyone uses it: the required metadata fields and their types, each
+layer's tensors (fp32 scores of the file's ``hidden_size``, except that a final projection may change
+the last layer's width; int64 index of length ``k``), finite scores, and an index equal to what the
+file's scores, ``which``, ``order`` (and ``seed``) choose. Every failure is an ``UnreadableFileError``
+naming the file and the field.
 """
 
 from __future__ import annotations
@@ -247,7 +253,7 @@ class DimensionSelection:
                 f"path: {path} has format {meta.get('format')!r} version {meta.get('format_version')!r}; "
                 f"this flexkd reads {FORMAT!r} version {FORMAT_VERSION}"
             )
-        layers = [int(layer) for layer in meta["layers"]]
+        layers = _check_metadata(path, meta)
         missing = [
             f"{kind}/{layer}"
             for layer in layers
@@ -255,22 +261,28 @@ class DimensionSelection:
             if f"{kind}/{layer}" not in tensors
         ]
         if missing:
-            raise ValueError(f"path: {path} lacks tensors {missing}")
-        selection = cls(
-            scores={layer: tensors[f"scores/{layer}"] for layer in layers},
-            indices={layer: tensors[f"index/{layer}"] for layer in layers},
-            k=meta["k"],
-            stat=meta["stat"],
-            tokens_seen=meta["tokens_seen"],
-            teacher=TeacherIdentity.from_dict(meta["teacher"]) if meta.get("teacher") else None,
-            hidden_size=meta["hidden_size"],
-            num_layers=meta.get("num_layers"),
-            which=meta.get("which", "top"),
-            order=meta.get("order", "index"),
-            seed=meta.get("seed"),
-            data_fingerprint=meta.get("data_fingerprint"),
-            flexkd_version=meta.get("flexkd_version", "unknown"),
-        )
+            raise UnreadableFileError(path, f"lacks tensors {missing}")
+        teacher_meta = meta.get("teacher")
+        try:
+            identity = TeacherIdentity.from_dict(teacher_meta) if teacher_meta else None
+            selection = cls(
+                scores={layer: tensors[f"scores/{layer}"] for layer in layers},
+                indices={layer: tensors[f"index/{layer}"] for layer in layers},
+                k=meta["k"],
+                stat=meta["stat"],
+                tokens_seen=meta["tokens_seen"],
+                teacher=identity,
+                hidden_size=meta["hidden_size"],
+                num_layers=meta.get("num_layers"),
+                which=meta.get("which", "top"),
+                order=meta.get("order", "index"),
+                seed=meta.get("seed"),
+                data_fingerprint=meta.get("data_fingerprint"),
+                flexkd_version=meta.get("flexkd_version", "unknown"),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise UnreadableFileError(path, f"is inconsistent: {_io.one_line(error)}") from None
+        selection._check_against_scores(path, tensors)
         if teacher is not None:
             selection.validate(teacher, check_weights=check_weights)
         return selection
@@ -314,8 +326,9 @@ class DimensionSelection:
             ax.set_xlabel("rank of teacher dim")
             ax.set_ylabel(f"score ({self.stat})")
             ax.set_title(
-                f"{self.teacher_id} layer {key}: {100 * self.mass_in_top_k(key):.1f}% of the mass in the "
-                f"{self.which} {self.k}"
+                f"{_short_name(self.teacher_id)} layer {key}: {100 * self.mass_in_top_k(key):.1f}% of "
+                f"the mass in the {self.which} {self.k}",
+                fontsize=10,
             )
             ax.legend(loc="upper right")
         fig.tight_layout()
@@ -333,6 +346,48 @@ class DimensionSelection:
             f"hidden_size={self.hidden_size}, stat={self.stat!r}, which={self.which!r}, "
             f"tokens_seen={self.tokens_seen})"
         )
+
+    def _check_against_scores(self, path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+        """What a file can get wrong that the constructor cannot see: widths, dtypes, finite scores, and
+        an index that is the one its scores, ``which``, ``order`` (and ``seed``) choose."""
+        if self.teacher is not None and self.teacher.hidden_size != self.hidden_size:
+            raise UnreadableFileError(
+                path,
+                f"field hidden_size is {self.hidden_size} but teacher.hidden_size is "
+                f"{self.teacher.hidden_size}",
+            )
+        for layer in self.layers:
+            raw_scores, raw_index = tensors[f"scores/{layer}"], tensors[f"index/{layer}"]
+            if raw_scores.dim() != 1 or raw_scores.dtype != torch.float32:
+                raise UnreadableFileError(
+                    path,
+                    f"tensor scores/{layer} must be fp32 [D], got {raw_scores.dtype} "
+                    f"{tuple(raw_scores.shape)}",
+                )
+            if raw_index.dtype != torch.int64:
+                raise UnreadableFileError(path, f"tensor index/{layer} must be int64, got {raw_index.dtype}")
+            width = raw_scores.numel()
+            is_final = self.num_layers is not None and layer == self.num_layers
+            if width != self.hidden_size and not is_final:  # a final projection may change the width
+                raise UnreadableFileError(
+                    path, f"tensor scores/{layer} has {width} entries but field hidden_size is {self.hidden_size}"
+                )
+            if not torch.isfinite(raw_scores).all():
+                raise UnreadableFileError(path, f"tensor scores/{layer} holds NaN or inf scores")
+        if all(self._scores[layer].numel() != self.hidden_size for layer in self.layers):
+            raise UnreadableFileError(
+                path, f"field hidden_size is {self.hidden_size} but no layer's scores have that width"
+            )
+        if self.which == "random" and self.seed is None:
+            raise UnreadableFileError(path, "field seed is missing (which='random' needs it)")
+        for layer in self.layers:
+            expected = _choose(self._scores[layer], self.k, self.which, self.order, self.seed or 0)
+            if not torch.equal(expected, self._indices[layer]):
+                raise UnreadableFileError(
+                    path,
+                    f"tensor index/{layer} is not the {self.which}-{self.k} of scores/{layer} "
+                    f"(order {self.order!r}): the file was altered or its scores do not belong to it",
+                )
 
     def _check_consistent(self) -> None:
         _check_choice("stat", self.stat, STATS)
@@ -359,6 +414,33 @@ class DimensionSelection:
                 )
 
 
+REQUIRED_METADATA = {
+    "layers": list,
+    "k": int,
+    "stat": str,
+    "tokens_seen": int,
+    "hidden_size": int,
+}
+
+
+def _check_metadata(path: Path, meta: dict) -> list[int]:
+    """The file's layers, once every required metadata field is present and of its type."""
+    for field, kind in REQUIRED_METADATA.items():
+        if field not in meta:
+            raise UnreadableFileError(path, f"lacks the metadata field {field!r}")
+        value = meta[field]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise UnreadableFileError(
+                path, f"field {field} must be of type {kind.__name__}, got {value!r}"
+            )
+    layers = meta["layers"]
+    if not layers or any(isinstance(layer, bool) or not isinstance(layer, int) for layer in layers):
+        raise UnreadableFileError(path, f"field layers must be a non-empty list of ints, got {layers!r}")
+    if meta["tokens_seen"] < 0:
+        raise UnreadableFileError(path, f"field tokens_seen must be >= 0, got {meta['tokens_seen']}")
+    return layers
+
+
 def _choose(scores: torch.Tensor, k: int, which: str, order: str, seed: int) -> torch.Tensor:
     if which == "top":
         return select_top_k(scores, k, order=order)
@@ -370,6 +452,12 @@ def _choose(scores: torch.Tensor, k: int, which: str, order: str, seed: int) -> 
     if order == "index":
         return torch.sort(chosen).values
     return chosen[torch.sort(scores[chosen], descending=True, stable=True).indices]
+
+
+def _short_name(teacher_id: str, limit: int = 32) -> str:
+    """A plot title's name for the teacher: a local path's last folder (not the cache path), cut to ``limit``."""
+    name = Path(teacher_id).name if teacher_id.startswith(("/", ".", "~")) else teacher_id
+    return name if len(name) <= limit else name[: limit - 1] + "…"
 
 
 def _resolve(layer: int, num_layers: int | None) -> int:

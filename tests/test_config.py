@@ -136,8 +136,81 @@ def test_cli_reports_the_bad_field_and_exits_2(tmp_path, capsys, command):
     "example", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name
 )
 def test_examples_are_valid_configs(example):
-    cfg = load_config(example)
+    source = example.read_text()
+    cfg = parse_config(yaml.safe_load(source), base_dir=example.parent, source=str(example))
+    teacher = cfg.model.teacher
+    if isinstance(teacher, str) and not cfg.path(teacher).exists():
+        # the example names the step that makes its teacher, and load_config says so up front
+        assert f"flexkd teacher debian-sections --out runs/teachers/{Path(teacher).name}" in source
+        with pytest.raises(ConfigError, match=r"model\.teacher: no such folder .*flexkd teacher"):
+            load_config(example)
     for split in ("train", "validation", "test"):
         value = getattr(cfg.data, split)
         if value is not None:
             assert cfg.path(value).is_file(), f"{example.name}: data.{split} {value} does not exist"
+
+
+def test_missing_local_model_folder_is_named_up_front(tmp_path):
+    path = _write(tmp_path, _patched([("model.teacher", "./teachers/minilm")]))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert "model.teacher: no such folder" in message and str(tmp_path / "teachers" / "minilm") in message
+    assert "\n" not in message
+    (tmp_path / "teachers" / "minilm").mkdir(parents=True)
+    assert load_config(path).model.teacher == "./teachers/minilm"
+
+
+def test_an_hf_id_is_not_taken_for_a_folder(tmp_path):
+    assert load_config(_write(tmp_path, VALID)).model.teacher == "teachers/minilm"
+
+
+def test_unknown_model_type_names_the_field_and_the_closest_names(tmp_path):
+    path = _write(tmp_path, _patched([("model.student.config.model_type", "bret")]))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert "model.student.config.model_type: unknown model type 'bret'" in message
+    assert "closest: bert" in message and len(message) < 400
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("model.student.config.hidden_size=abc", "model.student.config.hidden_size"),
+        ("model.student.config.num_hidden_layers=two", "model.student.config.num_hidden_layers"),
+    ],
+)
+def test_a_bad_model_config_value_is_one_line_naming_the_field(tmp_path, override, field):
+    with pytest.raises(ConfigError) as caught:
+        load_config(_write(tmp_path, VALID), [override])
+    message = str(caught.value)
+    assert f"{field}: " in message and "expected int" in message and "\n" not in message
+
+
+def test_an_alias_field_is_named_as_written(tmp_path):
+    data = _patched([("model.student", {"config": {"model_type": "gpt2", "hidden_size": "abc"}})])
+    with pytest.raises(ConfigError, match=r"model\.student\.config\.hidden_size: .*'n_embd' expected int"):
+        load_config(_write(tmp_path, data))
+
+
+def test_set_max_steps_replaces_epochs_and_back(tmp_path):
+    data = _patched([("train.max_steps", _DELETE), ("train.epochs", 3)])
+    path = _write(tmp_path, data)
+    cfg = load_config(path, ["train.max_steps=200"])
+    assert (cfg.train.max_steps, cfg.train.epochs) == (200, None)
+    cfg = load_config(path, ["train.max_steps=200", "train.epochs=1"])
+    assert (cfg.train.max_steps, cfg.train.epochs) == (None, 1.0)
+    with pytest.raises(ConfigError, match="exactly one of 'max_steps' and 'epochs'"):
+        parse_config({**data, "train": {**data["train"], "max_steps": 5}}, base_dir=tmp_path)
+
+
+@pytest.mark.parametrize("command", ["score", "distill", "eval"])
+def test_cli_reports_a_missing_teacher_in_one_line_up_front(tmp_path, capsys, command):
+    from flexkd.cli import main
+
+    path = _write(tmp_path, _patched([("model.teacher", "../runs/teachers/minilm-sections")]))
+    assert main([command, str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"flexkd {command}: error: ") and "\n" not in err
+    assert "model.teacher: no such folder" in err and "flexkd teacher" in err

@@ -22,7 +22,7 @@ FEATURE_LOSS_ERRORS = {
     "repeated index": (feature_loss_case(index=torch.tensor([1, 1, 2])), ValueError, "index must not repeat"),
     "index length": (feature_loss_case(index=torch.tensor([0, 1])), ValueError, "index must be 1-D"),
     "index 2-D": (feature_loss_case(index=torch.tensor([[0, 1, 2]])), ValueError, "index must be 1-D"),
-    "float index": (feature_loss_case(index=torch.tensor([0.0, 1.0, 2.0])), TypeError, "index must be an int32 or int64"),
+    "float index": (feature_loss_case(index=torch.tensor([0.0, 1.0, 2.0])), TypeError, "index must be an integer tensor"),
     "int student": (feature_loss_case(student=torch.ones(4, 3, dtype=torch.int64)), TypeError, "student must be a float"),
     "int teacher": (feature_loss_case(teacher=torch.ones(4, 8, dtype=torch.int32)), TypeError, "teacher must be a float"),
     "list student": (feature_loss_case(student=[[1.0]]), TypeError, "student must be a torch.Tensor"),
@@ -35,6 +35,16 @@ FEATURE_LOSS_ERRORS = {
     "unknown backend": (feature_loss_case(backend="metal"), ValueError, "backend must be one of"),
     "devices differ": (feature_loss_case(teacher=T.to("meta")), ValueError, "one device"),
     "scalar student": (feature_loss_case(student=torch.tensor(1.0)), ValueError, "student must have at least one dimension"),
+    "bool index": (feature_loss_case(index=torch.tensor([True, False, True])), TypeError, "index must be an integer tensor"),
+    "index of floats": (feature_loss_case(index=[0.0, 1.0, 2.0]), TypeError, "index must be an integer tensor or a sequence of ints"),
+    "index of bools": (feature_loss_case(index=[True, False, True]), TypeError, "sequence of ints"),
+    "index string": (feature_loss_case(index="012"), TypeError, "sequence of ints, got str"),
+    "index set": (feature_loss_case(index={0, 1, 2}), TypeError, "sequence of ints, got set"),
+    "index list out of range": (feature_loss_case(index=[0, 8, 2]), ValueError, r"index values must lie in \[0, 8\)"),
+    "index list repeated": (feature_loss_case(index=[1, 1, 2]), ValueError, "index must not repeat"),
+    "negative mask weight": (feature_loss_case(mask=torch.tensor([1.0, -0.5, 1.0, 1.0])), ValueError, "mask weights must be finite and >= 0"),
+    "NaN mask weight": (feature_loss_case(mask=torch.tensor([1.0, float("nan"), 1.0, 1.0])), ValueError, r"mask weights .* \(e\.g\. nan\)"),
+    "inf mask weight": (feature_loss_case(mask=torch.tensor([float("inf"), 1.0, 1.0, 1.0])), ValueError, "mask weights must be finite"),
 }
 
 
@@ -44,6 +54,17 @@ def test_feature_loss_bad_input(case):
     positional = [args.pop(name) for name in ("student", "teacher", "index", "mask")]
     with pytest.raises(error, match=words):
         flex_feature_loss(*positional, **args)
+
+
+@pytest.mark.parametrize(
+    "index",
+    [[0, 5, 2], (0, 5, 2), torch.tensor([0, 5, 2], dtype=torch.int16), torch.tensor([0, 5, 2], dtype=torch.uint8)],
+    ids=["list", "tuple", "int16", "uint8"],
+)
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_index_as_any_int_tensor_or_sequence(index, backend):
+    want = flex_feature_loss(S, T, INDEX, backend="torch")
+    torch.testing.assert_close(flex_feature_loss(S, T, index, backend=backend), want)
 
 
 def test_bad_eps():

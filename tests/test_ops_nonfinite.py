@@ -1,9 +1,11 @@
-"""The non-finite policy (``flexkd.ops`` docstrings, README "Ops"): NaN and inf propagate as in torch's
-``mask * loss``, on every backend, also from rows of weight 0; a finite result never hides one.
+"""The non-finite policy (``flexkd.ops`` docstrings, README "Ops"): NaN and inf in the data propagate as
+in torch's ``mask * loss``, on every backend, also from rows of weight 0; a finite result never hides one.
+A mask weight that is NaN, inf or negative is refused (ValueError naming ``mask``) in eager mode; under
+``torch.compile`` the weights are not read (no host sync) and NaN/inf still propagate.
 
-Each case poisons one element of the student, of a selected teacher column or of the mask, in a row of
-positive or of zero weight, and requires the backend's loss and gradients to be non-finite exactly where
-the reference's are (as torch computes them from the plain formula).
+Each case poisons one element of the student or of a selected teacher column, in a row of positive or
+of zero weight, and requires the backend's loss and gradients to be non-finite exactly where the
+reference's are (as torch computes them from the plain formula).
 """
 
 import math
@@ -66,7 +68,7 @@ def _assert_same_non_finite(got, want):
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("where", ["student", "teacher", "mask"])
+@pytest.mark.parametrize("where", ["student", "teacher"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
 @pytest.mark.parametrize("row_weight", [1.0, 0.0], ids=["weighted-row", "masked-row"])
 def test_feature_loss_propagates(target, loss, reduction, where, bad, row_weight):
@@ -74,10 +76,8 @@ def test_feature_loss_propagates(target, loss, reduction, where, bad, row_weight
     mask[ROW] = row_weight
     if where == "student":
         student[ROW, 3] = bad
-    elif where == "teacher":
-        teacher[ROW, INDEX[1]] = bad
     else:
-        mask[ROW] = bad
+        teacher[ROW, INDEX[1]] = bad
     got, want = _both(target, student, teacher, mask, loss, reduction)
     assert not torch.isfinite(want[0]).all(), "the case must poison the reference"
     _assert_same_non_finite(got, want)
@@ -105,7 +105,7 @@ def test_nan_grad_output_gives_nan_gradients(target, loss):
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("stat", STATS)
-@pytest.mark.parametrize("where", ["hidden", "grad", "mask"])
+@pytest.mark.parametrize("where", ["hidden", "grad"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
 @pytest.mark.parametrize("row_weight", [1.0, 0.0], ids=["weighted-row", "masked-row"])
 def test_importance_propagates(target, stat, where, bad, row_weight):
@@ -113,7 +113,7 @@ def test_importance_propagates(target, stat, where, bad, row_weight):
     hidden, grad = torch.randn(N, WIDTH, generator=g), torch.randn(N, WIDTH, generator=g)
     mask = torch.rand(N, generator=g) + 0.5
     mask[ROW] = row_weight
-    {"hidden": hidden, "grad": grad}.get(where, mask)[(ROW, 4) if where != "mask" else ROW] = bad
+    {"hidden": hidden, "grad": grad}[where][ROW, 4] = bad
     actual = Target.back(
         importance_scores(target.put(hidden), target.put(grad), target.put(mask), stat=stat, backend=target.backend)
     )
@@ -121,6 +121,49 @@ def test_importance_propagates(target, stat, where, bad, row_weight):
     # "grad" and "grad_sq" never read hidden: a non-finite hidden leaves them finite.
     assert torch.isfinite(expected).all() == (where == "hidden" and stat != "grad_x_act")
     assert torch.equal(~torch.isfinite(actual), ~torch.isfinite(expected))
+
+
+BAD_WEIGHTS = [math.nan, math.inf, -math.inf, -0.5]
+BAD_IDS = ["nan", "inf", "-inf", "negative"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bad", BAD_WEIGHTS, ids=BAD_IDS)
+def test_bad_mask_weights_are_refused(target, dtype, bad):
+    student, teacher, mask = _inputs()
+    mask = mask.to(dtype)
+    mask[ROW] = bad
+    with pytest.raises(ValueError, match=r"mask weights must be finite and >= 0, got 1 that are not"):
+        flex_feature_loss(target.put(student), target.put(teacher), target.put(INDEX), target.put(mask),
+                          backend=target.backend)
+    with pytest.raises(ValueError, match=r"mask weights must be finite and >= 0"):
+        importance_scores(target.put(teacher), target.put(teacher), target.put(mask), backend=target.backend)
+
+
+def test_zero_and_bool_weights_pass():
+    student, teacher, mask = _inputs()
+    mask[:3] = 0.0
+    assert torch.isfinite(flex_feature_loss(student, teacher, INDEX, mask))
+    assert torch.isfinite(flex_feature_loss(student, teacher, INDEX, mask > 0.6))
+    empty = torch.zeros(0, K), torch.zeros(0, WIDTH), torch.zeros(0)
+    assert flex_feature_loss(*empty[:2], INDEX, empty[2]).item() == 0.0
+
+
+def test_under_compile_mask_weights_are_not_read():
+    """No host sync in the graph: a bad weight is not refused there, and NaN/inf still propagate."""
+    student, teacher, mask = _inputs()
+    compiled = torch.compile(
+        lambda s, t, m: flex_feature_loss(s, t, INDEX, m, backend="torch"), fullgraph=True, dynamic=False
+    )
+    torch.testing.assert_close(compiled(student, teacher, mask), reference.flex_feature_loss(student, teacher, INDEX, mask))
+    for bad in (math.nan, math.inf):
+        poisoned = mask.clone()
+        poisoned[ROW] = bad
+        assert not torch.isfinite(compiled(student, teacher, poisoned))
+    negative = mask.clone()
+    negative[ROW] = -0.5
+    compiled(student, teacher, negative)  # used as given, not refused
 
 
 def test_select_top_k_rejects_nan_and_ranks_inf():

@@ -182,3 +182,80 @@ def test_a_file_with_a_batch_based_fingerprint_still_loads(tmp_path, teacher):
     ).save(tmp_path / "old.safetensors")
     loaded = DimensionSelection.load(path, teacher)
     assert loaded.data_fingerprint == old and not loaded.data_fingerprint.startswith("rows:")
+
+
+def _tampered(tmp_path, teacher, name, *, meta=None, drop=(), tensors=None):
+    """A file written by a good selection, then changed: ``meta`` entries set (None: removed), metadata
+    keys in ``drop`` removed, ``tensors`` entries replaced."""
+    good = DimensionSelection.from_scores(_random_scores(), 8, teacher=teacher)
+    data = good.metadata()
+    for key, value in (meta or {}).items():
+        data[key] = value
+    for key in drop:
+        del data[key]
+    stored = {f"{kind}/{layer}": getattr(good, kind)(layer) for layer in good.layers for kind in ("scores", "index")}
+    stored.update(tensors or {})
+    path = tmp_path / f"{name}.safetensors"
+    save_file(stored, path, metadata={"flexkd": json.dumps(data)})
+    return path, good
+
+
+INCONSISTENT = {
+    "hidden_size disagrees with the teacher": (dict(meta={"hidden_size": D + 16}), "field hidden_size is"),
+    "scores longer than hidden_size": (
+        dict(tensors={"scores/1": torch.rand(D + 16)}), f"scores/1 has {D + 16} entries but field hidden_size is {D}"
+    ),
+    "NaN scores": (dict(tensors={"scores/3": torch.full((D,), float("nan"))}), "scores/3 holds NaN or inf"),
+    "fp16 scores": (dict(tensors={"scores/3": torch.rand(D).half()}), "scores/3 must be fp32"),
+    "int32 index": (dict(tensors={"index/1": torch.arange(8, dtype=torch.int32)}), "index/1 must be int64"),
+    "index not the top-k": (dict(tensors={"index/1": torch.arange(8)}), "index/1 is not the top-8 of scores/1"),
+    "index of the wrong length": (dict(tensors={"index/1": torch.arange(5)}), r"index of layer 1 has shape \(5,\)"),
+    "missing layers": (dict(drop=["layers"]), "lacks the metadata field 'layers'"),
+    "missing k": (dict(drop=["k"]), "lacks the metadata field 'k'"),
+    "missing hidden_size": (dict(drop=["hidden_size"]), "lacks the metadata field 'hidden_size'"),
+    "k a string": (dict(meta={"k": "8"}), "field k must be of type int"),
+    "layers not ints": (dict(meta={"layers": ["1", 3]}), "field layers must be a non-empty list of ints"),
+    "negative tokens_seen": (dict(meta={"tokens_seen": -1}), "field tokens_seen must be >= 0"),
+    "unknown which": (dict(meta={"which": "middle"}), "is inconsistent: which must be one of"),
+    "random without a seed": (dict(meta={"which": "random", "seed": None}), "field seed is missing"),
+    "order changed": (dict(meta={"order": "score"}), "is not the top-8 of scores/1 \\(order 'score'\\)"),
+}
+
+
+@pytest.mark.parametrize("case", INCONSISTENT.values(), ids=INCONSISTENT.keys())
+def test_inconsistent_files_are_named_with_the_field(tmp_path, teacher, case):
+    changes, words = case
+    path, _ = _tampered(tmp_path, teacher, "bad", **changes)
+    with pytest.raises(ValueError, match=words) as caught:
+        DimensionSelection.load(path)
+    assert str(path) in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_broken_metadata_json_names_the_file(tmp_path):
+    path = tmp_path / "broken.safetensors"
+    save_file({"scores/1": torch.rand(D)}, path, metadata={"flexkd": '{"layers": [1'})
+    with pytest.raises(ValueError, match="not valid JSON") as caught:
+        DimensionSelection.load(path)
+    assert str(path) in str(caught.value)
+
+
+@pytest.mark.parametrize("which, order", [("top", "score"), ("bottom", "index"), ("random", "index")])
+def test_every_which_and_order_round_trips_through_the_checks(tmp_path, teacher, which, order):
+    sel = DimensionSelection.from_scores(_random_scores(), 8, teacher=teacher, which=which, order=order, seed=3)
+    loaded = DimensionSelection.load(sel.save(tmp_path / "s.safetensors"), teacher)
+    assert all(torch.equal(loaded.index(layer), sel.index(layer)) for layer in sel.layers)
+
+
+@pytest.mark.parametrize(
+    "teacher_id, short",
+    [
+        ("/root/.cache/flexkd/teachers/debian-sections-0123456789abcdef", "debian-sections-0123456789abcdef"),
+        ("gpt2", "gpt2"),
+        ("org/" + "x" * 40, "org/" + "x" * 27 + "…"),
+    ],
+)
+def test_plot_titles_name_the_teacher_briefly(teacher_id, short):
+    from flexkd.selection import _short_name
+
+    assert _short_name(teacher_id) == short and len(short) <= 32

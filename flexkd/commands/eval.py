@@ -11,16 +11,15 @@ import argparse
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
-
-import torch
-from torch import nn
-from tqdm.auto import tqdm
+from typing import TYPE_CHECKING, Any
 
 from flexkd._io import write_text
 from flexkd.config import add_config_arguments, config_from_args
 from flexkd.errors import ConfigError
-from flexkd.training.data import move_to_device
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that `flexkd eval --help` is instant
+    import torch
+    from torch import nn
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +37,6 @@ def _macro_f1(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int)
     return sum(scores) / len(scores) if scores else 0.0
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     rows: Sequence[Mapping[str, Any]],
@@ -50,7 +48,18 @@ def evaluate(
     ignore_index: int = -100,
 ) -> dict[str, float]:
     """Loss and accuracy-style metrics of ``model`` on labelled ``rows``."""
+    import torch
+
+    with torch.no_grad():
+        return _evaluate(model, rows, collate, task, batch_size, progress, ignore_index)
+
+
+def _evaluate(model, rows, collate, task, batch_size, progress, ignore_index) -> dict[str, float]:
+    import torch
+    from tqdm.auto import tqdm
+
     from flexkd.losses import task_loss
+    from flexkd.training.data import move_to_device
 
     if len(rows) == 0:
         raise ConfigError("eval.split: the evaluation split is empty")
@@ -94,6 +103,8 @@ def evaluate(
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from flexkd.training import (
         Collator,
         build_model,

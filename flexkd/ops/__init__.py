@@ -89,13 +89,14 @@ def flex_feature_loss(
     ``mask`` holds row weights (bool or float ≥ 0) of the leading shape. Returns fp32 (fp64 for fp64
     inputs); gradients reach ``student`` and, when it requires grad, the selected columns of ``teacher``.
 
-    Non-finite inputs propagate as in torch's ``mask * loss``: a NaN or inf in ``student``, in a selected
-    ``teacher`` column or in ``mask`` makes the loss (the affected rows for mse ``none``, every dim it
+    Non-finite inputs propagate as in torch's ``mask * loss``: a NaN or inf in ``student`` or in a selected
+    ``teacher`` column makes the loss (the affected rows for mse ``none``, every dim it
     touches for corr) and the gradients NaN or inf, also in rows of weight 0 (``0 · NaN`` is NaN). Only
     the degenerate cases of the contract return 0 whatever the values: ``mean`` with all weights 0 and
-    corr with fewer than two weighted rows. A NaN ``grad_output`` gives NaN gradients.
+    corr with fewer than two weighted rows. A NaN ``grad_output`` gives NaN gradients. A NaN, inf or
+    negative ``mask`` weight is a ValueError in eager mode (unread under ``torch.compile``).
     """
-    _validate.feature_loss_args(student, teacher, index, mask, loss, reduction, eps)
+    index = _validate.feature_loss_args(student, teacher, index, mask, loss, reduction, eps)
     which = resolve_backend(backend, student.device.type, "flex_feature_loss")
     op = getattr(torch.ops.flexkd, _FEATURE_LOSS_OPS[which])
     grad_enabled = torch.is_grad_enabled()

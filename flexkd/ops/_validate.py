@@ -1,11 +1,17 @@
 """Argument checks for the public ops: each error names the argument and what was expected.
 
-Metadata checks (shapes, dtypes, devices) always run. Checks that read ``index`` data (range, repeats)
-run once per index tensor and version in eager mode, so a training loop that reuses one index pays
-for them once; under ``torch.compile`` they are skipped (the C++ kernels still check the range).
+Metadata checks (shapes, dtypes, devices) always run. Checks that read data run in eager mode only:
+``index`` (range, repeats) once per index tensor and version, so a training loop that reuses one index
+pays for them once, and the ``mask`` weights (finite and >= 0) on every call, in one pass and one host
+read. Under ``torch.compile`` neither runs, so no host sync enters the graph: the C++ kernels still
+check the index range, and a NaN, inf or negative weight is then used as given (NaN and inf propagate
+into the loss as in torch's ``mask * loss``; a negative weight gives a backend-dependent value).
 """
 
 from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -56,40 +62,72 @@ def mask(value, leading_shape: torch.Size, against: str) -> torch.Tensor | None:
             f"mask must have the leading shape of {against} {tuple(leading_shape)}, "
             f"got {tuple(value.shape)}"
         )
+    if value.dtype != torch.bool and value.numel() and not _skips_data_checks(value):
+        low, high = torch.stack(torch.aminmax(value)).tolist()  # NaN makes both NaN
+        if not (low >= 0 and high < float("inf")):
+            bad = value[~((value >= 0) & (value < float("inf")))]
+            raise ValueError(
+                f"mask weights must be finite and >= 0, got {bad.numel()} that are not "
+                f"(e.g. {bad[0].item()})"
+            )
     return value
+
+
+def _skips_data_checks(value: torch.Tensor) -> bool:
+    return torch.compiler.is_compiling() or value.is_meta
 
 
 _checked_indices = WeakIdKeyDictionary()
 
 
+def as_index(value, device: torch.device) -> torch.Tensor:
+    """``index`` as a tensor: any integer tensor as given, a sequence of ints as int64 on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        raise TypeError(
+            f"index must be an integer tensor or a sequence of ints, got {type(value).__name__}"
+        )
+    try:
+        entries = [operator.index(entry) for entry in value if not isinstance(entry, bool)]
+    except TypeError:
+        entries = []
+    if len(entries) != len(value):
+        raise TypeError("index must be an integer tensor or a sequence of ints, got other entries")
+    return torch.tensor(entries, dtype=torch.int64, device=device)
+
+
 def index(value, k: int, width: int) -> torch.Tensor:
-    """``value`` must be a 1-D int32/int64 tensor of ``k`` unique entries in ``[0, width)``."""
+    """``value`` must be a 1-D integer tensor of ``k`` unique entries in ``[0, width)``."""
     tensor("index", value)
-    if value.dtype not in INDEX_DTYPES:
-        raise TypeError(f"index must be an int32 or int64 tensor, got {value.dtype}")
+    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(f"index must be an integer tensor (e.g. int32 or int64), got {value.dtype}")
     if value.dim() != 1 or value.numel() != k:
         raise ValueError(
             f"index must be 1-D with one entry per student feature (k={k}), got shape {tuple(value.shape)}"
         )
-    if torch.compiler.is_compiling() or value.is_meta:
+    if _skips_data_checks(value):
         return value
     key = (value._version, width)
     if _checked_indices.get(value) == key:
         return value
-    low, high = int(value.min()), int(value.max())
+    entries = value.tolist()  # one host read; a set finds repeats faster than torch.unique at small k
+    low, high = (min(entries), max(entries)) if entries else (0, -1)
     if low < 0 or high >= width:
         raise ValueError(f"index values must lie in [0, {width}), got values in [{low}, {high}]")
-    if torch.unique(value).numel() != k:
+    if len(set(entries)) != k:
         raise ValueError("index must not repeat a teacher dimension, got repeated values")
     _checked_indices[value] = key
     return value
 
 
-def feature_loss_args(student, teacher, index_, mask_, loss, reduction, eps):
+def feature_loss_args(student, teacher, index_, mask_, loss, reduction, eps) -> torch.Tensor:
+    """Checks every argument; returns ``index_`` as a tensor (see :func:`as_index`)."""
     choice("loss", loss, LOSSES)
     choice("reduction", reduction, REDUCTIONS)
     float_tensor("student", student)
     float_tensor("teacher", teacher)
+    index_ = as_index(index_, student.device)
     if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")
     same_device(student=student, teacher=teacher, index=index_, mask=mask_)
@@ -107,6 +145,7 @@ def feature_loss_args(student, teacher, index_, mask_, loss, reduction, eps):
         )
     index(index_, k, teacher.shape[-1])
     mask(mask_, student.shape[:-1], "student")
+    return index_
 
 
 def importance_args(hidden, grad, mask_, stat, out):

@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import nn
 
-from flexkd._io import read_json, replace_dir, write_json, write_text
+from flexkd._io import apply_umask, read_json, replace_dir, write_json, write_text
 from flexkd.errors import ResumeMismatchError, RunFolderLockedError, UnreadableFileError
 
 LOCK_NAME = "run.lock"
@@ -246,6 +246,7 @@ def save_student(
         tokenizer.save_pretrained(tmp)
         if merged:
             tokenizer.save_pretrained(tmp / "merged")
+    apply_umask(tmp)  # safetensors writes the weights 0600
     replace_dir(tmp, target)
 
 

@@ -63,6 +63,20 @@ def selection_k(cfg: Config, teacher: nn.Module, student: nn.Module) -> int:
     return k
 
 
+class _SizedBatches:
+    """The batches of ``rows[i] for i in indices``, collated on the fly, with a length."""
+
+    def __init__(self, collate, rows, indices, size: int) -> None:
+        self.collate, self.rows, self.indices, self.size = collate, rows, indices, size
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.size)
+
+    def __iter__(self):
+        for j in range(0, len(self.indices), self.size):
+            yield self.collate([self.rows[i] for i in self.indices[j : j + self.size]])
+
+
 def score_selection(
     cfg: Config, teacher: nn.Module, k: int, rows, collate, *, rank: int = 0, world_size: int = 1
 ):
@@ -81,7 +95,7 @@ def score_selection(
         seed=cfg.train.seed,
     )
     size = cfg.selection.batch_size
-    batches = (collate([rows[i] for i in mine[j : j + size]]) for j in range(0, len(mine), size))
+    batches = _SizedBatches(collate, rows, mine, size)  # sized, so the progress bar has a total and an ETA
     selection = flexkd.score(
         teacher,
         batches,

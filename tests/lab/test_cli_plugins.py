@@ -36,9 +36,13 @@ print(json.dumps({{"code": exit_code, "stdout": out.getvalue(), "heavy": heavy}}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_the_lab_registers_demo_and_study_as_entry_points():
+def test_the_lab_registers_demo_study_and_teacher_as_entry_points():
     entries = {e.name: e.value for e in importlib.metadata.entry_points(group=cli.ENTRY_POINT_GROUP)}
-    assert entries == {"demo": "flexkd_lab.commands.demo", "study": "flexkd_lab.commands.study"}
+    assert entries == {
+        "demo": "flexkd_lab.commands.demo",
+        "study": "flexkd_lab.commands.study",
+        "teacher": "flexkd_lab.commands.teacher",
+    }
     found = cli.plugin_subcommands()
     assert {name: module for name, (module, _) in found.items()} == entries
     assert all(help_text for _, help_text in found.values())

@@ -45,9 +45,10 @@ def test_demo_quick_writes_the_run_folder(demo_run, capsys):
     assert [p.name for p in out.glob("selection-top-*.safetensors")] == [
         "selection-top-last-n16.safetensors"
     ]
-    assert not (out / "runs").exists() or not any(
-        (out / "runs").rglob("model.safetensors")
-    )  # students not kept
+    for method in DEMO_METHODS:  # each student and its metrics stay in the run folder
+        run = out / "runs" / method / "seed-3"
+        assert (run / "student" / "model.safetensors").is_file(), method
+        assert (run / "metrics.jsonl").stat().st_size > 0 and (run / "run_config.json").is_file()
 
 
 def test_demo_quick_compares_the_three_methods_under_one_budget(demo_run):

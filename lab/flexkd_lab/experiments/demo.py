@@ -62,7 +62,7 @@ def run_demo(
         experiment.prepare([(method, seed) for method in methods])
     for method in tqdm(methods, desc="flexkd demo", unit="method", disable=not progress):
         with timer.stage(f"distill + eval: {method.name}"):
-            results[method.name] = experiment.run(method, seed)
+            results[method.name] = experiment.run(method, seed, keep_student=True)
     experiment.remove_teacher_outputs()
 
     with timer.stage("report"):
@@ -93,6 +93,8 @@ def run_demo(
             f"T = {budget.temperature}. "
             f"Evaluated on {budget.eval_examples} rows of the {budget.eval_split} split.\n\n"
             f"{profile_sentence(profile)}\n\n"
+            f"Each student (`from_pretrained` folder), its config and per-step metrics: "
+            f"`runs/<method>/seed-{seed}/` in this folder.\n\n"
         )
         write_text(out_dir / "results.md", header + table + "\n")
     write_json(

@@ -96,6 +96,37 @@ def _register_student_factory(task, *, quick: bool) -> str:
     return f"task:{name}"
 
 
+def cached_teacher(
+    task_name: str,
+    *,
+    cache_dir: Path,
+    quick: bool = False,
+    eval_limit: int | None = None,
+    progress: bool = True,
+):
+    """``(task, CachedTeacher)`` of ``task_name``: its fine-tuned teacher from ``cache_dir/teachers``,
+    trained there first when missing (``quick``: a 2-step fine-tune on a tiny slice, evaluated on
+    ``eval_limit`` rows). A file lock makes processes started together share one fine-tune."""
+    from flexkd_lab.tasks import FitConfig, get_task, get_teacher
+
+    if task_name not in TASK_METRICS:
+        raise ValueError(f"task: expected one of {sorted(TASK_METRICS)}, got {task_name!r}")
+    task = get_task(task_name, **(QUICK_TASK_CONFIG[task_name] if quick else {}))
+    fit_config = None
+    if quick:
+        fit_config = FitConfig(batch_size=8, lr=1e-3, train_limit=QUICK_TEACHER_ROWS, max_steps=2)
+    teachers = Path(cache_dir) / "teachers"
+    with _exclusive(teachers / f".{task_name}.lock"):
+        cached = get_teacher(
+            task,
+            teachers,
+            fit_config=fit_config,
+            eval_limit=eval_limit if quick else None,
+            progress=progress,
+        )
+    return task, cached
+
+
 def build_kit(
     task_name: str,
     budget: RunBudget,
@@ -106,21 +137,9 @@ def build_kit(
 ) -> TaskKit:
     """The :class:`TaskKit` of ``task_name``; trains and caches its teacher under ``cache_dir/teachers``
     when the cache lacks it."""
-    from flexkd_lab.tasks import FitConfig, get_task, get_teacher
-
-    if task_name not in TASK_METRICS:
-        raise ValueError(f"task: expected one of {sorted(TASK_METRICS)}, got {task_name!r}")
-    task = get_task(task_name, **(QUICK_TASK_CONFIG[task_name] if quick else {}))
-    fit_config = None
-    eval_limit = None
-    if quick:
-        fit_config = FitConfig(batch_size=8, lr=1e-3, train_limit=QUICK_TEACHER_ROWS, max_steps=2)
-        eval_limit = budget.eval_examples
-    teachers = Path(cache_dir) / "teachers"
-    with _exclusive(teachers / f".{task_name}.lock"):
-        cached = get_teacher(
-            task, teachers, fit_config=fit_config, eval_limit=eval_limit, progress=progress
-        )
+    task, cached = cached_teacher(
+        task_name, cache_dir=cache_dir, quick=quick, eval_limit=budget.eval_examples, progress=progress
+    )
     report = cached.report
     validation = {k: v for k, v in report.get("validation", {}).items() if k != "predictions"}
 
