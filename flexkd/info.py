@@ -9,7 +9,7 @@ import platform
 
 from flexkd import __version__
 
-OPS = ("flex_feature_loss", "importance_scores")
+OPS = ("flex_feature_loss", "importance_scores", "linear_logit_kd")
 
 
 def _package_version(name: str) -> str | None:

@@ -11,7 +11,7 @@ from flexkd.cli import main
 def test_collect_reports_versions_and_resolution():
     facts = info.collect()
     assert facts["torch"]
-    assert set(facts["auto_resolves_to"]) == {"flex_feature_loss", "importance_scores"}
+    assert set(facts["auto_resolves_to"]) == {"flex_feature_loss", "importance_scores", "linear_logit_kd"}
     assert facts["auto_resolves_to"]["flex_feature_loss"]["cpu"] in ("cpu", "torch")
     assert facts["native_extension"]["loaded"] == (facts["native_extension"]["error"] is None)
     if facts["native_extension"]["loaded"]:
