@@ -37,6 +37,7 @@ from flexkd.adapters.output_head import (
     output_projection,
     run_until_head,
 )
+from flexkd.distributed import is_sharded
 from flexkd.errors import ConfigError, FlexKDError, SelectionMismatchError, StoreMismatchError
 from flexkd.losses import (
     FEATURE_LOSSES,
@@ -48,7 +49,7 @@ from flexkd.losses import (
     logit_kd,
     task_loss,
 )
-from flexkd.ops import linear_logit_kd
+from flexkd.ops import _linear_logit_kd, linear_logit_kd
 from flexkd.taps import LayerTap
 from flexkd.teacher_outputs import TeacherOutputs
 
@@ -299,6 +300,8 @@ class Distiller(nn.Module):
                 raise UnsupportedHead(
                     f"the fused path is for causal LMs, this student's task is {self.task!r}"
                 )
+            if is_sharded(self.student):  # its head's weight is gathered only inside the head's forward
+                raise UnsupportedHead("the student is sharded (FSDP)")
             return output_projection(self.student)
         except UnsupportedHead as err:
             if backend == "fused":
@@ -630,9 +633,12 @@ class Distiller(nn.Module):
             valid = labels != self.ignore_index
             one_hot = (rows.new_zeros(count, 1), labels.clamp_min(0).unsqueeze(-1))
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.weights["task"] > 0):
-                mean = linear_logit_kd(
-                    rows, weight, teacher_topk=one_hot, bias=bias, mask=valid, kind="forward_kl"
-                )
+                # labels are not read back (a device sync per step); like torch's cross-entropy, an
+                # out-of-range label fails inside the op
+                mean = _linear_logit_kd(
+                    rows, weight, None, one_hot, bias, valid, "forward_kl", 0.5, 1.0, None, "auto",
+                    read_topk_indices=False,
+                )  # fmt: skip
             sums["task"] = mean * valid.sum()
         if teacher_logits is not None or teacher_topk is not None:
             sums["logit"] = count * linear_logit_kd(

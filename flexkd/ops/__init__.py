@@ -201,9 +201,22 @@ def linear_logit_kd(
     in-place torch ops; ``triton`` does the softmax/KD part of each chunk in one Triton kernel;
     ``torch`` materialises the logits (the reference). Returns an fp32 scalar (fp64 for fp64 inputs).
     """
+    return _linear_logit_kd(
+        hidden, weight, teacher_logits, teacher_topk, bias, mask, kind, beta, temperature, chunk_size,
+        backend, read_topk_indices=True,
+    )  # fmt: skip
+
+
+def _linear_logit_kd(
+    hidden, weight, teacher_logits, teacher_topk, bias, mask, kind, beta, temperature, chunk_size,
+    backend, *, read_topk_indices: bool,
+) -> torch.Tensor:
+    """:func:`linear_logit_kd`; ``read_topk_indices=False`` skips reading the top-K indices back (a
+    device sync) for callers whose indices are valid by construction, e.g. labels as a one-hot teacher."""
     _validate.linear_logit_kd_args(
-        hidden, weight, teacher_logits, teacher_topk, bias, mask, kind, beta, temperature, chunk_size
-    )
+        hidden, weight, teacher_logits, teacher_topk, bias, mask, kind, beta, temperature, chunk_size,
+        read_topk_indices=read_topk_indices,
+    )  # fmt: skip
     which = resolve_backend(backend, hidden.device.type, "linear_logit_kd")
     op = getattr(torch.ops.flexkd, _LINEAR_LOGIT_KD_OPS[which])
     if chunk_size is None:

@@ -168,11 +168,14 @@ def importance_args(hidden, grad, mask_, stat, out):
             )
 
 
-def teacher_topk(value, logits_shape, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_topk(
+    value, logits_shape, kind: str, *, read_indices: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``teacher_topk`` as ``(values [..., K], indices [..., K])`` checked against logits of
     ``logits_shape`` (``[..., V]``): float values, integer indices unique per row in ``[0, V)``, K <= V,
     and a ``kind`` that is finite against a distribution with zeros. Reading the indices syncs with the
-    device; under ``torch.compile`` only the metadata is checked."""
+    device; under ``torch.compile`` (or with ``read_indices=False``, for indices valid by construction)
+    only the metadata is checked."""
     if kind == "reverse_kl":
         raise ValueError(
             "kind='reverse_kl' is +inf against a top-K teacher (it has no mass off its K indices); "
@@ -204,7 +207,7 @@ def teacher_topk(value, logits_shape, kind: str) -> tuple[torch.Tensor, torch.Te
             f"teacher_topk values ({values.device}) and indices ({indices.device}) "
             "must be on one device"
         )
-    if torch.compiler.is_compiling() or indices.is_meta or indices.numel() == 0:
+    if not read_indices or torch.compiler.is_compiling() or indices.is_meta or indices.numel() == 0:
         return values, indices
     low, high = int(indices.min()), int(indices.max())
     if low < 0 or high >= vocab:
@@ -219,7 +222,8 @@ def teacher_topk(value, logits_shape, kind: str) -> tuple[torch.Tensor, torch.Te
 
 
 def linear_logit_kd_args(
-    hidden, weight, teacher_logits, topk, bias, mask_, kind, beta, temperature, chunk_size
+    hidden, weight, teacher_logits, topk, bias, mask_, kind, beta, temperature, chunk_size,
+    *, read_topk_indices: bool = True,
 ):
     from flexkd.ops.linear_logit_kd_impl import KINDS
 
@@ -265,7 +269,7 @@ def linear_logit_kd_args(
             )
         teacher_tensors = {"teacher_logits": teacher_logits}
     else:
-        values, indices = teacher_topk(topk, (*leading, vocab), kind)
+        values, indices = teacher_topk(topk, (*leading, vocab), kind, read_indices=read_topk_indices)
         teacher_tensors = {"teacher_topk values": values, "teacher_topk indices": indices}
     same_device(hidden=hidden, weight=weight, bias=bias, mask=mask_, **teacher_tensors)
     mask(mask_, leading, "hidden")

@@ -53,6 +53,11 @@ class TaskObjective(nn.Module):
             )
         self.ignore_index = ignore_index
 
+    @property
+    def student(self) -> nn.Module:
+        """The model being trained, under the name the loop reads from a Distiller."""
+        return self.model
+
     def _positions(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         if batch.get("labels") is None:
             raise ValueError("batch: fine-tuning needs labels in every batch")
