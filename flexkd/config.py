@@ -217,6 +217,7 @@ class DistillSection(_Section):
     beta: float = Field(0.5, gt=0.0, lt=1.0)
     projector_direction: Literal["student_to_teacher", "teacher_to_student"] = "student_to_teacher"
     side: Literal["encoder", "decoder"] | None = None
+    logit_kd_backend: Literal["auto", "fused", "materialised"] = "auto"
     # A folder of the teacher's outputs on data.train (flexkd.teacher_outputs), written on first use; the
     # teacher then never runs during training.
     teacher_outputs: str | None = None

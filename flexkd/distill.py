@@ -284,6 +284,7 @@ class Distiller(nn.Module):
                 beta=section.beta,
                 projector_direction=section.projector_direction,
                 side=section.side,
+                logit_kd_backend=section.logit_kd_backend,
             )
         except FlexKDError:
             raise
