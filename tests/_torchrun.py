@@ -3,19 +3,58 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
+
+
+def _command(script: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + [
+        script,
+        *args,
+    ]
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
 
 
 def run_two_processes(script: str, *args: str, timeout: int) -> None:
     """``torchrun --nproc_per_node 2 script *args`` with one thread per process; fails with its output."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        + [script, *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        _command(script, *args), env=_env(), capture_output=True, text=True, timeout=timeout
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def kill_two_processes_when_ready(script: str, *args: str, ready: Path, timeout: int) -> None:
+    """Start ``script`` as 2 processes; once each has written its pid to ``ready/rank-<r>`` (and is
+    waiting to be killed), SIGKILL both, then the launcher. Fails with the output when they end or
+    time out first."""
+    ready.mkdir(parents=True, exist_ok=True)
+    log = ready / "launcher.log"
+    with log.open("w") as out:
+        launcher = subprocess.Popen(
+            _command(script, *args),
+            env=_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    files = [ready / f"rank-{rank}" for rank in range(2)]
+    try:
+        while not all(f.is_file() and f.read_text().strip() for f in files):
+            if launcher.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(
+                    f"the processes ended or timed out before they were ready:\n{log.read_text()[-4000:]}"
+                )
+            time.sleep(0.1)
+        for f in files:
+            os.kill(int(f.read_text()), signal.SIGKILL)
+    finally:
+        with_children = os.getpgid(launcher.pid)
+        os.killpg(with_children, signal.SIGKILL)
+        launcher.wait(timeout=60)
