@@ -11,10 +11,8 @@ from pathlib import Path
 
 
 def _command(script: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + [
-        script,
-        *args,
-    ]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*launcher, "--nproc_per_node", "2", script, *args]
 
 
 def _env() -> dict[str, str]:
