@@ -101,6 +101,49 @@ def test_peft_wrapped_teacher_scores_and_distils_as_the_bare_teacher(teacher):
         torch.testing.assert_close(terms[name], bare_terms[name], rtol=1e-6, atol=1e-7)
 
 
+def _trained(model):
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)  # LoRA B starts at 0: as if the adapter had been trained
+    return model
+
+
+def test_teacher_identity_of_a_peft_model_is_that_of_its_merged_weights(teacher):
+    from flexkd.adapters.identity import weights_fingerprint
+    from flexkd.errors import SelectionMismatchError
+
+    selection = flexkd.score(teacher, _batches(1), layers=[-1], k=STUDENT_HIDDEN, progress=False)
+    untrained = _lora(copy.deepcopy(teacher))
+    # zero adapters compute the bare teacher: one identity, so a selection moves between the two
+    assert weights_fingerprint(untrained) == weights_fingerprint(teacher)
+    selection.validate(untrained)
+    flexkd.score(untrained, _batches(1), layers=[-1], k=STUDENT_HIDDEN, progress=False).validate(
+        teacher
+    )
+
+    trained = _trained(_lora(copy.deepcopy(teacher)))
+    before = {name: value.clone() for name, value in trained.state_dict().items()}
+    assert weights_fingerprint(trained) != weights_fingerprint(teacher)
+    with pytest.raises(SelectionMismatchError, match="weights"):
+        selection.validate(trained)
+    # the fingerprint merges without touching the model, and equals the merged model's own
+    assert all(torch.equal(trained.state_dict()[n], v) for n, v in before.items())
+    assert not any(getattr(m, "merged_adapters", []) for m in trained.modules())
+    merged = copy.deepcopy(trained).merge_and_unload()
+    assert weights_fingerprint(merged) == weights_fingerprint(trained)
+    with trained.disable_adapter():  # adapters off: the base again
+        assert weights_fingerprint(trained) == weights_fingerprint(teacher)
+
+
+def test_non_plain_lora_teacher_is_identified_as_base_plus_adapter(teacher):
+    from flexkd.adapters.identity import weights_fingerprint
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)
+    dora = peft.get_peft_model(copy.deepcopy(teacher), config)
+    assert weights_fingerprint(dora) != weights_fingerprint(teacher)
+
+
 def test_lora_student_distils_and_trains_only_the_adapter(teacher):
     batches = _batches(1)
     selection = flexkd.score(teacher, batches, layers=[-1], k=STUDENT_HIDDEN, progress=False)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -108,18 +110,83 @@ def config_hash(config) -> str:
 
 @torch.no_grad()
 def weights_fingerprint(model: nn.Module) -> str:
-    """sha256 over the names, shapes and leading values of the model's first and last parameters.
+    """sha256 over the names, shapes and leading values of the model's first and last parameters,
+    taken as the model computes with them (see :func:`effective_parameters`).
 
-    A sharded model (DTensor parameters, e.g. ``fully_shard``) gives the unsharded model's value on
-    every rank; every rank must then call this, since the leading values are gathered.
+    So a PEFT model is fingerprinted by its merged weights: with untrained LoRA adapters (B = 0) it is
+    the bare model and agrees with it, and with ``merge_and_unload()`` it agrees with its merged
+    model; a trained adapter on a sampled parameter makes it another teacher. A sharded model
+    (DTensor parameters, e.g. ``fully_shard``) gives the unsharded model's value on every rank; every
+    rank must then call this, since the leading values are gathered.
     """
-    named = list(model.named_parameters())
+    from flexkd.adapters.wrappers import unwrap_model
+
+    named = effective_parameters(unwrap_model(model))
     chosen = named[:_FINGERPRINT_PARAMETERS] + named[-_FINGERPRINT_PARAMETERS:]
     digest = hashlib.sha256()
-    for name, param in chosen:
+    for name, value in chosen:
+        param = value()
         digest.update(f"{name}:{tuple(param.shape)}".encode())
         digest.update(_leading_values(param.detach(), _FINGERPRINT_ELEMENTS).numpy().tobytes())
     return digest.hexdigest()
+
+
+def effective_parameters(model: nn.Module) -> list[tuple[str, Callable[[], torch.Tensor]]]:
+    """``model``'s parameters as (name, value-maker), in ``named_parameters`` order, as the model
+    computes with them, without changing the model.
+
+    A plain LoRA layer of PEFT (no DoRA-like variant, no LoRA bias) counts as the layer it wraps with
+    its active, unmerged adapters merged into the weight the way ``merge()`` would: its names lose
+    ``base_layer.`` and its ``lora_*`` parameters are left out. Any other PEFT layer keeps all its
+    parameters under their own names, so it fingerprints as base + adapter, unlike its base.
+    """
+    layers = _plain_lora_layers(model)
+    adapter_parameters = {
+        id(param)
+        for layer in layers.values()
+        for attribute in layer.adapter_layer_names
+        for param in getattr(layer, attribute).parameters()
+    }
+    merged_weights = {id(layer.get_base_layer().weight): layer for layer in layers.values()}
+    found = []
+    for name, param in model.named_parameters():
+        if id(param) in adapter_parameters:
+            continue
+        prefix, _, rest = name.rpartition(".base_layer.")
+        if prefix in layers:
+            name = f"{prefix}.{rest}"
+        layer = merged_weights.get(id(param))
+        if layer is None:
+            found.append((name, lambda param=param: param))
+        else:
+            found.append((name, lambda layer=layer, param=param: _merged_weight(layer, param)))
+    return found
+
+
+def _plain_lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    lora = sys.modules.get("peft.tuners.lora")
+    if lora is None:  # nothing can be a PEFT layer before peft is imported
+        return {}
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, lora.LoraLayer)
+        and not getattr(module, "lora_variant", {})
+        and not any(getattr(module, "lora_bias", {}).values())
+        and not any(getattr(module, "use_dora", {}).values())
+        and isinstance(getattr(module.get_base_layer(), "weight", None), nn.Parameter)
+    }
+
+
+def _merged_weight(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` plus the layer's active adapters not yet merged into it, added as ``merge()`` does."""
+    if layer.disable_adapters:
+        return weight
+    adapters = [*layer.lora_A.keys(), *layer.lora_embedding_A.keys()]
+    for name in layer.active_adapters:
+        if name in adapters and name not in layer.merged_adapters:
+            weight = weight + layer.get_delta_weight(name).to(weight.dtype)
+    return weight
 
 
 def _leading_values(param: torch.Tensor, count: int) -> torch.Tensor:
