@@ -73,6 +73,10 @@ class ModelFromConfig(_Section):
 
     config: dict[str, Any]
     lora: LoraSection | None = None
+    adapter: str | None = Field(
+        None,
+        description="teacher only: a PEFT adapter folder loaded on top of it (pip install flexkd[peft])",
+    )
 
     @field_validator("config")
     @classmethod
@@ -83,10 +87,14 @@ class ModelFromConfig(_Section):
 
 
 class ModelFromPretrained(_Section):
-    """An HF path or id, written as a mapping so that it can carry a ``lora`` section."""
+    """An HF path or id, written as a mapping so that it can carry a ``lora`` section or an ``adapter``."""
 
     pretrained: str
     lora: LoraSection | None = None
+    adapter: str | None = Field(
+        None,
+        description="teacher only: a PEFT adapter folder loaded on top of it (pip install flexkd[peft])",
+    )
 
 
 def _model_spec_kind(value: Any) -> str:
@@ -131,13 +139,27 @@ class ModelSection(_Section):
         if getattr(value, "lora", None) is not None:
             raise ValueError(
                 "lora: only the student is trained, so only model.student takes a lora section "
-                "(a PEFT-wrapped teacher is passed as a model through the Python API)"
+                "(a trained PEFT adapter is loaded on the teacher with model.teacher.adapter: PATH)"
+            )
+        return value
+
+    @field_validator("student")
+    @classmethod
+    def _student_has_no_adapter(cls, value: ModelSpec) -> ModelSpec:
+        if getattr(value, "adapter", None) is not None:
+            raise ValueError(
+                "adapter: only model.teacher loads a PEFT adapter; a LoRA student is trained from "
+                "model.student.lora"
             )
         return value
 
     @property
     def student_lora(self) -> LoraSection | None:
         return getattr(self.student, "lora", None)
+
+    @property
+    def teacher_adapter(self) -> str | None:
+        return getattr(self.teacher, "adapter", None)
 
 
 class DataSection(_Section):
@@ -350,6 +372,8 @@ class Config(_Section):
                 data["model"][field] = str(self.path(spec))
             elif isinstance(spec, dict) and spec.get("pretrained") and self.path(spec["pretrained"]).exists():
                 spec["pretrained"] = str(self.path(spec["pretrained"]))
+        if self.model.teacher_adapter is not None:
+            data["model"]["teacher"]["adapter"] = str(self.path(self.model.teacher_adapter))
         for split in ("train", "validation", "test"):
             if data["data"][split] is not None:
                 data["data"][split] = str(self.path(data["data"][split]))
@@ -435,6 +459,12 @@ def _check_models(config: Config, source: str) -> None:
                 )
         if isinstance(spec, ModelFromConfig):
             _check_model_config(spec.config, f"model.{role}.config", source)
+    adapter = config.model.teacher_adapter
+    if adapter is not None and not (config.path(adapter) / "adapter_config.json").is_file():
+        raise ConfigError(
+            f"{source}: model.teacher.adapter: {config.path(adapter)} is not a PEFT adapter folder "
+            "(no adapter_config.json; PeftModel.save_pretrained writes one)"
+        )
 
 
 def _check_model_config(options: dict[str, Any], field: str, source: str) -> None:

@@ -127,13 +127,23 @@ def test_teacher_identity_of_a_peft_model_is_that_of_its_merged_weights(teacher)
     assert weights_fingerprint(trained) != weights_fingerprint(teacher)
     with pytest.raises(SelectionMismatchError, match="weights"):
         selection.validate(trained)
-    # the fingerprint merges without touching the model, and equals the merged model's own
+    # the fingerprint merges without touching the model
     assert all(torch.equal(trained.state_dict()[n], v) for n, v in before.items())
     assert not any(getattr(m, "merged_adapters", []) for m in trained.modules())
-    merged = copy.deepcopy(trained).merge_and_unload()
-    assert weights_fingerprint(merged) == weights_fingerprint(trained)
     with trained.disable_adapter():  # adapters off: the base again
         assert weights_fingerprint(trained) == weights_fingerprint(teacher)
+    # an adapter on one layer in the middle, away from the first and last parameters, counts too
+    middle = _trained(_lora(copy.deepcopy(teacher), targets=["layers.0.mlp.up_proj"]))
+    assert weights_fingerprint(middle) not in (
+        weights_fingerprint(teacher),
+        weights_fingerprint(trained),
+    )
+    # merged in place, a layer in the first parameters keeps the identity its adapter gave it
+    first = _trained(_lora(copy.deepcopy(teacher), targets=["layers.0.self_attn.q_proj"]))
+    assert weights_fingerprint(first) != weights_fingerprint(teacher)
+    assert weights_fingerprint(copy.deepcopy(first).merge_and_unload()) == weights_fingerprint(
+        first
+    )
 
 
 def test_non_plain_lora_teacher_is_identified_as_base_plus_adapter(teacher):
@@ -276,3 +286,53 @@ def test_pretrained_student_with_lora_builds_from_its_folder(tmp_path):
             "c_attn.bias", "c_attn.base_layer.bias"
         )
         assert torch.equal(inner[key], value), name
+
+
+def _teacher_adapter_config(tmp_path, adapter="teacher-adapter"):
+    path = _lora_config(tmp_path, {"r": 4, "target_modules": ["c_attn"]}, train={"max_steps": 2})
+    config = yaml.safe_load(path.read_text())
+    config["model"]["teacher"]["adapter"] = adapter
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_config_teacher_adapter_is_loaded_for_scoring_and_distillation(tmp_path):
+    from flexkd.adapters.identity import weights_fingerprint
+    from flexkd.selection import DimensionSelection
+    from flexkd.training.models import build_model
+
+    bare_cfg = flexkd.load_config(th.write_causal_config(tmp_path, name="bare.yaml"))
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"])
+    adapted = _trained(peft.get_peft_model(build_model(bare_cfg, "teacher"), config)).eval()
+    adapted.save_pretrained(tmp_path / "teacher-adapter")
+
+    cfg = flexkd.load_config(_teacher_adapter_config(tmp_path))
+    assert cfg.resolved()["model"]["teacher"]["adapter"] == str(tmp_path / "teacher-adapter")
+    teacher = build_model(cfg, "teacher").eval()
+    assert isinstance(teacher, peft.PeftModel)
+    assert not any(p.requires_grad for p in teacher.parameters())  # the adapter is frozen too
+    batch = th.causal_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(**batch).logits, adapted(**batch).logits)
+        bare_logits = build_model(bare_cfg, "teacher").eval()(**batch).logits
+    assert not torch.allclose(teacher(**batch).logits, bare_logits, atol=1e-4)
+
+    result = flexkd.train(cfg)  # scores the adapted teacher, then distils from it
+    selection = DimensionSelection.load(cfg.selection_path, teacher=teacher)
+    assert selection.teacher.weights_fingerprint == weights_fingerprint(adapted)
+    assert selection.teacher.weights_fingerprint != weights_fingerprint(
+        build_model(bare_cfg, "teacher")
+    )
+    metrics = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+
+
+def test_teacher_adapter_field_is_checked_up_front(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.teacher\.adapter: .*missing.*adapter_config"):
+        flexkd.load_config(_teacher_adapter_config(tmp_path, adapter="missing"))
+    path = _teacher_adapter_config(tmp_path)
+    config = yaml.safe_load(path.read_text())
+    config["model"]["student"]["adapter"] = config["model"]["teacher"].pop("adapter")
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=r"model\.student.*adapter: only model\.teacher"):
+        flexkd.load_config(path)

@@ -110,82 +110,108 @@ def config_hash(config) -> str:
 
 @torch.no_grad()
 def weights_fingerprint(model: nn.Module) -> str:
-    """sha256 over the names, shapes and leading values of the model's first and last parameters,
-    taken as the model computes with them (see :func:`effective_parameters`).
+    """sha256 over the names, shapes and leading values of the model's first and last parameters and
+    of every parameter a PEFT adapter changes, taken as the model computes with them (see
+    :func:`effective_parameters`).
 
-    So a PEFT model is fingerprinted by its merged weights: with untrained LoRA adapters (B = 0) it is
-    the bare model and agrees with it, and with ``merge_and_unload()`` it agrees with its merged
-    model; a trained adapter on a sampled parameter makes it another teacher. A sharded model
-    (DTensor parameters, e.g. ``fully_shard``) gives the unsharded model's value on every rank; every
-    rank must then call this, since the leading values are gathered.
+    So a PEFT teacher whose adapters are all zero (LoRA's untrained B = 0, or disabled) IS its bare
+    model and agrees with it, while a trained adapter anywhere makes it another teacher. A copy merged
+    with ``merge_and_unload()`` is a plain model again, fingerprinted by the first and last parameters
+    only, so it agrees with the PEFT model only when the adapters sit in those. A sharded model (DTensor
+    parameters, e.g. ``fully_shard``) gives the unsharded model's value on every rank; every rank must
+    then call this, since the leading values are gathered.
     """
     from flexkd.adapters.wrappers import unwrap_model
 
     named = effective_parameters(unwrap_model(model))
-    chosen = named[:_FINGERPRINT_PARAMETERS] + named[-_FINGERPRINT_PARAMETERS:]
+    ends = {
+        *range(_FINGERPRINT_PARAMETERS),
+        *range(len(named) - _FINGERPRINT_PARAMETERS, len(named)),
+    }
     digest = hashlib.sha256()
-    for name, value in chosen:
+    for position, (name, value, adapted) in enumerate(named):
+        if position not in ends and not adapted:
+            continue
         param = value()
         digest.update(f"{name}:{tuple(param.shape)}".encode())
         digest.update(_leading_values(param.detach(), _FINGERPRINT_ELEMENTS).numpy().tobytes())
     return digest.hexdigest()
 
 
-def effective_parameters(model: nn.Module) -> list[tuple[str, Callable[[], torch.Tensor]]]:
-    """``model``'s parameters as (name, value-maker), in ``named_parameters`` order, as the model
-    computes with them, without changing the model.
+def effective_parameters(model: nn.Module) -> list[tuple[str, Callable[[], torch.Tensor], bool]]:
+    """``model``'s parameters as (name, value-maker, changed by an adapter), in ``named_parameters``
+    order, as the model computes with them, without changing the model.
 
     A plain LoRA layer of PEFT (no DoRA-like variant, no LoRA bias) counts as the layer it wraps with
-    its active, unmerged adapters merged into the weight the way ``merge()`` would: its names lose
-    ``base_layer.`` and its ``lora_*`` parameters are left out. Any other PEFT layer keeps all its
-    parameters under their own names, so it fingerprints as base + adapter, unlike its base.
+    its active, unmerged adapters merged into the weight the way ``merge()`` does: its names lose
+    ``base_layer.``, its ``lora_*`` parameters are left out, and its weight counts as changed when an
+    adapter's B is non-zero. Any other PEFT layer keeps all its parameters under their own names, its
+    adapter's counted as changed, so it fingerprints as base + adapter, never as its base.
     """
-    layers = _plain_lora_layers(model)
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    if tuners is None:  # nothing can be a PEFT layer before peft is imported
+        return [
+            (name, lambda param=param: param, False) for name, param in model.named_parameters()
+        ]
+    tuner_layers = [m for m in model.modules() if isinstance(m, tuners.BaseTunerLayer)]
+    plain = {name: m for name, m in model.named_modules() if _is_plain_lora(m)}
     adapter_parameters = {
-        id(param)
-        for layer in layers.values()
+        id(param): layer
+        for layer in tuner_layers
         for attribute in layer.adapter_layer_names
-        for param in getattr(layer, attribute).parameters()
+        for param in getattr(layer, attribute, nn.ModuleDict()).parameters()
     }
-    merged_weights = {id(layer.get_base_layer().weight): layer for layer in layers.values()}
+    merged_weights = {id(layer.get_base_layer().weight): layer for layer in plain.values()}
     found = []
     for name, param in model.named_parameters():
-        if id(param) in adapter_parameters:
+        owner = adapter_parameters.get(id(param))
+        if owner is not None:
+            if not _is_plain_lora(owner):
+                found.append((name, lambda param=param: param, True))
             continue
         prefix, _, rest = name.rpartition(".base_layer.")
-        if prefix in layers:
+        if prefix in plain:
             name = f"{prefix}.{rest}"
         layer = merged_weights.get(id(param))
         if layer is None:
-            found.append((name, lambda param=param: param))
+            found.append((name, lambda param=param: param, False))
         else:
-            found.append((name, lambda layer=layer, param=param: _merged_weight(layer, param)))
+            merged = lambda layer=layer, param=param: _merged_weight(layer, param)  # noqa: E731
+            found.append((name, merged, bool(_unmerged_adapters(layer))))
     return found
 
 
-def _plain_lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+def _is_plain_lora(module: nn.Module) -> bool:
     lora = sys.modules.get("peft.tuners.lora")
-    if lora is None:  # nothing can be a PEFT layer before peft is imported
-        return {}
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, lora.LoraLayer)
+    return (
+        lora is not None
+        and isinstance(module, lora.LoraLayer)
         and not getattr(module, "lora_variant", {})
         and not any(getattr(module, "lora_bias", {}).values())
         and not any(getattr(module, "use_dora", {}).values())
         and isinstance(getattr(module.get_base_layer(), "weight", None), nn.Parameter)
-    }
+    )
+
+
+def _unmerged_adapters(layer: nn.Module) -> list[str]:
+    """The active adapters of a plain LoRA layer that change its output: not merged, B non-zero."""
+    if layer.disable_adapters:
+        return []
+    found = []
+    for name in layer.active_adapters:
+        b = layer.lora_B[name] if name in layer.lora_B else layer.lora_embedding_B.get(name)
+        if b is None or name in layer.merged_adapters:
+            continue
+        b = b.weight if isinstance(b, nn.Module) else b
+        if torch.count_nonzero(b.full_tensor() if _is_dtensor(b) else b) > 0:
+            found.append(name)
+    return found
 
 
 def _merged_weight(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     """``weight`` plus the layer's active adapters not yet merged into it, added as ``merge()`` does."""
-    if layer.disable_adapters:
-        return weight
-    adapters = [*layer.lora_A.keys(), *layer.lora_embedding_A.keys()]
-    for name in layer.active_adapters:
-        if name in adapters and name not in layer.merged_adapters:
-            weight = weight + layer.get_delta_weight(name).to(weight.dtype)
+    for name in _unmerged_adapters(layer):
+        weight = weight + layer.get_delta_weight(name).to(weight.dtype)
     return weight
 
 

@@ -1,6 +1,9 @@
-"""A LoRA (PEFT) student from a config's ``model.student.lora`` section."""
+"""PEFT models from a config: a LoRA student (``model.student.lora``), an adapter loaded on the teacher
+(``model.teacher.adapter``)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from torch import nn
 
@@ -10,18 +13,32 @@ from flexkd.errors import ConfigError
 FIELD = "model.student.lora"
 
 
+def _import_peft(field: str, what: str):
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError(f"{field}: {what} needs PEFT; pip install 'flexkd[peft]'") from None
+    return peft
+
+
+def load_adapter(model: nn.Module, folder: Path, field: str) -> nn.Module:
+    """``model`` with the PEFT adapter saved in ``folder`` loaded on top of it (frozen)."""
+    peft = _import_peft(field, "a PEFT adapter")
+    try:
+        return peft.PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ConfigError(
+            f"{field}: cannot load the adapter {folder} on this {type(model).__name__} ({error})"
+        ) from None
+
+
 def add_lora(model: nn.Module, lora: LoraSection) -> nn.Module:
     """``model`` wrapped as a ``peft.PeftModel`` whose only trainable parameters are the adapter's.
 
     Every entry of ``target_modules`` must name a module of ``model`` (its last name, or a dotted
     suffix of its full name), so a typo fails here, before the first step, rather than adapting less.
     """
-    try:
-        import peft
-    except ImportError:
-        raise ConfigError(
-            f"{FIELD}: a LoRA student needs PEFT; pip install 'flexkd[peft]'"
-        ) from None
+    peft = _import_peft(FIELD, "a LoRA student")
     if lora.target_modules is not None:
         check_target_modules(model, lora.target_modules)
     config = peft.LoraConfig(

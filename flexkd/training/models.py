@@ -31,12 +31,17 @@ def auto_class(task: str):
 def build_model(cfg: Config, role: str, *, num_labels: int | None = None) -> nn.Module:
     """The ``role`` ("teacher" or "student") model of ``cfg``; random inits are seeded by ``train.seed``.
 
-    A student with a ``lora`` section comes back as a ``peft.PeftModel`` (only the adapter trains).
+    A student with a ``lora`` section comes back as a ``peft.PeftModel`` (only the adapter trains), and
+    so does a teacher with an ``adapter`` folder (loaded on top of it, frozen).
 
     ``num_labels`` (counted from the data) sizes the head of classification models that do not
     fix it themselves. The teacher is cast to ``model.teacher_dtype`` when that is set.
     """
     model = _build_model(cfg, role, num_labels)
+    if role == "teacher" and cfg.model.teacher_adapter is not None:
+        from flexkd.training.lora import load_adapter
+
+        model = load_adapter(model, cfg.path(cfg.model.teacher_adapter), "model.teacher.adapter")
     if role == "teacher" and cfg.model.teacher_dtype is not None:
         model = model.to(getattr(torch, cfg.model.teacher_dtype))
     if role == "student" and cfg.model.student_lora is not None:
