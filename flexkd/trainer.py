@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +19,8 @@ from transformers import Trainer
 
 from flexkd.adapters import unwrap_model
 from flexkd.distill import TERMS, Distiller
+from flexkd.distributed import is_sharded
+from flexkd.teacher_outputs import TeacherOutputStore
 from flexkd.training.loop import window_units
 from flexkd.training.run_dir import load_student_weights
 
@@ -49,6 +52,16 @@ class FlexKDTrainer(Trainer):
       student's inputs, not the distiller's), so ``_set_signature_columns_if_needed`` is; everything
       else uses public hooks (``get_batch_samples``, ``compute_loss``, ``log``, ``evaluation_loop``,
       ``prediction_step``, ``save_model``).
+    - ``teacher_outputs``: a :class:`~flexkd.teacher_outputs.TeacherOutputStore` (or its folder) that
+      ``flexkd.teacher_outputs.write_teacher_outputs`` wrote for ``train_dataset`` (a sequence of row
+      mappings, in the same order) replaces the teacher's forward in training, as in ``flexkd.train``;
+      it is checked against the teacher, the rows, the distiller's layers and logit KD here. Each row
+      carries its position to the collator as ``flexkd_row`` (the collator never sees it).
+      Evaluation runs the live teacher.
+    - A student sharded with ``fully_shard`` (FSDP2) is refused: the Trainer wraps the model in DDP and
+      steps its own optimizer over it, which a sharded student cannot take part in; shard the student
+      with ``flexkd.train`` and ``distributed.fsdp.student`` instead. A sharded teacher is left where it
+      is (``teacher_dtype`` cannot recast it).
     """
 
     FEATURE_LOSSES_FILE = "flexkd_feature_losses.safetensors"
@@ -61,6 +74,7 @@ class FlexKDTrainer(Trainer):
         distiller: Distiller,
         *args: Any,
         teacher_dtype: torch.dtype | None = None,
+        teacher_outputs: TeacherOutputStore | str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(distiller, Distiller):
@@ -79,8 +93,19 @@ class FlexKDTrainer(Trainer):
             isinstance(teacher_dtype, torch.dtype) and teacher_dtype.is_floating_point
         ):
             raise TypeError(f"teacher_dtype must be a float torch.dtype, got {teacher_dtype!r}")
+        if is_sharded(distiller.student):
+            raise ValueError(
+                "FlexKDTrainer: the student is sharded (fully_shard); the Trainer's DDP and optimizer "
+                "cannot train a sharded student. Pass it unsharded, or train with flexkd.train and "
+                "distributed.fsdp.student: true"
+            )
         super().__init__(distiller, *args, **kwargs)
         self._place_teacher(teacher_dtype)
+        self._store = None
+        if teacher_outputs is not None:
+            self._store = _checked_store(teacher_outputs, distiller, self.train_dataset)
+            self.train_dataset = _RowsWithPositions(self.train_dataset)
+            self.data_collator = _CollateWithPositions(self.data_collator)
         self._window_units: dict[str, float] | None = None
         self._train_terms = _TermSums()
         self._eval_terms = _TermSums()
@@ -90,11 +115,19 @@ class FlexKDTrainer(Trainer):
         return self.accelerator.unwrap_model(self.model)
 
     def _place_teacher(self, dtype: torch.dtype | None) -> None:
+        teacher = self.distiller.teacher
+        if is_sharded(teacher):  # fully_shard placed it; .to() would replace its DTensors
+            if dtype is not None and any(p.dtype != dtype for p in teacher.parameters()):
+                raise ValueError(
+                    f"teacher_dtype: the teacher is sharded, so it cannot be cast to {dtype} here; "
+                    "cast it before fully_shard"
+                )
+            return
         if dtype is None and self.args.bf16:
             dtype = torch.bfloat16
         elif dtype is None and self.args.fp16:
             dtype = torch.float16
-        self.distiller.teacher.to(device=self.args.device, dtype=dtype)
+        teacher.to(device=self.args.device, dtype=dtype)
 
     def _set_signature_columns_if_needed(self) -> None:
         # The distiller's forward takes the whole batch; keep the columns the student reads.
@@ -102,7 +135,7 @@ class FlexKDTrainer(Trainer):
             student = unwrap_model(self.distiller.student)  # a PeftModel's forward takes **kwargs
             student_inputs = inspect.signature(student.forward).parameters
             self._signature_columns = list(
-                dict.fromkeys([*student_inputs, "labels", "label", "label_ids"])
+                dict.fromkeys([*student_inputs, "labels", "label", "label_ids", ROW_KEY])
             )
 
     # ------------------------------------------------------------------------------- training
@@ -120,7 +153,9 @@ class FlexKDTrainer(Trainer):
         """The distiller's loss, normalised by the window's units (see the class docstring);
         ``num_items_in_batch`` is the Trainer's count of the task term's units alone, so it is not read."""
         normalizers = self._window_units if model.training else None
-        loss, terms = model(inputs, normalizers=normalizers)
+        positions = inputs.pop(ROW_KEY, None)
+        stored = self._store.batch(positions) if self._store and positions is not None else None
+        loss, terms = model(inputs, normalizers=normalizers, teacher_outputs=stored)
         if model.training:
             self._train_terms.add(terms)
             # each process's loss is its share of a global sum / global units; DDP averages
@@ -162,6 +197,7 @@ class FlexKDTrainer(Trainer):
         """``(loss, student logits, labels)`` of one evaluation batch (logits and labels are None
         with ``prediction_loss_only``)."""
         inputs = self._prepare_inputs(inputs)
+        inputs.pop(ROW_KEY, None)  # evaluation runs the live teacher
         distiller = self.distiller
         outputs = []
         hook = distiller.student.register_forward_hook(lambda _m, _a, out: outputs.append(out))
@@ -213,6 +249,62 @@ class FlexKDTrainer(Trainer):
         feature_file = os.path.join(folder, self.FEATURE_LOSSES_FILE)
         if os.path.exists(feature_file):
             distiller.feature_losses.load_state_dict(load_file(feature_file))
+
+
+ROW_KEY = "flexkd_row"
+
+
+def _checked_store(
+    teacher_outputs: TeacherOutputStore | str | os.PathLike, distiller: Distiller, rows: Any
+) -> TeacherOutputStore:
+    store = (
+        teacher_outputs
+        if isinstance(teacher_outputs, TeacherOutputStore)
+        else TeacherOutputStore(Path(teacher_outputs))
+    )
+    logits = distiller.weights["logit"] > 0
+    store.check(
+        distiller.teacher,
+        rows,
+        layers=distiller.teacher_layers,
+        logits=logits,
+        topk=store.topk if logits else None,
+    )
+    return store
+
+
+class _RowsWithPositions(torch.utils.data.Dataset):
+    """The training rows, each with its position under ``ROW_KEY`` (the stored outputs' index)."""
+
+    def __init__(self, rows) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        row = self.rows[position]
+        if not isinstance(row, Mapping):
+            raise TypeError(
+                f"teacher_outputs: the rows of train_dataset must be mappings, row {position} is a "
+                f"{type(row).__name__}"
+            )
+        return {**row, ROW_KEY: position}
+
+
+class _CollateWithPositions:
+    """The Trainer's collator, called without ``ROW_KEY``, which it adds to the batch as a list."""
+
+    def __init__(self, collate: Callable[[list], dict[str, Any]]) -> None:
+        self.collate = collate
+
+    def __call__(self, features: list) -> dict[str, Any]:
+        if not features or not isinstance(features[0], Mapping) or ROW_KEY not in features[0]:
+            return self.collate(features)  # evaluation rows
+        positions = [feature[ROW_KEY] for feature in features]
+        batch = self.collate([{k: v for k, v in f.items() if k != ROW_KEY} for f in features])
+        batch[ROW_KEY] = positions
+        return batch
 
 
 class _TermSums:

@@ -52,7 +52,7 @@ def setup():
     return teacher, selection, train_rows, eval_rows
 
 
-def _trainer(setup, tmp_path, *, student=None, **overrides):
+def _trainer(setup, tmp_path, *, student=None, teacher_outputs=None, **overrides):
     teacher, selection, train_rows, eval_rows = setup
     distiller = flexkd.Distiller(
         teacher,
@@ -82,6 +82,7 @@ def _trainer(setup, tmp_path, *, student=None, **overrides):
         eval_dataset=eval_rows,
         data_collator=collate,
         compute_metrics=lambda p: {"rows": float(p.label_ids.shape[0])},
+        teacher_outputs=teacher_outputs,
     )
 
 
@@ -202,3 +203,72 @@ def test_lora_student_trains_saves_and_resumes_its_adapter(setup, tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     for key, value in peft.get_peft_model_state_dict(resumed.distiller.student).items():
         torch.testing.assert_close(value, adapter[key], rtol=1e-5, atol=1e-6)
+
+
+def test_stored_teacher_outputs_train_as_the_live_teacher(setup, tmp_path):
+    from flexkd.teacher_outputs import write_teacher_outputs
+
+    teacher, selection, train_rows, eval_rows = setup
+    options = dict(save_strategy="no", logging_steps=1, max_steps=3)
+    live = _trainer(setup, tmp_path / "live", **options)
+    write_teacher_outputs(
+        teacher,
+        train_rows,
+        tmp_path / "outputs",
+        layers=live.distiller.teacher_layers,
+        collate=collate,
+        batch_size=3,  # batched unlike training: the stored rows are unpacked per row
+        progress=False,
+    )
+    live.train()
+    offline_teacher = copy.deepcopy(teacher)
+    stored = _trainer(
+        (offline_teacher, selection, train_rows, eval_rows),
+        tmp_path / "stored",
+        teacher_outputs=tmp_path / "outputs",
+        **options,
+    )
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the teacher ran although its outputs are stored")
+
+    offline_teacher.forward = no_forward
+    stored.train()
+    logged = [[e for e in t.state.log_history if "loss" in e] for t in (live, stored)]
+    assert len(logged[0]) == len(logged[1]) == 3
+    for one, two in zip(*logged, strict=True):
+        for key in ("loss", "distill/task", "distill/logit", "distill/feature", "distill/total"):
+            assert two[key] == pytest.approx(one[key], rel=1e-5), (one["step"], key)
+    expected = live.distiller.student.state_dict()
+    for name, value in stored.distiller.student.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_stored_teacher_outputs_of_other_rows_are_refused(setup, tmp_path):
+    from flexkd.errors import StoreMismatchError
+    from flexkd.teacher_outputs import write_teacher_outputs
+
+    teacher, _, train_rows, eval_rows = setup
+    write_teacher_outputs(
+        teacher, eval_rows, tmp_path / "outputs", layers=[-1], collate=collate, progress=False
+    )
+    with pytest.raises(StoreMismatchError, match=r"teacher_outputs: .*rows: stored for 6 rows"):
+        _trainer(setup, tmp_path / "run", teacher_outputs=tmp_path / "outputs")
+
+
+def test_sharded_student_is_refused_naming_what_to_use_instead(setup, tmp_path):
+    import torch.distributed as dist
+
+    from flexkd.distributed import shard_model
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    assert args.device.type == "cpu"  # the Trainer's process state, made before the group exists
+    teacher, selection = setup[:2]
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        student = shard_model(_student())
+        distiller = flexkd.Distiller(teacher, student, selection=selection, weights=WEIGHTS)
+        with pytest.raises(ValueError, match=r"student is sharded.*distributed\.fsdp\.student"):
+            FlexKDTrainer(distiller, args=args, data_collator=collate)
+    finally:
+        dist.destroy_process_group()
