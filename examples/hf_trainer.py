@@ -75,6 +75,11 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--train-rows", type=int, default=64)
     parser.add_argument("--lora", action="store_true", help="train the student as a LoRA adapter")
+    parser.add_argument(
+        "--shard-teacher",
+        action="store_true",
+        help="with several processes: shard the teacher with FSDP2 (each holds 1/N of its weights)",
+    )
     args = parser.parse_args()
     output_dir = Path(args.output_dir)
 
@@ -106,6 +111,10 @@ def main() -> None:
 
         lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
         student = peft.get_peft_model(student, lora)
+    if args.shard_teacher and world > 1:
+        from flexkd.distributed import shard_model
+
+        shard_model(teacher.to(training_args.device))
     train_rows, eval_rows = token_rows(args.train_rows, seed=1), token_rows(16, seed=2)
 
     # 1. Score the teacher: each process scores its share of the rows; the scores are summed over
@@ -129,7 +138,13 @@ def main() -> None:
     trainer.train()
     trainer.save_model(str(output_dir / "student"))  # the student alone: from_pretrained loads it
     if trainer.is_world_process_zero():
-        summary = {"log_history": trainer.state.log_history, "world_size": world}
+        from flexkd.distributed import is_sharded
+
+        summary = {
+            "log_history": trainer.state.log_history,
+            "world_size": world,
+            "teacher_sharded": is_sharded(teacher),
+        }
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         final = [e for e in trainer.state.log_history if "eval_feature" in e][-1]
         print(

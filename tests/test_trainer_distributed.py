@@ -1,5 +1,6 @@
-"""examples/hf_trainer.py, as the README runs it: two CPU processes (torchrun, gloo) with 2 rows each
-must log the terms, the evaluation and the final student of one process with 4 rows."""
+"""examples/hf_trainer.py, as the README runs it: two CPU processes (torchrun, gloo) with 2 rows each,
+their teacher sharded with FSDP2 (``--shard-teacher``), must log the terms, the evaluation and the final
+student of one process with 4 rows and the whole teacher."""
 
 import json
 import os
@@ -39,10 +40,12 @@ def test_two_processes_log_and_train_like_one(tmp_path, monkeypatch):
     runpy.run_path(str(EXAMPLE), run_name="__main__")  # one process: in this one
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     torchrun += ["--master_port", str(_free_port())]
-    _run([*torchrun, str(EXAMPLE), "--output-dir", str(two), "--batch-size", "2", *SIZE])
+    sharded = ["--batch-size", "2", "--shard-teacher"]
+    _run([*torchrun, str(EXAMPLE), "--output-dir", str(two), *sharded, *SIZE])
 
     single, dual = (json.loads((d / "summary.json").read_text()) for d in (one, two))
     assert (single["world_size"], dual["world_size"]) == (1, 2)
+    assert (single["teacher_sharded"], dual["teacher_sharded"]) == (False, True)
     logs_one, logs_two = single["log_history"], dual["log_history"]
     assert len(logs_one) == len(logs_two)
     compared = 0
