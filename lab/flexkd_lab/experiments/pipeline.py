@@ -50,6 +50,10 @@ class TaskKit:
     teacher_metrics: dict[str, Any] = field(default_factory=dict)
     student_description: str = ""
     input_description: str = ""
+    # the pair's teacher fed its own ids (pairs whose tokenizers differ); None: ``evaluate`` serves both
+    evaluate_teacher: Callable[[nn.Module], dict[str, float]] | None = None
+    teacher_baseline: dict[str, Any] = field(default_factory=dict)  # the unigram-LR bar (tasks.baselines)
+    pair: str = "minilm-tiny"
 
     def load_teacher(self) -> nn.Module:
         from flexkd.training import auto_class
