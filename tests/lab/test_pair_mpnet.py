@@ -88,15 +88,14 @@ def test_kit_rows_carry_the_teachers_own_ids(with_tiny_mpnet, tmp_path):
 
 def test_the_library_loop_feeds_the_teacher_its_ids(with_tiny_mpnet, tmp_path):
     from flexkd.distill import Distiller
-    from flexkd.training import Collator
 
     kit = build_kit(
         "debian-sections", demo_budget(quick=True), cache_dir=tmp_path, pair="mpnet-minilm", quick=True,
         progress=False,
     )  # fmt: skip
     teacher = kit.load_teacher()
-    collate = Collator("sequence", kit.pad_token_id, teacher_pad_token_id=teacher.config.pad_token_id)
-    batch = collate([kit.train_rows[i] for i in range(4)])
+    assert kit.teacher_pad_token_id == teacher.config.pad_token_id == 1
+    batch = kit.collator()([kit.train_rows[i] for i in range(4)])
     assert batch["teacher_input_ids"].shape == batch["input_ids"].shape
     task = pair_task("debian-sections", "mpnet-minilm", quick=True)
     distiller = Distiller(teacher, task.build_student(seed=0), feature="cka", weights={"task": 1, "logit": 1, "feature": 1})

@@ -243,6 +243,7 @@ def build_kit(
         evaluate_teacher=evaluate_as("teacher"),
         metrics=TASK_METRICS[task_name],
         pad_token_id=int(tokens.pad_token_id),
+        teacher_pad_token_id=int(task.tokenizer.pad_token_id) if own_ids else None,
         teacher_description=(
             f"{teacher_cfg.model_type} hidden {teacher_cfg.hidden_size}, {teacher_cfg.num_hidden_layers} layers, "
             f"trained {train_stats.get('steps', '?')} steps x {fit.get('batch_size', '?')} rows "
