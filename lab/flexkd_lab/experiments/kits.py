@@ -134,23 +134,38 @@ def cached_teacher(
 ):
     """``(task, CachedTeacher)`` of ``task_name``: its fine-tuned teacher from ``cache_dir/teachers``,
     trained there first when missing (``quick``: a 2-step fine-tune on a tiny slice, evaluated on
-    ``eval_limit`` rows). A file lock makes processes started together share one fine-tune."""
+    ``eval_limit`` rows). A debian-sections pair with an lr grid trains (or reuses) one teacher per lr
+    and keeps the best on validation accuracy; the report's ``lr_grid`` holds every lr's accuracy. A
+    file lock makes processes started together share one fine-tune."""
     from flexkd_lab.tasks import FitConfig, get_teacher
+    from flexkd_lab.tasks.pairs import get_pair
 
     task = pair_task(task_name, pair, quick=quick)
-    fit_config = None
     if quick:
-        fit_config = FitConfig(batch_size=8, lr=1e-3, train_limit=QUICK_TEACHER_ROWS, max_steps=2)
+        fits = [FitConfig(batch_size=8, lr=1e-3, train_limit=QUICK_TEACHER_ROWS, max_steps=2)]
+    elif task_name == "debian-sections":
+        fits = get_pair(pair).teacher_fits()
+    else:
+        fits = [task.teacher_fit]
     teachers = Path(cache_dir) / "teachers"
-    with _exclusive(teachers / f".{task_name}.lock"):
-        cached = get_teacher(
-            task,
-            teachers,
-            fit_config=fit_config,
-            eval_limit=eval_limit if quick else None,
-            progress=progress,
-        )
-    return task, cached
+    candidates = []
+    for fit_config in fits:
+        with _exclusive(teachers / f".{task_name}.lock"):
+            candidates.append(
+                get_teacher(
+                    task,
+                    teachers,
+                    fit_config=fit_config,
+                    eval_limit=eval_limit if quick else None,
+                    progress=progress,
+                )
+            )
+    best = max(candidates, key=lambda c: c.report.get("validation", {}).get("accuracy", 0.0))
+    if len(candidates) > 1:
+        best.report["lr_grid"] = {
+            str(c.report["fit"]["lr"]): c.report.get("validation", {}).get("accuracy") for c in candidates
+        }
+    return task, best
 
 
 def _distillation_rows(task, limit: int | None):
