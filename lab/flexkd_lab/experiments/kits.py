@@ -187,6 +187,19 @@ def _distillation_rows(task, limit: int | None):
     return datasets.Dataset.from_list(encoded), dropped
 
 
+def _reader_of(task, model, default: str) -> str:
+    """Whose ids ``model`` reads: the teacher's when its embedding table has the teacher's vocabulary
+    size and not the student's (so ``kit.evaluate(teacher)`` never feeds the teacher the student's ids),
+    else ``default``."""
+    rows = model.get_input_embeddings().num_embeddings
+    teacher_vocab, student_vocab = len(task.tokenizer), len(task.student_tokenizer)
+    if rows == teacher_vocab != student_vocab:
+        return "teacher"
+    if rows == student_vocab != teacher_vocab:
+        return "student"
+    return default
+
+
 def _student_description(task, student_cfg) -> str:
     shape = f"{student_cfg.model_type} hidden {student_cfg.hidden_size}, {student_cfg.num_hidden_layers} layers"
     if getattr(task.config, "student_base", None) == "minilm":
@@ -206,8 +219,8 @@ def build_kit(
     """The :class:`TaskKit` of ``task_name`` for the teacher -> student ``pair`` (a name in
     :data:`flexkd_lab.tasks.pairs.PAIRS`); trains and caches its teacher under ``cache_dir/teachers`` when
     the cache lacks it. When the pair's tokenizers differ, ``train_rows``/``score_rows`` carry the teacher's
-    own ids (``teacher_input_ids``), ``evaluate`` feeds a model the student's ids and ``evaluate_teacher``
-    the teacher's."""
+    own ids (``teacher_input_ids``), and ``evaluate`` / ``evaluate_teacher`` feed a model the ids of the
+    vocabulary its embedding table has (the student's / the teacher's when the sizes do not tell)."""
     task, cached = cached_teacher(
         task_name,
         cache_dir=cache_dir,
@@ -225,7 +238,7 @@ def build_kit(
 
     def evaluate_as(reader: str):
         def evaluate(model) -> dict[str, float]:
-            options = {"reader": reader} if own_ids else {}
+            options = {"reader": _reader_of(task, model, reader)} if own_ids else {}
             metrics = task.evaluate(
                 model, budget.eval_split, limit=budget.eval_examples, progress=progress, **options
             )
