@@ -20,6 +20,7 @@ from transformers import Trainer
 from flexkd.adapters import unwrap_model
 from flexkd.distill import TERMS, Distiller
 from flexkd.distributed import is_sharded
+from flexkd.teacher_inputs import TEACHER_KEYS
 from flexkd.teacher_outputs import TeacherOutputStore
 from flexkd.training.loop import window_units
 from flexkd.training.run_dir import load_student_weights
@@ -135,7 +136,9 @@ class FlexKDTrainer(Trainer):
             student = unwrap_model(self.distiller.student)  # a PeftModel's forward takes **kwargs
             student_inputs = inspect.signature(student.forward).parameters
             self._signature_columns = list(
-                dict.fromkeys([*student_inputs, "labels", "label", "label_ids", ROW_KEY])
+                dict.fromkeys(
+                    [*student_inputs, "labels", "label", "label_ids", ROW_KEY, *TEACHER_KEYS]
+                )
             )
 
     # ------------------------------------------------------------------------------- training
