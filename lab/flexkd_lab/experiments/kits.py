@@ -152,6 +152,12 @@ def build_kit(
         )
         return {name: metrics[name] for name in TASK_METRICS[task_name]}
 
+    def predict(model, split: str) -> tuple[list[int], list[int]]:
+        out = task.evaluate(
+            model, split, limit=budget.eval_examples, progress=progress, return_predictions=True
+        )
+        return out["predictions"], out["references"]
+
     teacher_dir, teacher_cfg = str(cached.path), cached.model.config
     del cached  # the pipeline loads the teacher from its folder when it needs it
     student_cfg = task.build_student(init="random").config
@@ -177,6 +183,7 @@ def build_kit(
             + f" on {validation.get('n', '?')} rows"
         ),
         teacher_metrics=validation,
+        predict=predict if HF_TASKS[task_name] == "sequence" else None,
         input_description=", ".join(
             f"{k} {v}"
             for k, v in vars(task.config).items()

@@ -168,8 +168,10 @@ class SectionsTask(DebianTask):
         limit: int | None = None,
         batch_size: int = 64,
         progress: bool = False,
+        return_predictions: bool = False,
     ) -> dict:
-        """``{"accuracy", "macro_f1", "n"}`` of ``model`` on a split."""
+        """``{"accuracy", "macro_f1", "n"}`` of ``model`` on a split (plus the per-row ``"predictions"`` and
+        ``"references"`` labels on request)."""
         from tqdm.auto import tqdm
 
         was_training = model.training
@@ -188,11 +190,14 @@ class SectionsTask(DebianTask):
             predictions += logits.argmax(-1).tolist()
             references += batch["labels"].tolist()
         model.train(was_training)
-        return {
+        result = {
             "accuracy": accuracy(predictions, references),
             "macro_f1": macro_f1(predictions, references),
             "n": len(references),
         }
+        if return_predictions:
+            result.update(predictions=predictions, references=references)
+        return result
 
     teacher_eval_limit = None  # the whole validation split
 
