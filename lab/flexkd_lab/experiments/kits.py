@@ -132,11 +132,17 @@ def build_kit(
     budget: RunBudget,
     *,
     cache_dir: Path,
+    pair: str = "minilm-tiny",
     quick: bool = False,
     progress: bool = True,
 ) -> TaskKit:
-    """The :class:`TaskKit` of ``task_name``; trains and caches its teacher under ``cache_dir/teachers``
-    when the cache lacks it."""
+    """The :class:`TaskKit` of ``task_name`` for the teacher -> student ``pair`` (a name in
+    :data:`flexkd_lab.tasks.pairs.PAIRS`); trains and caches its teacher under ``cache_dir/teachers`` when
+    the cache lacks it."""
+    from flexkd_lab.tasks.pairs import get_pair
+
+    if get_pair(pair).name != "minilm-tiny":
+        raise NotImplementedError(f"pair {pair!r}: not built yet")
     task, cached = cached_teacher(
         task_name, cache_dir=cache_dir, quick=quick, eval_limit=budget.eval_examples, progress=progress
     )
