@@ -156,11 +156,16 @@ class TuningGrid:
         if not self.layer_pairs:
             raise ValueError("layer_pairs: need at least one layer pairing")
         if len(self.seeds) < 2:
-            raise ValueError(f"seeds: the choice needs >= 2 seeds per grid point, got {self.seeds!r}")
+            raise ValueError(
+                f"seeds: the choice needs >= 2 seeds per grid point, got {self.seeds!r}"
+            )
 
     def points(self) -> list[dict[str, Any]]:
         return [
-            {"layer_pairs": pairs if pairs == "last" else [list(p) for p in pairs], "feature_weight": weight}
+            {
+                "layer_pairs": pairs if pairs == "last" else [list(p) for p in pairs],
+                "feature_weight": weight,
+            }
             for pairs in self.layer_pairs
             for weight in self.feature_weights
         ]

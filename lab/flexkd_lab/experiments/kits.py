@@ -144,7 +144,11 @@ def build_kit(
     if get_pair(pair).name != "minilm-tiny":
         raise NotImplementedError(f"pair {pair!r}: not built yet")
     task, cached = cached_teacher(
-        task_name, cache_dir=cache_dir, quick=quick, eval_limit=budget.eval_examples, progress=progress
+        task_name,
+        cache_dir=cache_dir,
+        quick=quick,
+        eval_limit=budget.eval_examples,
+        progress=progress,
     )
     report = cached.report
     validation = {k: v for k, v in report.get("validation", {}).items() if k != "predictions"}

@@ -92,6 +92,8 @@ DECISIVE_COMPARISONS = (
     ("flex-corr", "flex-corr-random"),
     ("flex-corr", "flex-corr-bottom"),
 )
+
+
 def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"method: expected one of {sorted(METHODS)}, got {name!r}")

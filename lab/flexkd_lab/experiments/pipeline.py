@@ -352,7 +352,9 @@ class Experiment:
         from flexkd_lab.tasks import metrics as task_metrics
 
         if self.kit.predict is None:
-            raise ValueError(f"{self.kit.name}: the kit has no predict(); per-example results need one")
+            raise ValueError(
+                f"{self.kit.name}: the kit has no predict(); per-example results need one"
+            )
         out: dict[str, Any] = {"splits": {}, "references": {}}
         for split in splits:
             predicted, references = self.kit.predict(model, split)

@@ -17,8 +17,8 @@ EXACT_BELOW = 25
 
 
 @dataclass(frozen=True)
-class PairedDifference:
-    """Mean of ``a - b`` over paired seeds with its two-sided t interval."""
+class Interval:
+    """A mean with its two-sided Student-t interval (for a paired difference: the mean of ``a - b``)."""
 
     mean: float
     low: float
@@ -31,26 +31,30 @@ class PairedDifference:
         return self.low > 0 or self.high < 0
 
 
-def paired_difference(
-    a: Sequence[float], b: Sequence[float], confidence: float = 0.95
-) -> PairedDifference:
-    """Mean of ``a[i] - b[i]`` and its Student-t interval; needs >= 2 pairs (one seed has no spread)."""
+def mean_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
+    """The mean of ``values`` (one per seed) and its Student-t interval; needs >= 2 values."""
     from scipy import stats
 
+    if len(values) < 2:
+        raise ValueError(f"values: a confidence interval needs at least 2 seeds, got {len(values)}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence: expected in (0, 1), got {confidence!r}")
+    n = len(values)
+    mean = math.fsum(values) / n
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    return Interval(mean, mean - half, mean + half, n, confidence)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> Interval:
+    """Mean of ``a[i] - b[i]`` and its t interval; needs >= 2 pairs (one seed has no spread)."""
     if len(a) != len(b):
         raise ValueError(f"paired values: expected as many a as b, got {len(a)} and {len(b)}")
     if len(a) < 2:
         raise ValueError(
             f"paired values: a confidence interval needs at least 2 seeds on both sides, got {len(a)}"
         )
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence: expected in (0, 1), got {confidence!r}")
-    diffs = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
-    n = len(diffs)
-    mean = math.fsum(diffs) / n
-    sd = math.sqrt(math.fsum((d - mean) ** 2 for d in diffs) / (n - 1))
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
-    return PairedDifference(mean, mean - half, mean + half, n, confidence)
+    return mean_interval([float(x) - float(y) for x, y in zip(a, b, strict=True)], confidence)
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,7 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return adjusted
 
 
-def verdict(diff: PairedDifference, adjusted_p: float, alpha: float = 0.05) -> str:
+def verdict(diff: Interval, adjusted_p: float, alpha: float = 0.05) -> str:
     """What the interval and the corrected McNemar test support, in words (differences in points = x100)."""
     points = f"{100 * diff.mean:+.1f} points ({100 * diff.low:+.1f} to {100 * diff.high:+.1f})"
     if diff.excludes_zero and adjusted_p < alpha:
@@ -131,7 +135,7 @@ class Comparison:
     a: str
     b: str
     seeds: tuple[int, ...]
-    difference: PairedDifference
+    difference: Interval
     test: McNemar
     holm_p: float = float("nan")
 
