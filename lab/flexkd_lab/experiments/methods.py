@@ -40,7 +40,16 @@ METHODS: dict[str, Method] = {
         Method("cka", "CKA", "cka"),
         Method("flex-mse", "Flex-KD (mse)", "flex", "mse"),
         Method("flex-corr", "Flex-KD (corr)", "flex", "corr"),
-        Method("flex-corr-grad", "Flex-KD (corr), |grad| scores", "flex", "corr", stat="grad"),
+        # the same selection scored by |grad| instead of |grad x act|, at Flex-KD corr's tuned knobs
+        Method(
+            "flex-corr-grad",
+            "Flex-KD (corr), |grad| scores",
+            "flex",
+            "corr",
+            "top",
+            "flex-corr",
+            "grad",
+        ),
         *(
             Method(
                 f"flex-{loss}-{which}",

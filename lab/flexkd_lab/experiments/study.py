@@ -67,7 +67,7 @@ class StudyPlan:
 
     pairs: tuple[str, ...] = ("minilm-tiny",)
     methods: tuple[str, ...] = STUDY_METHODS
-    seeds: tuple[int, ...] = tuple(range(10))
+    seeds: tuple[int, ...] = tuple(range(5))
     teacher_check: bool = True
     quick: bool = False
     budgets: dict[str, RunBudget] = field(default_factory=dict)  # per pair, replacing pair_budget's
