@@ -51,6 +51,7 @@ from flexkd.losses import (
 )
 from flexkd.ops import _linear_logit_kd, linear_logit_kd
 from flexkd.taps import LayerTap
+from flexkd.teacher_inputs import student_view, teacher_view
 from flexkd.teacher_outputs import TeacherOutputs
 
 FEATURE_KINDS = ("flex", "projector", "cka", "none")
@@ -533,7 +534,11 @@ class Distiller(nn.Module):
             return None, {}
         with torch.no_grad():
             out, hidden = self._run_tapped(
-                self.teacher, batch, self.teacher_layers, self._teacher_columns, not need_logits
+                self.teacher,
+                teacher_view(batch),
+                self.teacher_layers,
+                self._teacher_columns,
+                not need_logits,
             )
         logits = self._align_logits(out.logits)[positions.logits] if need_logits else None
         return logits, hidden
@@ -542,6 +547,7 @@ class Distiller(nn.Module):
         """The student's outputs (None when it stops after its deepest tap; a :class:`_HeadInput` on the
         fused path) and tapped hidden states."""
         layers = [s for s, _ in self.layer_pairs] if self.feature != "none" else []
+        batch = student_view(batch)
         if self._projection is None:
             return self._run_tapped(
                 self.student, batch, layers, None, not self._needs_student_logits()

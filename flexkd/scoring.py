@@ -32,6 +32,7 @@ from flexkd.distributed import in_step, is_sharded
 from flexkd.ops import STATS, importance_scores
 from flexkd.selection import DimensionSelection
 from flexkd.taps import LayerTap
+from flexkd.teacher_inputs import teacher_view
 from flexkd.training.data import move_to_device
 
 LossFn = Callable[[object, Mapping[str, object]], torch.Tensor]
@@ -60,7 +61,8 @@ def score(
     Args:
         teacher: a Hugging Face model with a task head (causal LM, seq2seq, sequence or token
             classification), or any model when ``loss_fn`` is given.
-        batches: dicts that ``teacher(**batch)`` accepts, labels included.
+        batches: dicts that ``teacher(**batch)`` accepts, labels included; a batch with
+            ``teacher_input_ids`` (:mod:`flexkd.teacher_inputs`) is scored on those.
         layers: HF ``hidden_states`` layer numbers (negative from the end) of the ``side`` stack.
         k: dims to keep per layer (the student's hidden size).
         stat: ``"grad_x_act"`` (Flex-KD), ``"grad"`` or ``"grad_sq"``.
@@ -141,6 +143,7 @@ def score(
         steps = in_step(bar, device=device)  # a sharded forward is a collective
     with bar, _scoring_mode(teacher), tap, torch.enable_grad():
         for batch, counts in steps:
+            batch = teacher_view(batch, token_labels=task in ("causal_lm", "seq2seq"))
             if counts:
                 fingerprint.add(batch)  # hashed on the host copy: reads nothing back from the device
             batch = move_to_device(batch, device)

@@ -45,6 +45,7 @@ from flexkd.adapters import TeacherIdentity, get_adapter, token_weights
 from flexkd.adapters.masks import aligned_logits, detect_task, logit_positions
 from flexkd.errors import StoreMismatchError, UnreadableFileError
 from flexkd.taps import LayerTap
+from flexkd.teacher_inputs import teacher_view
 
 FORMAT = 1
 SUPPORTED_TASKS = ("sequence", "causal_lm", "token")
@@ -153,7 +154,7 @@ def write_teacher_outputs(
     try:
         progress_bar = tqdm(spans, desc="flexkd teacher outputs", unit="batch", disable=not progress)
         for span, batch, (positions, features) in zip(progress_bar, batches, batch_masks, strict=True):
-            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+            inputs = {k: v.to(device) for k, v in teacher_view(batch).items() if k != "labels"}
             if resolved:
                 with LayerTap(teacher, resolved, stop_after_deepest=not logits, side=adapter.side) as tap:
                     out = tap.run(**inputs)

@@ -18,6 +18,7 @@ from transformers import Trainer
 
 from flexkd.adapters import unwrap_model
 from flexkd.distill import TERMS, Distiller
+from flexkd.teacher_inputs import TEACHER_KEYS
 from flexkd.training.loop import window_units
 from flexkd.training.run_dir import load_student_weights
 
@@ -102,7 +103,7 @@ class FlexKDTrainer(Trainer):
             student = unwrap_model(self.distiller.student)  # a PeftModel's forward takes **kwargs
             student_inputs = inspect.signature(student.forward).parameters
             self._signature_columns = list(
-                dict.fromkeys([*student_inputs, "labels", "label", "label_ids"])
+                dict.fromkeys([*student_inputs, "labels", "label", "label_ids", *TEACHER_KEYS])
             )
 
     # ------------------------------------------------------------------------------- training

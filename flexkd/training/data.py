@@ -14,6 +14,7 @@ from torch import nn
 
 from flexkd.config import Config
 from flexkd.errors import ConfigError
+from flexkd.teacher_inputs import TEACHER_KEYS
 from flexkd.training.factories import DATA_FACTORIES, resolve_factory
 
 IGNORE_INDEX = -100
@@ -117,7 +118,7 @@ def _tokenize(cfg: Config, table, tokenizer, label_names: list[str] | None, spli
     if "input_ids" in table.column_names:
         keep = [
             c
-            for c in ("input_ids", "attention_mask", "token_type_ids", "labels")
+            for c in ("input_ids", "attention_mask", "token_type_ids", "labels", *TEACHER_KEYS)
             if c in table.column_names
         ]
         return table.select_columns(keep)
@@ -195,12 +196,16 @@ def move_to_device(batch: Mapping[str, Any], device: torch.device | str) -> dict
 class Collator:
     """Right-pads tokenized rows into a batch of tensors (labels padded with -100).
 
-    Causal-LM rows without labels get ``labels = input_ids`` (padding ignored).
+    Causal-LM rows without labels get ``labels = input_ids`` (padding ignored). Rows carrying the
+    teacher's own ids (``teacher_input_ids``, see :mod:`flexkd.teacher_inputs`) get them padded with
+    ``teacher_pad_token_id`` (and ``teacher_labels`` the same way as ``labels``); a row whose teacher
+    sequence is not as long as its student sequence is refused.
     """
 
-    def __init__(self, task: str, pad_token_id: int) -> None:
+    def __init__(self, task: str, pad_token_id: int, teacher_pad_token_id: int | None = None) -> None:
         self.task = task
         self.pad_token_id = int(pad_token_id)
+        self.teacher_pad_token_id = None if teacher_pad_token_id is None else int(teacher_pad_token_id)
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not rows:
@@ -228,7 +233,37 @@ class Collator:
             batch["labels"] = batch["input_ids"].masked_fill(
                 batch["attention_mask"] == 0, IGNORE_INDEX
             )
+        if "teacher_input_ids" in rows[0]:
+            batch.update(self._teacher_columns(rows, batch))
         return batch
+
+    def _teacher_columns(self, rows: Sequence[Mapping[str, Any]], batch: Mapping[str, torch.Tensor]):
+        if self.teacher_pad_token_id is None:
+            raise ValueError(
+                "teacher_pad_token_id: the rows carry teacher_input_ids, so the collator needs the "
+                "teacher's pad id (Collator(task, pad_token_id, teacher_pad_token_id=...))"
+            )
+        ids = [row["teacher_input_ids"] for row in rows]
+        for i, (row, teacher_ids) in enumerate(zip(rows, ids, strict=True)):
+            if len(teacher_ids) != len(row["input_ids"]):
+                raise ValueError(
+                    f"teacher_input_ids: row {i} has {len(teacher_ids)} teacher ids for "
+                    f"{len(row['input_ids'])} input_ids; the sequences must be position-aligned"
+                )
+        columns = {"teacher_input_ids": pad_sequences(ids, self.teacher_pad_token_id)}
+        if "teacher_attention_mask" in rows[0]:  # checked against attention_mask where the teacher runs
+            columns["teacher_attention_mask"] = pad_sequences(
+                [row["teacher_attention_mask"] for row in rows], 0
+            )
+        if "teacher_labels" in rows[0]:
+            columns["teacher_labels"] = pad_sequences(
+                [row["teacher_labels"] for row in rows], IGNORE_INDEX
+            )
+        elif self.task == "causal_lm" and "labels" not in rows[0]:
+            columns["teacher_labels"] = columns["teacher_input_ids"].masked_fill(
+                batch["attention_mask"] == 0, IGNORE_INDEX
+            )
+        return columns
 
 
 def pad_token_id(tokenizer, model: nn.Module) -> int:

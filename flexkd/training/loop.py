@@ -387,7 +387,9 @@ def _distil(cfg: Config, accelerator) -> TrainResult:
     student = build_model(cfg, "student", num_labels=splits.num_labels)
     shard_from_config(cfg, teacher, "teacher")
     shard_from_config(cfg, student.to(accelerator.device) if fsdp.student else student, "student")
-    collate = Collator(cfg.data.task, pad_token_id(tokenizer, teacher))
+    collate = Collator(
+        cfg.data.task, pad_token_id(tokenizer, teacher), teacher_pad_token_id=pad_token_id(None, teacher)
+    )
     train_rows = splits.get("train")
 
     # The distiller: the selection (scored first when its file is missing) and the teacher's

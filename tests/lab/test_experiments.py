@@ -86,6 +86,9 @@ def test_teacher_check_conditions_pick_top_k_and_lowest_half():
     assert conditions["intact"].numel() == 0
     assert set(conditions["zero top-3"].tolist()) == set(order[:3].tolist())
     assert set(conditions["zero lowest 5 (half)"].tolist()) == set(order[5:].tolist())
+    assert set(conditions["zero bottom-3"].tolist()) == set(order[7:].tolist())
+    half = teacher_check_conditions(scores, 5)  # k = width / 2: the bottom-k is the lowest half
+    assert set(half) == {"intact", "zero top-5", "zero random 5", "zero bottom-5"}
     random_dims = conditions["zero random 3"]
     assert random_dims.numel() == 3 and random_dims.unique().numel() == 3
     with pytest.raises(ValueError, match="k"):
@@ -103,9 +106,9 @@ def test_run_teacher_check_evaluates_under_each_condition():
         return {"zeros": float(zero_counts[-1])}
 
     rows = run_teacher_check(model, {-1: torch.rand(HIDDEN)}, 4, evaluate)
-    assert [r["dims_zeroed"] for r in rows] == [0, 4, 4, HIDDEN // 2]
-    assert [r["layer"] for r in rows] == [None, -1, -1, -1]
-    assert zero_counts == [0, 4, 4, HIDDEN // 2]
+    assert [r["dims_zeroed"] for r in rows] == [0, 4, 4, 4, HIDDEN // 2]
+    assert [r["layer"] for r in rows] == [None, -1, -1, -1, -1]
+    assert zero_counts == [0, 4, 4, 4, HIDDEN // 2]
 
 
 def test_run_teacher_check_evaluates_intact_once_and_each_layer():
@@ -114,7 +117,7 @@ def test_run_teacher_check_evaluates_intact_once_and_each_layer():
     rows = run_teacher_check(
         model, {1: torch.rand(HIDDEN), 2: torch.rand(HIDDEN)}, 4, lambda m: calls.append(1) or {}
     )
-    assert len(calls) == 1 + 2 * 3
+    assert len(calls) == 1 + 2 * 4
     assert [(r["layer"], r["condition"]) for r in rows][:2] == [(None, "intact"), (1, "zero top-4")]
     with pytest.raises(ValueError, match="scores"):
         run_teacher_check(model, {}, 4, lambda m: {})

@@ -78,28 +78,60 @@ def training_rows(task, split: str, limit: int | None):
     return datasets.Dataset.from_list(rows)
 
 
-def _register_student_factory(task, *, quick: bool) -> str:
+def _register_student_factory(task, *, pair: str = "minilm-tiny", quick: bool) -> str:
     """Register (once) the named factory ``flexkd.training`` builds this task's student with: the task's
-    student, embeddings from the teacher of the run's config, seeded by the run's seed."""
+    student (for the tiny student, embeddings from the teacher of the run's config), seeded by the run's
+    seed."""
     from flexkd.training import MODEL_FACTORIES, register_model_factory
 
-    name = f"flexkd-experiments:{task.name}{':quick' if quick else ''}"
+    pair_part = "" if pair == "minilm-tiny" else f":{pair}"
+    name = f"flexkd-experiments:{task.name}{pair_part}{':quick' if quick else ''}"
     if name not in MODEL_FACTORIES:
 
         @register_model_factory(name)
         def build_student(role: str, cfg) -> Any:
             if role != "student":
                 raise ValueError(f"model.{role}: {name} only builds students")
+            if (
+                getattr(task.config, "student_base", None) == "minilm"
+            ):  # pretrained: needs no teacher
+                return task.build_student(seed=cfg.train.seed)
             teacher = task.load_teacher(str(cfg.path(cfg.model.teacher)))
             return task.build_student(teacher, seed=cfg.train.seed)
 
     return f"task:{name}"
 
 
+def pair_task(task_name: str, pair: str = "minilm-tiny", *, quick: bool = False):
+    """The task object of ``task_name`` for ``pair`` (a name in :data:`flexkd_lab.tasks.pairs.PAIRS`):
+    ``debian-sections`` takes the pair's teacher, student, input length and teacher recipe; the synopsis
+    task has its own GPT-2 pair and accepts only the default. ``quick`` shrinks it (see
+    :data:`QUICK_TASK_CONFIG`)."""
+    from flexkd_lab.tasks import get_task
+    from flexkd_lab.tasks.pairs import get_pair
+
+    if task_name not in TASK_METRICS:
+        raise ValueError(f"task: expected one of {sorted(TASK_METRICS)}, got {task_name!r}")
+    chosen = get_pair(pair)
+    overrides: dict[str, Any] = {}
+    if task_name == "debian-sections":
+        overrides = chosen.task_overrides()
+    elif chosen.name not in ("minilm-tiny", "demo"):
+        raise ValueError(
+            f"pair: {task_name} has its own teacher and student; {pair!r} is a debian-sections pair"
+        )
+    if quick:
+        overrides.update(QUICK_TASK_CONFIG[task_name])
+        if overrides.get("student_base") == "minilm":
+            overrides.pop("student_hidden", None)
+    return get_task(task_name, **overrides)
+
+
 def cached_teacher(
     task_name: str,
     *,
     cache_dir: Path,
+    pair: str = "minilm-tiny",
     quick: bool = False,
     eval_limit: int | None = None,
     progress: bool = True,
@@ -107,11 +139,9 @@ def cached_teacher(
     """``(task, CachedTeacher)`` of ``task_name``: its fine-tuned teacher from ``cache_dir/teachers``,
     trained there first when missing (``quick``: a 2-step fine-tune on a tiny slice, evaluated on
     ``eval_limit`` rows). A file lock makes processes started together share one fine-tune."""
-    from flexkd_lab.tasks import FitConfig, get_task, get_teacher
+    from flexkd_lab.tasks import FitConfig, get_teacher
 
-    if task_name not in TASK_METRICS:
-        raise ValueError(f"task: expected one of {sorted(TASK_METRICS)}, got {task_name!r}")
-    task = get_task(task_name, **(QUICK_TASK_CONFIG[task_name] if quick else {}))
+    task = pair_task(task_name, pair, quick=quick)
     fit_config = None
     if quick:
         fit_config = FitConfig(batch_size=8, lr=1e-3, train_limit=QUICK_TEACHER_ROWS, max_steps=2)
@@ -127,6 +157,36 @@ def cached_teacher(
     return task, cached
 
 
+def _distillation_rows(task, limit: int | None):
+    """``(rows as a datasets.Dataset, rows dropped as not position-aligned)``."""
+    import datasets
+
+    if not hasattr(task, "distillation_rows"):
+        return training_rows(task, "train", limit), 0
+    rows, dropped = task.distillation_rows("train", limit)
+    encoded = [
+        {
+            "input_ids": row["input_ids"],
+            "attention_mask": [1] * len(row["input_ids"]),
+            "labels": row["label"],
+            **(
+                {"teacher_input_ids": row["teacher_input_ids"]}
+                if "teacher_input_ids" in row
+                else {}
+            ),
+        }
+        for row in rows
+    ]
+    return datasets.Dataset.from_list(encoded), dropped
+
+
+def _student_description(task, student_cfg) -> str:
+    shape = f"{student_cfg.model_type} hidden {student_cfg.hidden_size}, {student_cfg.num_hidden_layers} layers"
+    if getattr(task.config, "student_base", None) == "minilm":
+        return f"{shape}, the pretrained MiniLM-L6 with a new head"
+    return f"{shape}, embeddings from the teacher's (PCA), the rest random"
+
+
 def build_kit(
     task_name: str,
     budget: RunBudget,
@@ -138,14 +198,13 @@ def build_kit(
 ) -> TaskKit:
     """The :class:`TaskKit` of ``task_name`` for the teacher -> student ``pair`` (a name in
     :data:`flexkd_lab.tasks.pairs.PAIRS`); trains and caches its teacher under ``cache_dir/teachers`` when
-    the cache lacks it."""
-    from flexkd_lab.tasks.pairs import get_pair
-
-    if get_pair(pair).name != "minilm-tiny":
-        raise NotImplementedError(f"pair {pair!r}: not built yet")
+    the cache lacks it. When the pair's tokenizers differ, ``train_rows``/``score_rows`` carry the teacher's
+    own ids (``teacher_input_ids``), ``evaluate`` feeds a model the student's ids and ``evaluate_teacher``
+    the teacher's."""
     task, cached = cached_teacher(
         task_name,
         cache_dir=cache_dir,
+        pair=pair,
         quick=quick,
         eval_limit=budget.eval_examples,
         progress=progress,
@@ -153,18 +212,29 @@ def build_kit(
     report = cached.report
     validation = {k: v for k, v in report.get("validation", {}).items() if k != "predictions"}
 
-    train_rows = training_rows(task, "train", budget.train_examples)
+    train_rows, dropped = _distillation_rows(task, budget.train_examples)
     score_rows = train_rows.select(range(min(budget.score_examples, len(train_rows))))
+    own_ids = bool(getattr(task, "own_teacher_ids", False))
 
-    def evaluate(model) -> dict[str, float]:
-        metrics = task.evaluate(
-            model, budget.eval_split, limit=budget.eval_examples, progress=progress
-        )
-        return {name: metrics[name] for name in TASK_METRICS[task_name]}
+    def evaluate_as(reader: str):
+        def evaluate(model) -> dict[str, float]:
+            options = {"reader": reader} if own_ids else {}
+            metrics = task.evaluate(
+                model, budget.eval_split, limit=budget.eval_examples, progress=progress, **options
+            )
+            return {name: metrics[name] for name in TASK_METRICS[task_name]}
+
+        return evaluate
 
     def predict(model, split: str) -> tuple[list[int], list[int]]:
+        options = {"reader": "student"} if own_ids else {}
         out = task.evaluate(
-            model, split, limit=budget.eval_examples, progress=progress, return_predictions=True
+            model,
+            split,
+            limit=budget.eval_examples,
+            progress=progress,
+            return_predictions=True,
+            **options,
         )
         return out["predictions"], out["references"]
 
@@ -173,34 +243,54 @@ def build_kit(
     student_cfg = task.build_student(init="random").config
     fit = report.get("fit", {})
     train_stats = report.get("train", {})
+    baseline = report.get("baseline", {})
+    tokens = task.student_tokenizer if own_ids else task.tokenizer
+    aligned_note = (
+        f"; teacher reads its own ids (teacher_input_ids), {len(train_rows)} rows aligned, {dropped} dropped"
+        if own_ids
+        else ""
+    )
     return TaskKit(
         name=task_name,
         hf_task=HF_TASKS[task_name],
-        tokenizer_dir=teacher_dir,
+        tokenizer_dir=_tokenizer_dir(task) if own_ids else teacher_dir,
         teacher_dir=teacher_dir,
-        student_factory=_register_student_factory(task, quick=quick),
+        student_factory=_register_student_factory(task, pair=pair, quick=quick),
         student_hidden_size=int(student_cfg.hidden_size),
         train_rows=train_rows,
         score_rows=score_rows,
-        evaluate=evaluate,
+        evaluate=evaluate_as("student"),
+        evaluate_teacher=evaluate_as("teacher"),
         metrics=TASK_METRICS[task_name],
-        pad_token_id=int(task.tokenizer.pad_token_id),
+        pad_token_id=int(tokens.pad_token_id),
+        teacher_pad_token_id=int(task.tokenizer.pad_token_id) if own_ids else None,
         teacher_description=(
             f"{teacher_cfg.model_type} hidden {teacher_cfg.hidden_size}, {teacher_cfg.num_hidden_layers} layers, "
             f"trained {train_stats.get('steps', '?')} steps x {fit.get('batch_size', '?')} rows "
             f"({train_stats.get('seconds', 0):.0f} s when made); validation "
             + ", ".join(f"{k} {v:.3f}" for k, v in validation.items() if k != "n")
             + f" on {validation.get('n', '?')} rows"
+            + (
+                f" (unigram LR on the same tokens: {baseline['validation']['accuracy']:.3f})"
+                if "validation" in baseline
+                else ""
+            )
         ),
         teacher_metrics=validation,
         predict=predict if HF_TASKS[task_name] == "sequence" else None,
+        teacher_baseline=baseline,
+        pair=pair,
         input_description=", ".join(
             f"{k} {v}"
             for k, v in vars(task.config).items()
             if k.startswith("max_") and isinstance(v, int)
-        ),
-        student_description=(
-            f"{student_cfg.model_type} hidden {student_cfg.hidden_size}, {student_cfg.num_hidden_layers} layers, "
-            f"embeddings from the teacher's (PCA), the rest random"
-        ),
+        )
+        + aligned_note,
+        student_description=_student_description(task, student_cfg),
     )
+
+
+def _tokenizer_dir(task) -> str:
+    from flexkd_lab.tasks.classification import base_path
+
+    return base_path("minilm")

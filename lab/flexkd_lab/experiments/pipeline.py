@@ -51,7 +51,22 @@ class TaskKit:
     teacher_metrics: dict[str, Any] = field(default_factory=dict)
     student_description: str = ""
     input_description: str = ""
+    # the pair's teacher fed its own ids (pairs whose tokenizers differ); None: ``evaluate`` serves both
+    evaluate_teacher: Callable[[nn.Module], dict[str, float]] | None = None
+    teacher_baseline: dict[str, Any] = field(
+        default_factory=dict
+    )  # the unigram-LR bar (tasks.baselines)
+    pair: str = "minilm-tiny"
+    teacher_pad_token_id: int | None = None  # set when the rows carry teacher_input_ids
     predict: Callable[[nn.Module, str], tuple[list[int], list[int]]] | None = None
+
+    def collator(self):
+        """The library's collator for these rows (the teacher's ids padded with the teacher's pad)."""
+        from flexkd.training import Collator
+
+        return Collator(
+            self.hf_task, self.pad_token_id, teacher_pad_token_id=self.teacher_pad_token_id
+        )
 
     def load_teacher(self) -> nn.Module:
         from flexkd.training import auto_class
@@ -118,7 +133,6 @@ class Experiment:
         """The teacher's outputs on the training rows at every layer some method distills, stored once for
         every (method, seed) run (``flexkd.teacher_outputs``)."""
         from flexkd.teacher_outputs import write_teacher_outputs
-        from flexkd.training import Collator
 
         path = self.work_dir / f"teacher-outputs-{self._layers_tag}-n{self.budget.train_examples}"
         if not (path / "meta.json").is_file():
@@ -127,7 +141,7 @@ class Experiment:
                 self.kit.train_rows,
                 path,
                 layers=self.teacher_layers,
-                collate=Collator(self.kit.hf_task, self.kit.pad_token_id),
+                collate=self.kit.collator(),
                 batch_size=self.budget.batch_size,
                 progress=self.progress,
             )
@@ -182,9 +196,8 @@ class Experiment:
 
     def score_batches(self) -> list[dict[str, torch.Tensor]]:
         """The scoring rows as model-ready batches of ``budget.batch_size``."""
-        from flexkd.training import Collator
 
-        collate = Collator(self.kit.hf_task, self.kit.pad_token_id)
+        collate = self.kit.collator()
         rows, size = self.kit.score_rows, self.budget.batch_size
         return [
             collate([rows[j] for j in range(i, min(i + size, len(rows)))])

@@ -117,9 +117,11 @@ def plot_teacher_check(
         for key, label in (
             ("top", "zero top-k"),
             ("random", "zero random k"),
+            ("bottom", "zero bottom-k"),
             ("lowest", "zero lowest half"),
         ):
-            ax.plot(layers, [r[key] for r in rows], marker="o", label=label)
+            if all(key in r for r in rows):  # bottom-k is the lowest half when k = width / 2
+                ax.plot(layers, [r[key] for r in rows], marker="o", label=label)
         ax.axhline(intact, color="gray", ls="--", lw=1, label="intact")
         ax.set_xticks(layers)
         ax.set_xlabel("layer whose dims are zeroed")

@@ -414,7 +414,9 @@ def teacher_check(experiment: Experiment) -> dict[str, Any]:
     )
     scores = {layer: selection.scores(layer) for layer in layers}
     started = time.perf_counter()
-    rows = run_teacher_check(teacher, scores, k, experiment.kit.evaluate)
+    rows = run_teacher_check(
+        teacher, scores, k, experiment.kit.evaluate_teacher or experiment.kit.evaluate
+    )
     return {
         "profile": experiment.selection_profile(teacher),
         "method_label": "teacher check",

@@ -308,6 +308,7 @@ def pair_section(plan: StudyPlan, pair: str, part: dict[str, Any]) -> list[str]:
                     ("mass", "top-k mass"),
                     ("top", f"zero top-{check['k']}"),
                     ("random", f"zero random {check['k']}"),
+                    ("bottom", f"zero bottom-{check['k']}"),
                     ("lowest", f"zero lowest {check['hidden_size'] // 2} (half)"),
                 ],
             ),

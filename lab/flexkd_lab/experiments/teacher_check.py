@@ -1,7 +1,7 @@
 """The paper's teacher check: zero chosen hidden dims of the teacher at one layer and re-evaluate it.
 
 If the scores mean what Flex-KD assumes, zeroing the k highest-scored dims should hurt the teacher far
-more than zeroing k random dims or half of its dims, taken from the lowest-scored end. The study runs the
+more than zeroing k random dims, the k lowest-scored, or half of its dims taken from the lowest-scored end. The study runs the
 check at every layer, which shows where in the teacher the scores carry that meaning.
 """
 
@@ -78,19 +78,23 @@ class ZeroDims:
 def teacher_check_conditions(
     scores: torch.Tensor, k: int, *, seed: int = 0
 ) -> dict[str, torch.Tensor]:
-    """The dims each condition zeroes: none, the top-k, k random dims, and the lowest-scored half."""
+    """The dims each condition zeroes: none, the top-k, k random dims, the bottom-k (the k lowest-scored),
+    and the lowest-scored half when that is not the bottom-k already (k = width / 2, the 2:1 pair)."""
     scores = torch.as_tensor(scores, dtype=torch.float32)
     width = scores.numel()
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= width:
         raise ValueError(f"k must be an int in [1, {width}], got {k!r}")
     order = torch.argsort(scores, descending=True, stable=True)
     generator = torch.Generator().manual_seed(seed)
-    return {
+    conditions = {
         "intact": torch.empty(0, dtype=torch.int64),
         f"zero top-{k}": order[:k].sort().values,
         f"zero random {k}": torch.randperm(width, generator=generator)[:k].sort().values,
-        f"zero lowest {width // 2} (half)": order[width - width // 2 :].sort().values,
+        f"zero bottom-{k}": order[width - k :].sort().values,
     }
+    if width // 2 != k:
+        conditions[f"zero lowest {width // 2} (half)"] = order[width - width // 2 :].sort().values
+    return conditions
 
 
 def run_teacher_check(

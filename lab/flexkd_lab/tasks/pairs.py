@@ -11,6 +11,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .training import FitConfig
+
+# The teachers' recipes: >= 128 tokens, every training row, embeddings trained. Costs measured here
+# (1 thread, thread_time, 128-token batches, load average 5-6 on 2 cores; see the pair report in
+# benchmarks/results/teacher_cost.md): MiniLM 3.0 s per optimizer step of 32 rows, MPNet see there.
+MINILM_TEACHER_FIT = FitConfig(epochs=3.0, batch_size=32, lr=1e-4, warmup_ratio=0.06)
+MPNET_TEACHER_FIT = FitConfig(epochs=1.0, batch_size=16, lr=3e-5, warmup_ratio=0.06)
+# flexkd demo's teacher (64 tokens, 6,000 rows, 1 epoch, word embeddings frozen): minutes, not an hour
+DEMO_TEACHER_FIT = FitConfig(
+    epochs=1.0, batch_size=32, lr=3e-4, train_limit=6000, freeze_word_embeddings=True
+)
+
 
 @dataclass(frozen=True)
 class Pair:
@@ -20,6 +32,18 @@ class Pair:
     teacher_hidden: int
     student_hidden: int
     description: str
+    max_length: int = 128
+    teacher_fit: FitConfig = MINILM_TEACHER_FIT
+
+    def task_overrides(self) -> dict:
+        """The ``debian-sections`` config fields this pair sets (``get_task(name, **overrides)``)."""
+        return {
+            "teacher_base": self.teacher,
+            "student_base": self.student,
+            "max_length": self.max_length,
+            "teacher_fit": self.teacher_fit,
+            **({"student_hidden": self.student_hidden} if self.student == "tiny-bert" else {}),
+        }
 
     @property
     def own_teacher_ids(self) -> bool:
@@ -47,6 +71,17 @@ PAIRS: dict[str, Pair] = {
         teacher_hidden=768,
         student_hidden=384,
         description="all-mpnet-base-v2 (hidden 768) -> pretrained MiniLM-L6 (hidden 384), 2:1",
+        teacher_fit=MPNET_TEACHER_FIT,
+    ),
+    "demo": Pair(
+        name="demo",
+        teacher="minilm",
+        student="tiny-bert",
+        teacher_hidden=384,
+        student_hidden=128,
+        description="flexkd demo's minilm-tiny: a teacher fine-tuned in minutes (64 tokens, 6,000 rows)",
+        max_length=64,
+        teacher_fit=DEMO_TEACHER_FIT,
     ),
 }
 

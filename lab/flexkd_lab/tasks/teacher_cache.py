@@ -85,6 +85,12 @@ def get_teacher(
     stats = fit(model, task, fit_config, desc=f"teacher {task.name}", progress=progress)
     limit = task.teacher_eval_limit if eval_limit is None else eval_limit
     metrics = task.evaluate(model, "validation", limit=limit, progress=progress)
+    extra = {}
+    if limit is None and hasattr(
+        task, "teacher_baseline"
+    ):  # a full evaluation: the bar it must clear
+        extra["test"] = task.evaluate(model, "test", progress=progress)
+        extra["baseline"] = task.teacher_baseline()
     report = {
         "key": key,
         "task": task.name,
@@ -95,6 +101,7 @@ def get_teacher(
         "identity": task.identity(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
+        **extra,
     }
     os.makedirs(cache_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=cache_dir, prefix=f".tmp-{task.name}-")
