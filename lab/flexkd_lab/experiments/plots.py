@@ -107,7 +107,7 @@ def plot_teacher_check(
     panels: Sequence[tuple[str, Sequence[Mapping[str, Any]], float, str]], path: str | os.PathLike
 ) -> Path:
     """One panel per ``(task, rows, intact value, metric)``: the metric against the layer whose dims were
-    zeroed, one line per condition (``rows`` from ``flexkd_lab.experiments.study_report.teacher_check_table``)."""
+    zeroed, one line per condition (``rows`` from ``flexkd_lab.experiments.study.teacher_check_table``)."""
     if not panels:
         raise ValueError("panels: need at least one panel")
     plt = _pyplot()

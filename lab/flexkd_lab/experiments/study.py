@@ -229,7 +229,8 @@ def run_study(
     Pair by pair: its teacher (trained or loaded here, first), the teacher check, the grid, then every
     method x seed at the chosen knobs. With ``workers > 1`` the runs go to that many processes, each with an
     equal share of the CPU threads (one each on two cores); this process first writes the data, teacher
-    outputs and selection files every run reads, so the workers only read them.
+    outputs and selection files every run reads, so the workers only read them. A run's numbers depend on
+    the threads it ran with: resume with the same ``--workers`` (and ``OMP_NUM_THREADS``).
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers: expected an int >= 1, got {workers!r}")
@@ -237,9 +238,10 @@ def run_study(
     out_dir = Path(out_dir)
     store = ResultStore(out_dir / RESULTS_FOLDER)
     settings = (plan, Path(work_dir), Path(cache_dir))
-    threads = max(1, torch.get_num_threads() // workers)
-    _init_worker(*settings, progress=progress, threads=threads)
+    # this process keeps its threads (it trains the teachers and writes their outputs while no run is going)
+    _init_worker(*settings, progress=progress)
     experiments = _worker_experiments
+    threads = max(1, torch.get_num_threads() // workers)
     pool = None
     if workers > 1:
         pool = multiprocessing.get_context("spawn").Pool(
@@ -432,6 +434,21 @@ def teacher_check(experiment: Experiment) -> dict[str, Any]:
         "metrics": {},
         "eval_seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def teacher_check_table(check: dict[str, Any], metric: str) -> list[dict[str, Any]]:
+    """One row per layer: ``metric`` of the teacher under each zeroing, and the top-k share of the scores."""
+    by_layer: dict[int, dict[str, Any]] = {}
+    for row in check["rows"]:
+        if row["layer"] is None:
+            continue
+        kind = row["condition"].split()[1].split("-")[0]  # "top" / "random" / "lowest"
+        by_layer.setdefault(row["layer"], {"layer": row["layer"]})[kind] = row[metric]
+    for layer, entry in by_layer.items():
+        entry["mass"] = check["mass_in_top_k"][str(layer)]
+        if layer in check.get("distilled_layers", ()):
+            entry["layer"] = f"{layer} (distilled)"
+    return list(by_layer.values())
 
 
 def write_report(

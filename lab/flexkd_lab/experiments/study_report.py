@@ -33,6 +33,7 @@ from flexkd_lab.experiments.study import (
     grid_scores,
     read_run,
     store_has,
+    teacher_check_table,
 )
 from flexkd_lab.experiments.tables import METRIC_HEADERS, markdown_table
 
@@ -327,21 +328,6 @@ def teacher_check_summary(check: dict[str, Any], metric: str = "accuracy") -> di
         "table": teacher_check_table(check, metric),
         "rows": check["rows"],
     }
-
-
-def teacher_check_table(check: dict[str, Any], metric: str) -> list[dict[str, Any]]:
-    """One row per layer: ``metric`` of the teacher under each zeroing, and the top-k share of the scores."""
-    by_layer: dict[int, dict[str, Any]] = {}
-    for row in check["rows"]:
-        if row["layer"] is None:
-            continue
-        kind = row["condition"].split()[1].split("-")[0]  # "top" / "random" / "lowest"
-        by_layer.setdefault(row["layer"], {"layer": row["layer"]})[kind] = row[metric]
-    for layer, entry in by_layer.items():
-        entry["mass"] = check["mass_in_top_k"][str(layer)]
-        if layer in check.get("distilled_layers", ()):
-            entry["layer"] = f"{layer} (distilled)"
-    return list(by_layer.values())
 
 
 def _knobs_text(knobs: dict[str, Any]) -> str:
