@@ -37,11 +37,13 @@ def _right(method, knobs, seed):
 
 class FakeExperiment:
     calls: list = []
+    run_names: list = []
 
     def __init__(self, kit, budget, work_dir, progress=True, layer_pairs=()):
         self.kit = kit
 
-    def run(self, method, seed, *, knobs=None, splits=()):
+    def run(self, method, seed, *, knobs=None, splits=(), run_name=None):
+        FakeExperiment.run_names.append((run_name, seed))
         FakeExperiment.calls.append(
             (method.name, None if knobs is None else knobs["feature_weight"], seed)
         )
@@ -61,7 +63,7 @@ class FakeExperiment:
 
 @pytest.fixture
 def fake_study(monkeypatch):
-    FakeExperiment.calls = []
+    FakeExperiment.calls, FakeExperiment.run_names = [], []
     teacher = {"key": "teacher-key-1"}
     monkeypatch.setattr(
         study_module,
@@ -167,6 +169,9 @@ def test_study_chooses_on_validation_reuses_grid_runs_and_resumes(tmp_path, fake
         ("flex-corr", 1.0, 0), ("flex-corr", 1.0, 1), ("flex-corr", 1.0, 2),
     ]  # fmt: skip
     assert ("flex-corr-random", 1.0, 2) in fake_study.calls
+    # each (method, knobs, seed) trains in its own scratch folder: parallel grid points never share one
+    assert len(set(fake_study.run_names)) == len(fake_study.run_names)
+    assert ("flex-corr.last-w0.5", 0) in fake_study.run_names
     assert summary["finished_runs"] == summary["planned_runs"] == 4 + 9 - 2
     record = store.read(plan.group("minilm-tiny"), "flex-corr.last-w1", 2)
     assert decode_labels(record["splits"]["test"]["predictions"])[:3] == REFERENCES[:3]

@@ -390,7 +390,10 @@ def _run_job(run: Run) -> tuple[Run, dict[str, Any]]:
     if run.method == TEACHER_CHECK:
         result = teacher_check(experiment)
     else:
-        result = experiment.run(get_method(run.method), run.seed, knobs=run.knobs, splits=SPLITS)
+        # its own scratch folder: two grid points of one method and seed may run at once
+        result = experiment.run(
+            get_method(run.method), run.seed, knobs=run.knobs, splits=SPLITS, run_name=run.folder
+        )
         for split in result["splits"].values():
             split["predictions"] = encode_labels(split["predictions"])
         result["curve"] = compact_curve(result["curve"])
