@@ -77,6 +77,15 @@ def fake_study(monkeypatch):
     return FakeExperiment
 
 
+@pytest.fixture
+def no_plots(monkeypatch):
+    """The report without its PNGs (matplotlib costs seconds per rewrite; one test draws them)."""
+    from flexkd_lab.experiments import study_report
+
+    for name in ("plot_learning_curves", "plot_mean_std_bars", "plot_teacher_check"):
+        monkeypatch.setattr(study_report, name, lambda *a, **k: None)
+
+
 def _budget(**changes):
     options = dict(
         train_examples=8, score_examples=8, eval_examples=8, batch_size=4, steps=1, lr=1e-3
@@ -156,7 +165,7 @@ def test_a_changed_budget_is_keyed_apart_and_seeds_are_not():
     )
 
 
-def test_study_chooses_on_validation_reuses_grid_runs_and_resumes(tmp_path, fake_study):
+def test_study_chooses_on_validation_reuses_grid_runs_and_resumes(tmp_path, fake_study, no_plots):
     plan = _plan()
     summary = _run(tmp_path, plan)
     store = ResultStore(tmp_path / "out" / RESULTS_FOLDER)
@@ -188,7 +197,7 @@ def test_study_chooses_on_validation_reuses_grid_runs_and_resumes(tmp_path, fake
     ]
 
 
-def test_study_refuses_to_mix_teachers(tmp_path, fake_study):
+def test_study_refuses_to_mix_teachers(tmp_path, fake_study, no_plots):
     _run(tmp_path, _plan())
     fake_study.teacher["key"] = "teacher-key-2"  # the teacher recipe changed, the budget did not
     with pytest.raises(ValueError, match="never mixed"):
@@ -213,7 +222,7 @@ def test_report_shows_intervals_and_the_holm_corrected_comparisons(tmp_path, fak
         assert (tmp_path / "out" / plot).stat().st_size > 0
 
 
-def test_report_waits_for_the_grid(tmp_path, fake_study):
+def test_report_waits_for_the_grid(tmp_path, fake_study, no_plots):
     plan = _plan()
     store = ResultStore(tmp_path / "out" / RESULTS_FOLDER)
     summary = study_module.write_report(tmp_path / "out", plan, store, "flexkd study")
