@@ -82,6 +82,7 @@ def test_kit_rows_carry_the_teachers_own_ids(with_tiny_mpnet, tmp_path):
     # each model reads its own ids: the MPNet teacher on the student's would index other tokens
     teacher = kit.load_teacher()
     assert set(kit.evaluate_teacher(teacher)) == {"accuracy", "macro_f1"}
+    assert kit.evaluate(teacher) == kit.evaluate_teacher(teacher)  # routed by the embedding table's size
     student = task.build_student(seed=0)
     assert set(kit.evaluate(student)) == {"accuracy", "macro_f1"}
 
@@ -217,3 +218,46 @@ def test_teacher_command_makes_the_pairs_teacher(with_tiny_mpnet, tmp_path, caps
     assert main([*argv, "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
     assert json.loads((out / "config.json").read_text())["model_type"] == "mpnet"
     assert "fine-tuned the debian-sections teacher (quick)" in capsys.readouterr().out
+
+
+@pytest.fixture
+def with_tiny_pair(with_tiny_mpnet, tmp_path_factory, monkeypatch):
+    """The tiny MPNet teacher (hidden 32) and a tiny random BERT student (hidden 16) with the MiniLM's
+    tokenizer in place of the pretrained MiniLM."""
+    import shutil
+
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-minilm")
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(folder)
+    torch.manual_seed(1)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=512,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(folder)
+    monkeypatch.setitem(
+        classification.BASE_MODELS, "minilm", (lambda: str(folder), lambda: {"tiny": str(folder)})
+    )
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_study_run_distils_the_mpnet_pair_through_the_library_loop(with_tiny_pair, tmp_path):
+    from flexkd_lab.experiments.methods import get_method
+    from flexkd_lab.experiments.pipeline import Experiment
+
+    budget = demo_budget(quick=True)
+    kit = build_kit("debian-sections", budget, cache_dir=tmp_path, pair="mpnet-minilm", quick=True, progress=False)
+    experiment = Experiment(kit, budget, tmp_path / "work", progress=False)
+    result = experiment.run(get_method("flex-corr"), 0)
+    assert set(result["metrics"]) == {"accuracy", "macro_f1"}
+    assert result["curve"] and all(r["feature"] >= 0 for r in result["curve"])
+    # the stored teacher outputs the run read are the teacher's on its own ids
+    from flexkd.teacher_outputs import TeacherOutputStore
+
+    stored = TeacherOutputStore(experiment._teacher_outputs()).batch([0])
+    row = kit.train_rows[0]
+    with torch.no_grad():
+        own = kit.load_teacher()(input_ids=torch.tensor([row["teacher_input_ids"]])).logits
+    torch.testing.assert_close(stored.logits, own, rtol=1e-4, atol=1e-5)

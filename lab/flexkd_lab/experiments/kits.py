@@ -138,23 +138,38 @@ def cached_teacher(
 ):
     """``(task, CachedTeacher)`` of ``task_name``: its fine-tuned teacher from ``cache_dir/teachers``,
     trained there first when missing (``quick``: a 2-step fine-tune on a tiny slice, evaluated on
-    ``eval_limit`` rows). A file lock makes processes started together share one fine-tune."""
+    ``eval_limit`` rows). A debian-sections pair with an lr grid trains (or reuses) one teacher per lr
+    and keeps the best on validation accuracy; the report's ``lr_grid`` holds every lr's accuracy. A
+    file lock makes processes started together share one fine-tune."""
     from flexkd_lab.tasks import FitConfig, get_teacher
+    from flexkd_lab.tasks.pairs import get_pair
 
     task = pair_task(task_name, pair, quick=quick)
-    fit_config = None
     if quick:
-        fit_config = FitConfig(batch_size=8, lr=1e-3, train_limit=QUICK_TEACHER_ROWS, max_steps=2)
+        fits = [FitConfig(batch_size=8, lr=1e-3, train_limit=QUICK_TEACHER_ROWS, max_steps=2)]
+    elif task_name == "debian-sections":
+        fits = get_pair(pair).teacher_fits()
+    else:
+        fits = [task.teacher_fit]
     teachers = Path(cache_dir) / "teachers"
-    with _exclusive(teachers / f".{task_name}.lock"):
-        cached = get_teacher(
-            task,
-            teachers,
-            fit_config=fit_config,
-            eval_limit=eval_limit if quick else None,
-            progress=progress,
-        )
-    return task, cached
+    candidates = []
+    for fit_config in fits:
+        with _exclusive(teachers / f".{task_name}.lock"):
+            candidates.append(
+                get_teacher(
+                    task,
+                    teachers,
+                    fit_config=fit_config,
+                    eval_limit=eval_limit if quick else None,
+                    progress=progress,
+                )
+            )
+    best = max(candidates, key=lambda c: c.report.get("validation", {}).get("accuracy", 0.0))
+    if len(candidates) > 1:
+        best.report["lr_grid"] = {
+            str(c.report["fit"]["lr"]): c.report.get("validation", {}).get("accuracy") for c in candidates
+        }
+    return task, best
 
 
 def _distillation_rows(task, limit: int | None):
@@ -180,6 +195,19 @@ def _distillation_rows(task, limit: int | None):
     return datasets.Dataset.from_list(encoded), dropped
 
 
+def _reader_of(task, model, default: str) -> str:
+    """Whose ids ``model`` reads: the teacher's when its embedding table has the teacher's vocabulary
+    size and not the student's (so ``kit.evaluate(teacher)`` never feeds the teacher the student's ids),
+    else ``default``."""
+    rows = model.get_input_embeddings().num_embeddings
+    teacher_vocab, student_vocab = len(task.tokenizer), len(task.student_tokenizer)
+    if rows == teacher_vocab != student_vocab:
+        return "teacher"
+    if rows == student_vocab != teacher_vocab:
+        return "student"
+    return default
+
+
 def _student_description(task, student_cfg) -> str:
     shape = f"{student_cfg.model_type} hidden {student_cfg.hidden_size}, {student_cfg.num_hidden_layers} layers"
     if getattr(task.config, "student_base", None) == "minilm":
@@ -199,8 +227,8 @@ def build_kit(
     """The :class:`TaskKit` of ``task_name`` for the teacher -> student ``pair`` (a name in
     :data:`flexkd_lab.tasks.pairs.PAIRS`); trains and caches its teacher under ``cache_dir/teachers`` when
     the cache lacks it. When the pair's tokenizers differ, ``train_rows``/``score_rows`` carry the teacher's
-    own ids (``teacher_input_ids``), ``evaluate`` feeds a model the student's ids and ``evaluate_teacher``
-    the teacher's."""
+    own ids (``teacher_input_ids``), and ``evaluate`` / ``evaluate_teacher`` feed a model the ids of the
+    vocabulary its embedding table has (the student's / the teacher's when the sizes do not tell)."""
     task, cached = cached_teacher(
         task_name,
         cache_dir=cache_dir,
@@ -218,7 +246,7 @@ def build_kit(
 
     def evaluate_as(reader: str):
         def evaluate(model) -> dict[str, float]:
-            options = {"reader": reader} if own_ids else {}
+            options = {"reader": _reader_of(task, model, reader)} if own_ids else {}
             metrics = task.evaluate(
                 model, budget.eval_split, limit=budget.eval_examples, progress=progress, **options
             )
