@@ -89,7 +89,5 @@ def run(args: argparse.Namespace) -> int:
         baseline = cached.report.get("baseline", {}).get(split, {}).get("accuracy")
         if teacher is not None and baseline is not None:
             verdict = "beats" if teacher > baseline else "does NOT beat"
-            print(
-                f"  {split} accuracy {teacher:.3f} {verdict} the unigram LR on its tokens ({baseline:.3f})"
-            )
+            print(f"  {split} accuracy {teacher:.3f} {verdict} the unigram LR on its tokens ({baseline:.3f})")
     return 0

@@ -46,12 +46,7 @@ def run_demo(
 
     with timer.stage("teacher (fine-tune or cache)"):
         kit = build_kit(
-            DEMO_TASK,
-            budget,
-            cache_dir=Path(cache_dir),
-            pair="demo",
-            quick=quick,
-            progress=progress,
+            DEMO_TASK, budget, cache_dir=Path(cache_dir), pair="demo", quick=quick, progress=progress
         )
     experiment = Experiment(kit, budget, out_dir, progress=progress)
     with timer.stage("score + select"):

@@ -92,9 +92,7 @@ def _register_student_factory(task, *, pair: str = "minilm-tiny", quick: bool) -
         def build_student(role: str, cfg) -> Any:
             if role != "student":
                 raise ValueError(f"model.{role}: {name} only builds students")
-            if (
-                getattr(task.config, "student_base", None) == "minilm"
-            ):  # pretrained: needs no teacher
+            if getattr(task.config, "student_base", None) == "minilm":  # pretrained: needs no teacher
                 return task.build_student(seed=cfg.train.seed)
             teacher = task.load_teacher(str(cfg.path(cfg.model.teacher)))
             return task.build_student(teacher, seed=cfg.train.seed)
@@ -117,9 +115,7 @@ def pair_task(task_name: str, pair: str = "minilm-tiny", *, quick: bool = False)
     if task_name == "debian-sections":
         overrides = chosen.task_overrides()
     elif chosen.name not in ("minilm-tiny", "demo"):
-        raise ValueError(
-            f"pair: {task_name} has its own teacher and student; {pair!r} is a debian-sections pair"
-        )
+        raise ValueError(f"pair: {task_name} has its own teacher and student; {pair!r} is a debian-sections pair")
     if quick:
         overrides.update(QUICK_TASK_CONFIG[task_name])
         if overrides.get("student_base") == "minilm":
@@ -184,11 +180,7 @@ def _distillation_rows(task, limit: int | None):
             "input_ids": row["input_ids"],
             "attention_mask": [1] * len(row["input_ids"]),
             "labels": row["label"],
-            **(
-                {"teacher_input_ids": row["teacher_input_ids"]}
-                if "teacher_input_ids" in row
-                else {}
-            ),
+            **({"teacher_input_ids": row["teacher_input_ids"]} if "teacher_input_ids" in row else {}),
         }
         for row in rows
     ]
@@ -257,12 +249,7 @@ def build_kit(
     def predict(model, split: str) -> tuple[list[int], list[int]]:
         options = {"reader": "student"} if own_ids else {}
         out = task.evaluate(
-            model,
-            split,
-            limit=budget.eval_examples,
-            progress=progress,
-            return_predictions=True,
-            **options,
+            model, split, limit=budget.eval_examples, progress=progress, return_predictions=True, **options
         )
         return out["predictions"], out["references"]
 

@@ -22,22 +22,15 @@ def special_roles(tokenizer) -> dict[int, str]:
     }
 
 
-def aligned(
-    student_ids: Sequence[int], teacher_ids: Sequence[int], student_tokenizer, teacher_tokenizer
-) -> bool:
+def aligned(student_ids: Sequence[int], teacher_ids: Sequence[int], student_tokenizer, teacher_tokenizer) -> bool:
     """True when the sequences have one length, the same special role wherever either has a special token,
     and the same piece everywhere else."""
     if len(student_ids) != len(teacher_ids):
         return False
-    student_roles, teacher_roles = (
-        special_roles(student_tokenizer),
-        special_roles(teacher_tokenizer),
-    )
+    student_roles, teacher_roles = special_roles(student_tokenizer), special_roles(teacher_tokenizer)
     student_pieces = student_tokenizer.convert_ids_to_tokens(list(student_ids))
     teacher_pieces = teacher_tokenizer.convert_ids_to_tokens(list(teacher_ids))
-    for s, t, s_piece, t_piece in zip(
-        student_ids, teacher_ids, student_pieces, teacher_pieces, strict=True
-    ):
+    for s, t, s_piece, t_piece in zip(student_ids, teacher_ids, student_pieces, teacher_pieces, strict=True):
         s_role, t_role = student_roles.get(s), teacher_roles.get(t)
         if s_role is not None or t_role is not None:
             if s_role != t_role:

@@ -34,7 +34,8 @@ class DebianTask(abc.ABC):
         return load_task(self.name, split, limit, self.data_dir)
 
     @abc.abstractmethod
-    def encode_row(self, row: dict) -> dict: ...
+    def encode_row(self, row: dict) -> dict:
+        ...
 
     def encode(self, split: str, limit: int | None = None) -> list[dict]:
         """Tokenised rows of a split (kept in memory after the first call)."""
@@ -44,7 +45,8 @@ class DebianTask(abc.ABC):
         return self._encoded[key]
 
     @abc.abstractmethod
-    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]: ...
+    def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        ...
 
     def dataloader(
         self,

@@ -129,9 +129,7 @@ class SectionsTask(DebianTask):
         return self.config.teacher_base != "minilm"
 
     def _encode_with(self, tokenizer, row: dict) -> dict:
-        ids = tokenizer(row["text"], truncation=True, max_length=self.config.max_length)[
-            "input_ids"
-        ]
+        ids = tokenizer(row["text"], truncation=True, max_length=self.config.max_length)["input_ids"]
         return {"input_ids": ids, "label": row["label"]}
 
     def encode_row(self, row: dict) -> dict:
@@ -160,10 +158,7 @@ class SectionsTask(DebianTask):
         rows, dropped = [], 0
         for student_row, teacher_row in zip(student, self.encode(split, limit), strict=True):
             if not aligned(
-                student_row["input_ids"],
-                teacher_row["input_ids"],
-                self.student_tokenizer,
-                self.tokenizer,
+                student_row["input_ids"], teacher_row["input_ids"], self.student_tokenizer, self.tokenizer
             ):
                 dropped += 1
                 continue
@@ -318,10 +313,7 @@ class SectionsTask(DebianTask):
         return AutoModelForSequenceClassification.from_pretrained(path)
 
     def teacher_settings(self) -> dict:
-        settings = {
-            "max_length": self.config.max_length,
-            "base_model": base_identity(self.config.teacher_base),
-        }
+        settings = {"max_length": self.config.max_length, "base_model": base_identity(self.config.teacher_base)}
         if self.config.teacher_base != "minilm":  # keeps the MiniLM teacher's existing cache key
             settings["teacher_base"] = self.config.teacher_base
         return settings

@@ -53,9 +53,7 @@ class MPNetPartsMissing(ModuleNotFoundError):
 
 
 def default_join_dir() -> Path:
-    root = os.environ.get("FLEXKD_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "flexkd"
-    )
+    root = os.environ.get("FLEXKD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "flexkd")
     return Path(root) / "pretrained"
 
 

@@ -86,9 +86,7 @@ def get_teacher(
     limit = task.teacher_eval_limit if eval_limit is None else eval_limit
     metrics = task.evaluate(model, "validation", limit=limit, progress=progress)
     extra = {}
-    if limit is None and hasattr(
-        task, "teacher_baseline"
-    ):  # a full evaluation: the bar it must clear
+    if limit is None and hasattr(task, "teacher_baseline"):  # a full evaluation: the bar it must clear
         extra["test"] = task.evaluate(model, "test", progress=progress)
         extra["baseline"] = task.teacher_baseline()
     report = {

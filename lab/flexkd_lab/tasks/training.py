@@ -38,9 +38,7 @@ class FitConfig:
         return asdict(self)
 
 
-def fit(
-    model: nn.Module, task, config: FitConfig, *, desc: str = "train", progress: bool = True
-) -> dict:
+def fit(model: nn.Module, task, config: FitConfig, *, desc: str = "train", progress: bool = True) -> dict:
     """Train ``model`` on ``task``'s train split (its first ``config.train_limit`` rows) with the
     library's loop. Returns steps, seconds and the first and last losses."""
     from flexkd.training.finetune import fit as library_fit
