@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
             progress=args.progress,
             workers=args.workers,
         )
-    except (ValueError, FileNotFoundError, NotImplementedError) as error:
+    except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as error:
         print(f"flexkd study: error: {error}", file=sys.stderr)
         return 2
     print(
