@@ -1,8 +1,8 @@
 """The Flex-KD quality study; the same as ``flexkd study`` (see README.md next to this file), except that
 results go to this repository's ``benchmarks/results`` unless ``--out`` says otherwise.
 
-python benchmarks/quality/run_study.py                 # everything, resumable
-python benchmarks/quality/run_study.py --seeds 0 --no-ablation
+python benchmarks/quality/run_study.py --workers 2     # minilm-tiny, 5 seeds, resumable
+python benchmarks/quality/run_study.py --seeds 0 1 --methods none flex-corr flex-corr-random
 """
 
 from __future__ import annotations

@@ -160,130 +160,6 @@ def test_write_json_atomic_keeps_the_old_file_when_serialisation_fails(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
 
-# ---------------------------------------------------------------------------------------------- study plan + resume
-def _fake_result(method, seed):
-    return {
-        "method_label": method.label,
-        "metrics": {"accuracy": 0.1 * seed + len(method.name) / 100, "macro_f1": 0.2},
-        "train_seconds": 1.0,
-        "eval_seconds": 0.1,
-        "curve": [],
-    }
-
-
-class _FakeExperiment:
-    calls: list = []
-
-    def __init__(self, kit, budget, work_dir, progress=True):
-        self.kit = kit
-
-    def run(self, method, seed):
-        _FakeExperiment.calls.append((self.kit, method.name, seed))
-        return _fake_result(method, seed)
-
-
-@pytest.fixture
-def fake_study(monkeypatch):
-    _FakeExperiment.calls = []
-    monkeypatch.setattr(
-        study_module,
-        "build_kit",
-        lambda task, budget, **kw: SimpleNamespace(name=task, teacher_dir=f"/teachers/{task}-key"),
-    )
-    monkeypatch.setattr(study_module, "Experiment", _FakeExperiment)
-    return _FakeExperiment
-
-
-def _plan(**changes):
-    budget = RunBudget(
-        train_examples=8,
-        score_examples=8,
-        eval_examples=8,
-        batch_size=4,
-        steps=1,
-        lr=1e-3,
-    )
-    options = dict(
-        tasks=("debian-sections",),
-        methods=("none", "flex-mse"),
-        seeds=(0, 1),
-        ablation_tasks=("debian-sections",),
-        ablation_methods=("flex-mse", "flex-mse-random"),
-        teacher_check_tasks=(),
-        budgets={"debian-sections": budget},
-    )
-    options.update(changes)
-    return study_module.StudyPlan(**options)
-
-
-def test_study_plan_lists_each_run_once_seed_major():
-    runs = _plan().runs()
-    assert runs == [
-        ("debian-sections", "none", 0),
-        ("debian-sections", "flex-mse", 0),
-        ("debian-sections", "flex-mse-random", 0),
-        ("debian-sections", "none", 1),
-        ("debian-sections", "flex-mse", 1),
-        ("debian-sections", "flex-mse-random", 1),
-    ]
-
-
-@pytest.mark.parametrize(
-    "changes, field",
-    [
-        ({"methods": ("bogus",)}, "method"),
-        ({"tasks": ("nope",)}, "tasks"),
-        ({"seeds": (-1,)}, "seeds"),
-        ({"seeds": ()}, "seeds"),
-    ],
-)
-def test_study_plan_rejects_bad_input(changes, field):
-    with pytest.raises(ValueError, match=field):
-        _plan(**changes)
-
-
-def test_study_skips_finished_runs_and_resumes_the_rest(tmp_path, fake_study):
-    plan = _plan()
-    store = ResultStore(tmp_path / "out" / study_module.RESULTS_FOLDER)
-    # an earlier, killed study finished two runs
-    for task, method, seed in plan.runs()[:2]:
-        store.write(
-            task,
-            method,
-            seed,
-            {**_fake_result(study_module.get_method(method), seed), "marker": "old"},
-        )
-    kwargs = dict(
-        cache_dir=tmp_path / "cache",
-        work_dir=tmp_path / "work",
-        command="flexkd study --test",
-        log=lambda _: None,
-    )
-
-    stored = tmp_path / "work" / "debian-sections" / "teacher" / "teacher-outputs-last-n8"
-    stored.mkdir(parents=True)
-    (stored / "logits.npy").write_bytes(b"0" * 64)
-    summary = study_module.run_study(tmp_path / "out", plan, **kwargs)
-    assert not stored.exists()  # scratch that a finished study no longer needs
-    assert [(m, s) for _, m, s in fake_study.calls] == [(m, s) for _, m, s in plan.runs()[2:]]
-    assert all(store.read(*run).get("marker") == "old" for run in plan.runs()[:2])
-    assert summary["finished_runs"] == len(plan.runs())
-
-    fake_study.calls.clear()
-    study_module.run_study(tmp_path / "out", plan, **kwargs)
-    assert fake_study.calls == []  # everything was done
-
-    report = (tmp_path / "out" / "study.md").read_text()
-    assert "flexkd study --test" in report and "Flex-KD (mse)" in report and "random-k" in report
-    assert (tmp_path / "out" / "study.png").stat().st_size > 0
-    methods = json.loads((tmp_path / "out" / "study.json").read_text())["tasks"]["debian-sections"][
-        "methods"
-    ]
-    assert [row["method"] for row in methods] == ["none", "flex-mse"] and all(
-        row["seeds"] == 2 for row in methods
-    )
-
-
 # ---------------------------------------------------------------------------------------------- tables
 def test_mean_std_and_summary():
     assert mean_std([1.0]) == (1.0, 0.0)
@@ -322,46 +198,6 @@ def test_method_columns_are_the_demo_and_study_headers():
     ]  # fmt: skip
 
 
-def test_study_checks_each_teacher_once_before_its_first_run(tmp_path, fake_study, monkeypatch):
-    def fake_check(experiment):
-        fake_study.calls.append((experiment.kit, "teacher-check", 0))
-        rows = [{"layer": None, "condition": "intact", "dims_zeroed": 0, "accuracy": 0.9}]
-        for layer in (1, 2):
-            for condition, dims, acc in (
-                ("zero top-4", 4, 0.3 * layer),
-                ("zero random 4", 4, 0.8),
-                ("zero lowest 4 (half)", 4, 0.85),
-            ):
-                rows.append(
-                    {"layer": layer, "condition": condition, "dims_zeroed": dims, "accuracy": acc}
-                )
-        return {
-            "method_label": "teacher check",
-            "layers": [1, 2],
-            "distilled_layers": [2],
-            "k": 4,
-            "hidden_size": 8,
-            "stat": "grad_x_act",
-            "mass_in_top_k": {"1": 0.5, "2": 0.7},
-            "rows": rows,
-            "metrics": {},
-        }
-
-    monkeypatch.setattr(study_module, "teacher_check", fake_check)
-    plan = _plan(teacher_check_tasks=("debian-sections",))
-    kwargs = dict(cache_dir=tmp_path, work_dir=tmp_path / "work", command="c", log=lambda _: None)
-    study_module.run_study(tmp_path / "out", plan, **kwargs)
-    assert [m for _, m, _ in fake_study.calls] == ["teacher-check"] + [m for _, m, _ in plan.runs()]
-    fake_study.calls.clear()
-    study_module.run_study(tmp_path / "out", plan, **kwargs)
-    assert fake_study.calls == []
-    report = (tmp_path / "out" / "study.md").read_text()
-    assert "teacher check" in report and "Intact teacher: 0.900" in report
-    assert "| 1 | 0.500 | 0.300 | 0.800 | 0.850 |" in report
-    assert "| 2 (distilled) | 0.700 | 0.600 | 0.800 | 0.850 |" in report
-    assert (tmp_path / "out" / "teacher_check.png").stat().st_size > 0
-
-
 def test_selection_profile_measures_the_selected_dims():
     from flexkd.selection import DimensionSelection
     from flexkd_lab.experiments.profile import selection_profile
@@ -381,28 +217,6 @@ def test_selection_profile_measures_the_selected_dims():
     assert profile["energy_share_selected"] == pytest.approx(expected, rel=1e-5)
     quietest = DimensionSelection.from_scores({-1: -mean_abs}, k, teacher=model)
     assert selection_profile(model, quietest, [batch])["overlap_with_top_abs"] == 0.0
-
-
-def test_study_report_only_rewrites_tables_without_running(tmp_path, fake_study):
-    from flexkd.cli import main
-
-    store = ResultStore(tmp_path / study_module.RESULTS_FOLDER)
-    record = {**_fake_result(study_module.get_method("projector"), 0), "teacher": "teacher T"}
-    store.write("debian-sections", "projector", 0, record)
-    argv = [
-        "study",
-        "--report-only",
-        "--out",
-        str(tmp_path),
-        "--tasks",
-        "debian-sections",
-        "--seeds",
-        "0",
-    ]
-    assert main(argv) == 0
-    assert fake_study.calls == []
-    report = (tmp_path / "study.md").read_text()
-    assert "projector (mse) | 2<->3; 0.1 | 1 |" in report and "Teacher: teacher T." in report
 
 
 # ---------------------------------------------------------------------------------------------- tuned knobs

@@ -4,7 +4,9 @@
   config, tokenized rows and the evaluation function (a :class:`~flexkd_lab.experiments.pipeline.TaskKit`).
 - :mod:`~flexkd_lab.experiments.pipeline`: score once, then distill and evaluate any (method, seed) with
   :func:`flexkd.train` under one :class:`~flexkd_lab.experiments.budget.RunBudget`.
-- :mod:`~flexkd_lab.experiments.demo` / :mod:`~flexkd_lab.experiments.study`: the two commands' drivers.
+- :mod:`~flexkd_lab.experiments.demo` / :mod:`~flexkd_lab.experiments.study`: the two commands' drivers;
+  :mod:`~flexkd_lab.experiments.study_report` the study's tables and plots, :mod:`~flexkd_lab.experiments.stats`
+  its intervals, McNemar tests and Holm correction.
 - :mod:`~flexkd_lab.experiments.teacher_check`: zero teacher dims at a layer and re-evaluate.
 - :mod:`~flexkd_lab.experiments.store`, :mod:`~flexkd_lab.experiments.tables`, :mod:`~flexkd_lab.experiments.plots`:
   resumable per-run JSON results, mean ± std tables, plots.

@@ -14,7 +14,7 @@ from flexkd_lab.experiments.kits import build_kit, quiet_transformers
 from flexkd_lab.experiments.methods import DEMO_METHODS, get_method
 from flexkd_lab.experiments.pipeline import Experiment
 from flexkd_lab.experiments.plots import plot_learning_curves
-from flexkd_lab.experiments.study import profile_sentence
+from flexkd_lab.experiments.profile import profile_sentence
 from flexkd_lab.experiments.tables import markdown_table, method_columns
 from flexkd_lab.experiments.timing import StageTimer
 

@@ -246,6 +246,13 @@ def build_kit(
 
         return evaluate
 
+    def predict(model, split: str) -> tuple[list[int], list[int]]:
+        options = {"reader": "student"} if own_ids else {}
+        out = task.evaluate(
+            model, split, limit=budget.eval_examples, progress=progress, return_predictions=True, **options
+        )
+        return out["predictions"], out["references"]
+
     teacher_dir, teacher_cfg = str(cached.path), cached.model.config
     del cached  # the pipeline loads the teacher from its folder when it needs it
     student_cfg = task.build_student(init="random").config
@@ -285,6 +292,7 @@ def build_kit(
             )
         ),
         teacher_metrics=validation,
+        predict=predict if HF_TASKS[task_name] == "sequence" else None,
         teacher_baseline=baseline,
         pair=pair,
         input_description=", ".join(

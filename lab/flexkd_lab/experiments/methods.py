@@ -9,8 +9,9 @@ from dataclasses import dataclass
 class Method:
     """One way of distilling: which feature term the ``Distiller`` adds, and which teacher dims Flex-KD keeps.
 
-    ``which`` only matters for ``feature="flex"``: ``"top"`` is Flex-KD, ``"random"``/``"bottom"`` the
-    selection ablation, which runs with the tuned knobs of its top-k method (``tuned_as``).
+    ``which`` and ``stat`` only matter for ``feature="flex"``: ``"top"`` is Flex-KD, ``"random"``/``"bottom"``
+    the selection ablation, which runs with the tuned knobs of its top-k method (``tuned_as``); ``stat`` is
+    the score the dims are ranked by (``flexkd.score(..., stat=...)``).
     """
 
     name: str
@@ -19,6 +20,7 @@ class Method:
     feature_loss: str = "mse"
     which: str = "top"
     tuned_as: str = ""
+    stat: str = "grad_x_act"
 
     def __post_init__(self) -> None:
         if not self.tuned_as:
@@ -38,6 +40,16 @@ METHODS: dict[str, Method] = {
         Method("cka", "CKA", "cka"),
         Method("flex-mse", "Flex-KD (mse)", "flex", "mse"),
         Method("flex-corr", "Flex-KD (corr)", "flex", "corr"),
+        # the same selection scored by |grad| instead of |grad x act|, at Flex-KD corr's tuned knobs
+        Method(
+            "flex-corr-grad",
+            "Flex-KD (corr), |grad| scores",
+            "flex",
+            "corr",
+            "top",
+            "flex-corr",
+            "grad",
+        ),
         *(
             Method(
                 f"flex-{loss}-{which}",
@@ -73,20 +85,21 @@ DEMO_METHODS = ("flex-corr", "projector-corr", "none")
 STUDY_METHODS = (
     "none",
     "flex-corr",
-    "projector-corr",
-    "cka",
-    "flex-mse",
-    "projector",
-)  # demo trio first
-# Flex-KD with the loss the paper reports (corr): top-k is flex-corr itself, the ablation adds two selections;
-# then all three with the feature term at weight 1 instead of the tuned 0.1, where it is a larger share of the loss
-ABLATION_METHODS = (
-    "flex-corr",
+    "flex-corr-grad",
     "flex-corr-random",
     "flex-corr-bottom",
-    "flex-corr-w1",
-    "flex-corr-w1-random",
-    "flex-corr-w1-bottom",
+    "projector",
+    "projector-corr",
+    "cka",
+)
+# the study's decisive comparisons (a - b), Holm-corrected as one family
+DECISIVE_COMPARISONS = (
+    ("flex-corr", "none"),
+    ("flex-corr", "projector-corr"),
+    ("flex-corr", "projector"),
+    ("flex-corr", "cka"),
+    ("flex-corr", "flex-corr-random"),
+    ("flex-corr", "flex-corr-bottom"),
 )
 
 

@@ -32,7 +32,8 @@ class TaskKit:
     ``"task:NAME"`` model factory that builds the (seeded) student inside the training loop; ``train_rows`` and
     ``score_rows`` are tokenized rows (``input_ids``, ``attention_mask``, ``labels``...) as a
     ``datasets.Dataset``; ``evaluate(model)`` returns the task's metrics on the evaluation rows, headline
-    metric first in ``metrics``.
+    metric first in ``metrics``. ``predict(model, split)`` (classification) returns ``(predicted labels,
+    reference labels)`` of the same rows of ``split``, for the study's per-example statistics.
     """
 
     name: str
@@ -52,15 +53,20 @@ class TaskKit:
     input_description: str = ""
     # the pair's teacher fed its own ids (pairs whose tokenizers differ); None: ``evaluate`` serves both
     evaluate_teacher: Callable[[nn.Module], dict[str, float]] | None = None
-    teacher_baseline: dict[str, Any] = field(default_factory=dict)  # the unigram-LR bar (tasks.baselines)
+    teacher_baseline: dict[str, Any] = field(
+        default_factory=dict
+    )  # the unigram-LR bar (tasks.baselines)
     pair: str = "minilm-tiny"
     teacher_pad_token_id: int | None = None  # set when the rows carry teacher_input_ids
+    predict: Callable[[nn.Module, str], tuple[list[int], list[int]]] | None = None
 
     def collator(self):
         """The library's collator for these rows (the teacher's ids padded with the teacher's pad)."""
         from flexkd.training import Collator
 
-        return Collator(self.hf_task, self.pad_token_id, teacher_pad_token_id=self.teacher_pad_token_id)
+        return Collator(
+            self.hf_task, self.pad_token_id, teacher_pad_token_id=self.teacher_pad_token_id
+        )
 
     def load_teacher(self) -> nn.Module:
         from flexkd.training import auto_class
@@ -91,17 +97,28 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 class Experiment:
-    """One task, one budget, one work folder: score once, then run any (method, seed)."""
+    """One task, one budget, one work folder: score once, then run any (method, seed).
+
+    ``layer_pairs``: more layer pairings runs may ask for (:meth:`run`'s ``knobs``) besides the budget's, so
+    the stored teacher outputs and the selections cover them.
+    """
 
     def __init__(
-        self, kit: TaskKit, budget: RunBudget, work_dir: str | Path, *, progress: bool = True
+        self,
+        kit: TaskKit,
+        budget: RunBudget,
+        work_dir: str | Path,
+        *,
+        progress: bool = True,
+        layer_pairs: Sequence[Any] = (),
     ) -> None:
         self.kit, self.budget, self.progress = kit, budget, progress
+        self.layer_pairs = tuple(layer_pairs)
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         # named by the row count, so a budget with more rows never reads a stale folder
         self._train_data_dir = self.work_dir / "data" / f"train-n{budget.train_examples}"
-        self._selection = None
+        self._selections: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------ data and selection
     def _train_data(self) -> Path:
@@ -138,12 +155,13 @@ class Experiment:
     def selection_path(self) -> Path:
         return self._selection_path("top")
 
-    def _selection_path(self, which: str) -> Path:
+    def _selection_path(self, which: str, stat: str = "grad_x_act") -> Path:
         """Named by what the selection depends on besides the teacher (the folder's), so a budget that scores
         other layers or rows never reads a stale file."""
+        scores = "" if stat == "grad_x_act" else f"-{stat}"
         return (
             self.work_dir
-            / f"selection-{which}-{self._layers_tag}-n{self.budget.score_examples}.safetensors"
+            / f"selection-{which}{scores}-{self._layers_tag}-n{self.budget.score_examples}.safetensors"
         )
 
     @property
@@ -151,27 +169,30 @@ class Experiment:
         """``teacher_layers`` in file names: ``last-3``."""
         return "-".join("last" if layer == -1 else str(layer) for layer in self.teacher_layers)
 
-    def selection(self, teacher: nn.Module | None = None):
-        """The top-k selection (k = the student's hidden size) of every teacher layer a method distills,
-        scored once."""
+    def selection(self, teacher: nn.Module | None = None, stat: str = "grad_x_act"):
+        """The top-k selection (k = the student's hidden size) by ``stat`` of every teacher layer a method
+        distills, scored once."""
         import flexkd
         from flexkd.selection import DimensionSelection
 
-        if self._selection is not None:
-            return self._selection
-        if self.selection_path.exists():
-            self._selection = DimensionSelection.load(self.selection_path, teacher)
-            return self._selection
+        if stat in self._selections:
+            return self._selections[stat]
+        path = self._selection_path("top", stat)
+        if path.exists():
+            self._selections[stat] = DimensionSelection.load(path, teacher)
+            return self._selections[stat]
         teacher = teacher if teacher is not None else self.kit.load_teacher()
-        self._selection = flexkd.score(
+        selection = flexkd.score(
             teacher,
             self.score_batches(),
             layers=self.teacher_layers,
             k=self.kit.student_hidden_size,
+            stat=stat,
             progress=self.progress,
         )
-        self._selection.save(self.selection_path)
-        return self._selection
+        selection.save(path)
+        self._selections[stat] = selection
+        return selection
 
     def score_batches(self) -> list[dict[str, torch.Tensor]]:
         """The scoring rows as model-ready batches of ``budget.batch_size``."""
@@ -197,21 +218,22 @@ class Experiment:
     @property
     def teacher_layers(self) -> list[int]:
         """Every teacher layer some method of this experiment distills (one selection file covers them)."""
-        methods = [None, *self.budget.tuned]
-        return sorted({layer for m in methods for layer in self.teacher_layers_of(m)})
+        pairings = [self.budget.layer_pairs, *self.layer_pairs]
+        pairings += [self.budget.layer_pairs_for(m) for m in self.budget.tuned]
+        return sorted({layer for pairs in pairings for layer in _teacher_layers(pairs)})
 
     def teacher_layers_of(self, method: str | None) -> list[int]:
         pairs = self.budget.layer_pairs if method is None else self.budget.layer_pairs_for(method)
-        return [-1] if pairs == "last" else sorted({t for _, t in pairs})
+        return _teacher_layers(pairs)
 
     def _selection_file(self, method: Method, seed: int) -> Path:
         """The selection file ``method`` distills (top-k is shared; random-k is drawn per seed)."""
         from flexkd.selection import DimensionSelection
 
-        top = self.selection()
+        top = self.selection(stat=method.stat)
         if method.which == "top":
-            return self.selection_path
-        path = self._selection_path(f"{method.which}-seed{seed}")
+            return self._selection_path("top", method.stat)
+        path = self._selection_path(f"{method.which}-seed{seed}", method.stat)
         if not path.exists():
             DimensionSelection.from_scores(
                 {layer: top.scores(layer) for layer in top.layers},
@@ -235,11 +257,16 @@ class Experiment:
                 self._selection_file(method, seed)
 
     # ------------------------------------------------------------------------------ runs
-    def config(self, method: Method, seed: int, output_dir: Path):
-        """The validated :class:`flexkd.config.Config` of one run."""
+    def config(
+        self, method: Method, seed: int, output_dir: Path, knobs: dict[str, Any] | None = None
+    ):
+        """The validated :class:`flexkd.config.Config` of one run; ``knobs`` (``layer_pairs``,
+        ``feature_weight``) replace the budget's tuned ones of ``method``."""
         from flexkd.config import parse_config
 
         b = self.budget
+        if knobs is not None:
+            b = b.with_(tuned={**b.tuned, method.tuned_as: dict(knobs)})
         raw: dict[str, Any] = {
             "model": {
                 "teacher": self.kit.teacher_dir,
@@ -270,34 +297,50 @@ class Experiment:
         if method.uses_selection:
             raw["selection"] = {
                 "path": str(self._selection_file(method, seed)),
-                "layers": self.teacher_layers_of(method.tuned_as),
+                "layers": _teacher_layers(b.layer_pairs_for(method.tuned_as)),
             }
         return parse_config(raw, source=f"{self.kit.name}/{method.name}/seed-{seed}")
 
     def run(
-        self, method: Method, seed: int, *, keep_student: bool = False, run_name: str | None = None
+        self,
+        method: Method,
+        seed: int,
+        *,
+        keep_student: bool = False,
+        run_name: str | None = None,
+        knobs: dict[str, Any] | None = None,
+        splits: Sequence[str] = (),
     ) -> dict[str, Any]:
         """Distill one student with ``method`` and evaluate it; returns metrics, timings and the learning curve.
 
         The run's scratch folder is ``runs/<run_name or method name>/seed-<seed>``: give runs of one method
-        that may overlap in time (other budgets, other processes) their own ``run_name``.
+        that may overlap in time (other budgets, other processes) their own ``run_name``. ``knobs``: see
+        :meth:`config`. With ``splits`` the student is evaluated by ``kit.predict`` on each of them instead:
+        ``result["splits"][split]`` holds its metrics and per-row predicted labels, ``result["references"]``
+        the labels, and ``result["metrics"]`` are those of ``budget.eval_split``.
         """
         from flexkd.training import train
 
         output_dir = self.work_dir / "runs" / (run_name or method.name) / f"seed-{seed}"
-        cfg = self.config(method, seed, output_dir)
+        cfg = self.config(method, seed, output_dir, knobs)
         torch.manual_seed(seed)
         started = time.perf_counter()
         result = train(cfg)
         train_seconds = time.perf_counter() - started
         student = self.kit.load_student(result.student_dir)
         started = time.perf_counter()
-        metrics = self.kit.evaluate(student)
+        evaluated: dict[str, Any] = {}
+        if splits:
+            evaluated = self.predict(student, splits)
+            metrics = evaluated["splits"][self.budget.eval_split]["metrics"]
+        else:
+            metrics = self.kit.evaluate(student)
         eval_seconds = time.perf_counter() - started
         curve = read_metrics(result.metrics_path)
         if not keep_student:
             shutil.rmtree(output_dir, ignore_errors=True)
         return {
+            **evaluated,
             "method_label": method.label,
             "metrics": {k: float(v) for k, v in metrics.items()},
             "train_seconds": round(train_seconds, 2),
@@ -316,3 +359,29 @@ class Experiment:
                 for r in curve
             ],
         }
+
+    def predict(self, model: nn.Module, splits: Sequence[str]) -> dict[str, Any]:
+        """``{"splits": {split: {"metrics", "predictions"}}, "references": {split: labels}}`` of ``model``."""
+        from flexkd_lab.tasks import metrics as task_metrics
+
+        if self.kit.predict is None:
+            raise ValueError(
+                f"{self.kit.name}: the kit has no predict(); per-example results need one"
+            )
+        out: dict[str, Any] = {"splits": {}, "references": {}}
+        for split in splits:
+            predicted, references = self.kit.predict(model, split)
+            out["splits"][split] = {
+                "metrics": {
+                    name: float(getattr(task_metrics, name)(predicted, references))
+                    for name in self.kit.metrics
+                },
+                "predictions": [int(p) for p in predicted],
+            }
+            out["references"][split] = [int(r) for r in references]
+        return out
+
+
+def _teacher_layers(pairs: Any) -> list[int]:
+    """The teacher layers a ``layer_pairs`` value distills: ``"last"`` is ``[-1]``."""
+    return [-1] if pairs == "last" else sorted({t for _, t in pairs})

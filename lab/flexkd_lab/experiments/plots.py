@@ -74,9 +74,13 @@ def plot_learning_curves(
 
 
 def plot_mean_std_bars(
-    panels: Sequence[tuple[str, Sequence[Mapping[str, Any]], str]], path: str | os.PathLike
+    panels: Sequence[tuple[str, Sequence[Mapping[str, Any]], str]],
+    path: str | os.PathLike,
+    *,
+    error: str = "std",
 ) -> Path:
-    """One bar panel per ``(title, summary rows, metric)``: bars at ``<metric>_mean``, error bars the std."""
+    """One bar panel per ``(title, summary rows, metric)``: bars at ``<metric>_mean``, error bars
+    ``<metric>_<error>`` (the std, or ``"ci"``: a confidence interval's half-width)."""
     if not panels:
         raise ValueError("panels: need at least one panel")
     plt = _pyplot()
@@ -85,7 +89,7 @@ def plot_mean_std_bars(
         rows = [r for r in rows if f"{metric}_mean" in r]
         labels = [r.get("label", r["method"]) for r in rows]
         means = [r[f"{metric}_mean"] for r in rows]
-        stds = [r[f"{metric}_std"] for r in rows]
+        stds = [r[f"{metric}_{error}"] for r in rows]
         ax.bar(range(len(rows)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
         ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(metric)

@@ -8,6 +8,7 @@ energy the selected dims carry and how much the top-k by score overlaps the top-
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,3 +70,15 @@ def selection_profile(
         "overlap_with_top_abs": float(selected[top_abs].float().mean()),
         "mass_in_top_k": float(selection.mass_in_top_k(layer)),
     }
+
+
+def profile_sentence(profile: dict[str, Any]) -> str:
+    """One line on what the selected dims are (:func:`selection_profile`'s result)."""
+    return (
+        f"At layer {profile['layer']}, the top-{profile['k']} dims hold {100 * profile['mass_in_top_k']:.1f}% of the importance mass and "
+        f"{100 * profile['energy_share_selected']:.1f}% of the hidden state's energy (k/D = "
+        f"{100 * profile['energy_share_uniform']:.1f}%); their mean |activation| is "
+        f"{profile['mean_abs_ratio']:.2f}x that of the other dims, and "
+        f"{100 * profile['overlap_with_top_abs']:.0f}% of them are among the {profile['k']} dims of largest "
+        "mean |activation|."
+    )

@@ -1,84 +1,188 @@
-"""The quality study behind ``flexkd study``: every method x task x seed, the selection ablation and the
-teacher check, resumable run by run.
+"""The quality study behind ``flexkd study``: for each teacher -> student pair on debian-sections, every
+feature method tuned on one validation grid (feature weight x layer pairing, >= 2 seeds per point), then
+every method at its chosen knobs over all the seeds, reported on the test split with per-example statistics.
 
-Each finished (task, method, seed) result is its own JSON file under ``<out>/study-runs`` (written atomically);
-a rerun skips what is there, so the study can run in the background and survive being killed. After every
-run the tables (``study.md``, ``study.json``) and the plot (``study.png``) are rewritten from whatever has
-finished.
+Each finished (pair, method, knobs, seed) run is its own JSON file under ``<out>/study-runs/<group>``,
+written atomically, where ``<group>`` is the pair and a fingerprint of the run budget: a changed budget gets
+a new group (never mixed with the old one), more seeds or methods just add runs, and a rerun skips every
+finished run, so the study can be killed at any point and restarted. Runs are seeded and single-threaded
+per worker, so a resumed study stores exactly what an uninterrupted one would. Tables (``study.md``,
+``study.json``) and plots are rewritten after every run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import multiprocessing
+import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from flexkd._io import write_json, write_text
-from flexkd_lab.experiments.budget import RunBudget, study_budget
-from flexkd_lab.experiments.kits import TASK_METRICS, build_kit, quiet_transformers
-from flexkd_lab.experiments.methods import ABLATION_METHODS, STUDY_METHODS, get_method
+from flexkd._io import write_json
+from flexkd_lab.experiments.budget import RunBudget, TuningGrid, knobs_tag, pair_budget, study_grid
+from flexkd_lab.experiments.kits import build_kit, quiet_transformers
+from flexkd_lab.experiments.methods import STUDY_METHODS, get_method
 from flexkd_lab.experiments.pipeline import Experiment, remove_teacher_outputs
-from flexkd_lab.experiments.plots import plot_mean_std_bars, plot_teacher_check
 from flexkd_lab.experiments.store import ResultStore
-from flexkd_lab.experiments.tables import METRIC_HEADERS, markdown_table, method_columns, summarize
 from flexkd_lab.experiments.teacher_check import run_teacher_check
 
+TASK = "debian-sections"
+SPLITS = (
+    "validation",
+    "test",
+)  # every run is evaluated on both: the grid chooses on one, reports the other
 TEACHER_CHECK = "teacher-check"
 RESULTS_FOLDER = (
     "study-runs"  # not "runs": that name is git-ignored, and these results are committed
 )
+REFERENCES = "references.json"
+CURVE_POINTS = 100  # a stored learning curve is averaged into at most this many windows
+# per-run fields that measure the machine, not the run: left out when resumed and fresh results are compared
+TIMING_FIELDS = ("train_seconds", "eval_seconds", "job_seconds", "thread_seconds", "elapsed_s")
+
+
+class Run(NamedTuple):
+    """One job of the study; ``knobs`` is ``None`` for a method without a feature term and the teacher check."""
+
+    pair: str
+    method: str
+    knobs: dict[str, Any] | None
+    seed: int
+
+    @property
+    def folder(self) -> str:
+        """The run's folder name in the store: the method, and the grid point it ran at."""
+        return self.method if self.knobs is None else f"{self.method}.{knobs_tag(self.knobs)}"
 
 
 @dataclass(frozen=True)
 class StudyPlan:
-    """What the study runs. The ablation adds ``ablation_methods`` on ``ablation_tasks``."""
+    """What the study runs: ``pairs`` x ``methods`` x ``seeds`` on debian-sections, after the grid."""
 
-    tasks: tuple[str, ...] = ("debian-sections", "debian-synopsis")
+    pairs: tuple[str, ...] = ("minilm-tiny",)
     methods: tuple[str, ...] = STUDY_METHODS
-    seeds: tuple[int, ...] = (0, 1, 2)
-    ablation_tasks: tuple[str, ...] = ("debian-sections",)
-    ablation_methods: tuple[str, ...] = ABLATION_METHODS
-    teacher_check_tasks: tuple[str, ...] = ("debian-sections", "debian-synopsis")
+    seeds: tuple[int, ...] = tuple(range(5))
+    teacher_check: bool = True
     quick: bool = False
-    budgets: dict[str, RunBudget] = field(default_factory=dict)
+    budgets: dict[str, RunBudget] = field(default_factory=dict)  # per pair, replacing pair_budget's
+    grids: dict[str, TuningGrid] = field(default_factory=dict)  # per pair, replacing study_grid's
 
     def __post_init__(self) -> None:
-        for name in (*self.methods, *self.ablation_methods):
+        from flexkd_lab.tasks.pairs import get_pair
+
+        for name in self.methods:
             get_method(name)
-        for task in (*self.tasks, *self.ablation_tasks, *self.teacher_check_tasks):
-            if task not in TASK_METRICS:
-                raise ValueError(f"tasks: expected names from {sorted(TASK_METRICS)}, got {task!r}")
-        if not self.seeds or any(
+        if not self.methods:
+            raise ValueError("methods: need at least one")
+        for pair in self.pairs:
+            get_pair(pair)
+        if not self.pairs:
+            raise ValueError("pairs: need at least one")
+        if len(self.seeds) < 2 or any(
             isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds
         ):
-            raise ValueError(f"seeds: expected ints >= 0, got {self.seeds!r}")
+            raise ValueError(
+                f"seeds: expected >= 2 distinct ints >= 0 (a confidence interval needs two), got {self.seeds!r}"
+            )
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: expected distinct seeds, got {self.seeds!r}")
 
-    def budget(self, task: str) -> RunBudget:
-        return self.budgets.get(task) or study_budget(task, quick=self.quick)
+    def budget(self, pair: str) -> RunBudget:
+        return self.budgets.get(pair) or pair_budget(pair, quick=self.quick)
 
-    def runs(self) -> list[tuple[str, str, int]]:
-        """Every (task, method, seed), seed-major so that a partial study covers every method evenly."""
-        planned: list[tuple[str, str, int]] = []
+    def grid(self, pair: str) -> TuningGrid:
+        return self.grids.get(pair) or study_grid(pair, quick=self.quick)
+
+    def group(self, pair: str) -> str:
+        """The store folder of ``pair``'s runs: the pair and a fingerprint of everything a run depends on
+        besides its method, knobs and seed."""
+        recipe = {
+            "pair": pair,
+            "task": TASK,
+            "quick": self.quick,
+            "budget": self.budget(pair).to_dict(),
+        }
+        digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+        return f"{pair}-{digest}"
+
+    def tuned_methods(self) -> list[str]:
+        """The methods tuned on the grid: every feature method's ``tuned_as`` (random-k and bottom-k run at
+        the knobs their top-k method chose)."""
+        return list(
+            dict.fromkeys(
+                get_method(m).tuned_as for m in self.methods if get_method(m).feature != "none"
+            )
+        )
+
+    def grid_runs(self, pair: str) -> list[Run]:
+        grid = self.grid(pair)
+        return [
+            Run(pair, method, knobs, seed)
+            for seed in grid.seeds
+            for knobs in grid.points()
+            for method in self.tuned_methods()
+        ]
+
+    def final_runs(self, pair: str, choice: dict[str, dict[str, Any]]) -> list[Run]:
+        """Every method x seed at its chosen knobs, seed-major so that a partial study covers each method
+        evenly (``choice`` must hold every tuned method's knobs)."""
+        runs = []
         for seed in self.seeds:
-            for task in self.tasks:
-                extra = self.ablation_methods if task in self.ablation_tasks else ()
-                for method in dict.fromkeys((*self.methods, *extra)):
-                    planned.append((task, method, seed))
-        return planned
+            for name in self.methods:
+                method = get_method(name)
+                knobs = None if method.feature == "none" else choice[method.tuned_as]
+                runs.append(Run(pair, name, knobs, seed))
+        return runs
 
 
-def pending_runs(plan: StudyPlan, store: ResultStore) -> list[tuple[str, str, int]]:
-    """The planned runs that have no result file yet."""
-    return [run for run in plan.runs() if not store.has(*run)]
+def store_has(store: ResultStore, plan: StudyPlan, run: Run) -> bool:
+    return store.has(plan.group(run.pair), run.folder, run.seed)
 
 
+def read_run(store: ResultStore, plan: StudyPlan, run: Run) -> dict[str, Any]:
+    return store.read(plan.group(run.pair), run.folder, run.seed)
+
+
+def grid_scores(
+    plan: StudyPlan, store: ResultStore, pair: str
+) -> dict[str, list[tuple[dict[str, Any], float | None]]]:
+    """For each tuned method, each grid point with its mean validation headline metric over the grid seeds
+    (``None`` until every grid seed of that point finished)."""
+    grid, headline = plan.grid(pair), "accuracy"
+    scores: dict[str, list[tuple[dict[str, Any], float | None]]] = {}
+    for method in plan.tuned_methods():
+        for knobs in grid.points():
+            runs = [Run(pair, method, knobs, seed) for seed in grid.seeds]
+            values = None
+            if all(store_has(store, plan, r) for r in runs):
+                values = statistics.fmean(
+                    read_run(store, plan, r)["splits"]["validation"]["metrics"][headline]
+                    for r in runs
+                )
+            scores.setdefault(method, []).append((knobs, values))
+    return scores
+
+
+def grid_choice(plan: StudyPlan, store: ResultStore, pair: str) -> dict[str, dict[str, Any]] | None:
+    """Each tuned method's best grid point on validation (ties: the first in grid order); ``None`` while
+    any grid run is missing."""
+    choice = {}
+    for method, points in grid_scores(plan, store, pair).items():
+        if any(value is None for _, value in points):
+            return None
+        choice[method] = max(points, key=lambda point: point[1])[0]  # max keeps the first of equals
+    return choice
+
+
+# ---------------------------------------------------------------------------------------------- running
 class _Experiments:
-    """One :class:`Experiment` per task, built (teacher fine-tune or cache) only when first needed."""
+    """One :class:`Experiment` per pair, built (teacher fine-tune or cache) only when first needed."""
 
     def __init__(self, plan: StudyPlan, work_dir: Path, cache_dir: Path, progress: bool) -> None:
         self.plan, self.work_dir, self.cache_dir, self.progress = (
@@ -89,20 +193,24 @@ class _Experiments:
         )
         self._built: dict[str, Experiment] = {}
 
-    def __getitem__(self, task: str) -> Experiment:
-        if task not in self._built:
-            budget = self.plan.budget(task)
+    def __getitem__(self, pair: str) -> Experiment:
+        if pair not in self._built:
+            budget = self.plan.budget(pair)
             kit = build_kit(
-                task,
+                TASK,
                 budget,
                 cache_dir=self.cache_dir,
+                pair=pair,
                 quick=self.plan.quick,
                 progress=self.progress,
             )
-            # one scratch folder per teacher: a selection belongs to the teacher it was scored on
-            work = self.work_dir / task / Path(kit.teacher_dir).name
-            self._built[task] = Experiment(kit, budget, work, progress=self.progress)
-        return self._built[task]
+            # one scratch folder per teacher and budget: a selection belongs to the teacher it was scored on
+            work = self.work_dir / self.plan.group(pair) / Path(kit.teacher_dir).name
+            grid_pairs = self.plan.grid(pair).layer_pairs
+            self._built[pair] = Experiment(
+                kit, budget, work, progress=self.progress, layer_pairs=grid_pairs
+            )
+        return self._built[pair]
 
 
 def run_study(
@@ -116,67 +224,150 @@ def run_study(
     workers: int = 1,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run every pending part of ``plan``; results under ``out_dir/study-runs``, tables and plot in ``out_dir``.
+    """Run every pending part of ``plan``; results under ``out_dir/study-runs``, tables and plots in ``out_dir``.
 
-    With ``workers > 1`` the runs go to that many processes, each with an equal share of the CPU threads;
-    this process first fine-tunes or loads each teacher and writes the data and selection files every run
-    reads, so the workers only read them.
+    Pair by pair: its teacher (trained or loaded here, first), the teacher check, the grid, then every
+    method x seed at the chosen knobs. With ``workers > 1`` the runs go to that many processes, each with an
+    equal share of the CPU threads (one each on two cores); this process first writes the data, teacher
+    outputs and selection files every run reads, so the workers only read them. A run's numbers depend on
+    the threads it ran with: resume with the same ``--workers`` (and ``OMP_NUM_THREADS``).
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers: expected an int >= 1, got {workers!r}")
     quiet_transformers()
     out_dir = Path(out_dir)
     store = ResultStore(out_dir / RESULTS_FOLDER)
-    todo = pending_runs(plan, store)
-    checks = [t for t in plan.teacher_check_tasks if not store.has(t, TEACHER_CHECK, 0)]
-    log(
-        f"flexkd study: {len(plan.runs()) - len(todo)} of {len(plan.runs())} runs already done, {len(todo)} to go"
-    )
-    # each task's teacher check right before its first run (or at the end when no run of it is left)
-    jobs: list[tuple[str, str, int]] = []
-    for task, method, seed in todo:
-        if task in checks and not any(job[0] == task for job in jobs):
-            jobs.append((task, TEACHER_CHECK, 0))
-        jobs.append((task, method, seed))
-    jobs += [(task, TEACHER_CHECK, 0) for task in checks if not any(j[0] == task for j in jobs)]
-    if not jobs:
-        return write_report(out_dir, plan, store, command)
-
     settings = (plan, Path(work_dir), Path(cache_dir))
-    if workers == 1:
-        _init_worker(*settings, progress=progress)
-        finished = map(_run_job, jobs)
-    else:
-        experiments = _Experiments(*settings, progress=progress)
-        for task in dict.fromkeys(task for task, _, _ in jobs):
-            experiments[task].prepare(
-                [(get_method(m), s) for t, m, s in jobs if t == task and m != TEACHER_CHECK]
-            )
-        threads = max(1, torch.get_num_threads() // workers)
+    # this process keeps its threads (it trains the teachers and writes their outputs while no run is going)
+    _init_worker(*settings, progress=progress)
+    experiments = _worker_experiments
+    threads = max(1, torch.get_num_threads() // workers)
+    pool = None
+    if workers > 1:
         pool = multiprocessing.get_context("spawn").Pool(
             workers, initializer=_init_worker, initargs=(*settings, False, threads)
         )
-        finished = pool.imap_unordered(_run_job, jobs)
     try:
-        for i, ((task, method_name, seed), result, seconds) in enumerate(finished, start=1):
-            store.write(task, method_name, seed, result)
-            if method_name == TEACHER_CHECK:
-                log(f"[{i}/{len(jobs)}] {task} teacher check done in {seconds:.0f} s")
-            else:
-                headline = ", ".join(f"{k}={v:.3f}" for k, v in result["metrics"].items())
-                log(
-                    f"[{i}/{len(jobs)}] {task} {method_name} seed {seed}: {headline} "
-                    f"({result['train_seconds']:.0f} s train)"
-                )
-            write_report(out_dir, plan, store, command)
+        for pair in plan.pairs:
+            experiment = experiments[pair]
+            _check_teacher(store, plan, pair, Path(experiment.kit.teacher_dir).name)
+            jobs = [Run(pair, TEACHER_CHECK, None, 0)] if plan.teacher_check else []
+            jobs += plan.grid_runs(pair)
+            _run_jobs(jobs, experiment, store, plan, pool, out_dir, command, log)
+            choice = grid_choice(plan, store, pair)
+            if choice is None:
+                raise RuntimeError(f"{pair}: the grid has missing runs after running it")
+            _run_jobs(
+                plan.final_runs(pair, choice), experiment, store, plan, pool, out_dir, command, log
+            )
     finally:
-        if workers > 1:
+        if pool is not None:
             pool.terminate()
-    if not pending_runs(plan, store):  # a resume still needs them; a finished study does not
-        freed = remove_teacher_outputs(work_dir)
-        if freed:
-            log(f"removed the stored teacher outputs under {work_dir} ({freed / 2**30:.1f} GiB)")
+    freed = remove_teacher_outputs(
+        work_dir
+    )  # a finished study no longer needs them; a resume rewrites them
+    if freed:
+        log(f"removed the stored teacher outputs under {work_dir} ({freed / 2**30:.1f} GiB)")
     return write_report(out_dir, plan, store, command)
+
+
+def _check_teacher(store: ResultStore, plan: StudyPlan, pair: str, teacher_key: str) -> None:
+    """Refuse to add runs of one teacher to a group that holds another's (a changed teacher recipe)."""
+    group = store.root / plan.group(pair)
+    for path in sorted(group.glob("*/seed-*.json"))[:1]:
+        stored = json.loads(path.read_text(encoding="utf-8")).get("teacher_key")
+        if stored is not None and stored != teacher_key:
+            raise ValueError(
+                f"{group} holds runs distilled from teacher {stored}, but the cache now gives {teacher_key} "
+                "(its recipe changed): move that folder away or use another --out; results of two teachers "
+                "are never mixed"
+            )
+
+
+def _run_jobs(
+    planned: Sequence[Run],
+    experiment: Experiment,
+    store: ResultStore,
+    plan: StudyPlan,
+    pool,
+    out_dir: Path,
+    command: str,
+    log: Callable[[str], None],
+) -> None:
+    jobs = [run for run in planned if not store_has(store, plan, run)]
+    log(
+        f"flexkd study: {len(planned) - len(jobs)} of {len(planned)} runs of this phase done, {len(jobs)} to go"
+    )
+    if not jobs:
+        return
+    if pool is not None:
+        experiment.prepare(
+            [(get_method(r.method), r.seed) for r in jobs if r.method != TEACHER_CHECK]
+        )
+    finished: Iterable = (
+        pool.imap_unordered(_run_job, jobs) if pool is not None else map(_run_job, jobs)
+    )
+    for i, (run, result) in enumerate(finished, start=1):
+        _store_result(store, plan, run, result)
+        if run.method == TEACHER_CHECK:
+            log(f"[{i}/{len(jobs)}] {run.pair} teacher check done in {result['job_seconds']:.0f} s")
+        else:
+            headline = ", ".join(
+                f"{split} {m['metrics']['accuracy']:.3f}" for split, m in result["splits"].items()
+            )
+            log(
+                f"[{i}/{len(jobs)}] {run.pair} {run.folder} seed {run.seed}: accuracy {headline} "
+                f"({result['thread_seconds']:.0f} s CPU)"
+            )
+        write_report(out_dir, plan, store, command)
+
+
+def _store_result(store: ResultStore, plan: StudyPlan, run: Run, result: dict[str, Any]) -> None:
+    """Write the run's record; its reference labels go once to the group's ``references.json`` (a run whose
+    labels differ from the stored ones is refused: the data changed under the study)."""
+    references = result.pop("references", None)
+    group = plan.group(run.pair)
+    if references is not None:
+        path = store.root / group / REFERENCES
+        encoded = {split: encode_labels(labels) for split, labels in references.items()}
+        if path.is_file():
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            if stored != encoded:
+                raise ValueError(
+                    f"{path}: the reference labels differ from this run's; the data changed"
+                )
+        else:
+            write_json(path, encoded)
+    store.write(group, run.folder, run.seed, {**result, "pair": run.pair, "knobs": run.knobs})
+
+
+def encode_labels(labels: Sequence[int]) -> str:
+    """Per-row labels as one compact string: ``"3,0,17"``."""
+    return ",".join(str(int(label)) for label in labels)
+
+
+def decode_labels(text: str) -> list[int]:
+    return [int(label) for label in text.split(",")] if text else []
+
+
+def compact_curve(
+    curve: Sequence[dict[str, Any]], points: int = CURVE_POINTS
+) -> list[dict[str, Any]]:
+    """The per-step loss records averaged over consecutive windows, at most ``points`` of them; each window
+    is stamped with its last step."""
+    if not curve:
+        return []
+    window = -(-len(curve) // points)
+    out = []
+    for start in range(0, len(curve), window):
+        chunk = curve[start : start + window]
+        entry: dict[str, Any] = {"step": chunk[-1]["step"]}
+        for term in ("task", "logit", "feature", "total"):
+            values = [float(r[term]) for r in chunk if term in r]
+            if values:
+                entry[term] = statistics.fmean(values)
+        out.append(entry)
+    return out
 
 
 _worker_experiments: _Experiments | None = None
@@ -192,16 +383,25 @@ def _init_worker(
     _worker_experiments = _Experiments(plan, work_dir, cache_dir, progress)
 
 
-def _run_job(job: tuple[str, str, int]) -> tuple[tuple[str, str, int], dict[str, Any], float]:
-    """One study job in this process: ``(task, method, seed)``, or ``(task, TEACHER_CHECK, 0)``."""
-    task, method_name, seed = job
-    experiment = _worker_experiments[task]
-    started = time.perf_counter()
-    if method_name == TEACHER_CHECK:
+def _run_job(run: Run) -> tuple[Run, dict[str, Any]]:
+    """One study job in this process, with its wall and CPU (this thread's) seconds."""
+    experiment = _worker_experiments[run.pair]
+    started, cpu = time.perf_counter(), time.thread_time()
+    if run.method == TEACHER_CHECK:
         result = teacher_check(experiment)
     else:
-        result = experiment.run(get_method(method_name), seed)
-    return job, result, time.perf_counter() - started
+        # its own scratch folder: two grid points of one method and seed may run at once
+        result = experiment.run(
+            get_method(run.method), run.seed, knobs=run.knobs, splits=SPLITS, run_name=run.folder
+        )
+        for split in result["splits"].values():
+            split["predictions"] = encode_labels(split["predictions"])
+        result["curve"] = compact_curve(result["curve"])
+        result.pop("budget", None)  # the group's fingerprint names it; study.json holds it once
+    result["teacher_key"] = Path(experiment.kit.teacher_dir).name
+    result["job_seconds"] = round(time.perf_counter() - started, 2)
+    result["thread_seconds"] = round(time.thread_time() - cpu, 2)
+    return run, result
 
 
 def teacher_check(experiment: Experiment) -> dict[str, Any]:
@@ -219,7 +419,9 @@ def teacher_check(experiment: Experiment) -> dict[str, Any]:
     )
     scores = {layer: selection.scores(layer) for layer in layers}
     started = time.perf_counter()
-    rows = run_teacher_check(teacher, scores, k, experiment.kit.evaluate)
+    rows = run_teacher_check(
+        teacher, scores, k, experiment.kit.evaluate_teacher or experiment.kit.evaluate
+    )
     return {
         "profile": experiment.selection_profile(teacher),
         "method_label": "teacher check",
@@ -252,158 +454,10 @@ def teacher_check_table(check: dict[str, Any], metric: str) -> list[dict[str, An
     return list(by_layer.values())
 
 
-# ---------------------------------------------------------------------------------------------- report
 def write_report(
     out_dir: Path, plan: StudyPlan, store: ResultStore, command: str
 ) -> dict[str, Any]:
-    """Rewrite ``study.md``, ``study.json`` and ``study.png`` from the finished results."""
-    records = store.all()
-    runs = [r for r in records if r["method"] != TEACHER_CHECK]
-    checks = {r["task"]: r for r in records if r["method"] == TEACHER_CHECK}
-    planned_runs = set(plan.runs())
-    done = sum((r["task"], r["method"], r["seed"]) in planned_runs for r in runs)
-    planned = len(planned_runs)
-    sections = [
-        "# Flex-KD quality study",
-        "",
-        f"Made by `{command}`; {done} of {planned} runs finished "
-        f"(last update {time.strftime('%Y-%m-%d %H:%M %Z')}). Mean ± sample std over the seeds that finished.",
-        "",
-    ]
-    summary: dict[str, Any] = {
-        "command": command,
-        "finished_runs": done,
-        "planned_runs": planned,
-        "tasks": {},
-    }
-    panels, teacher_panels = [], []
-    for task in plan.tasks:
-        metrics = TASK_METRICS[task]
-        task_runs = [r for r in runs if r["task"] == task]
-        budget = plan.budget(task)
-        main = _ordered(
-            summarize(
-                [r for r in task_runs if r["method"] in plan.methods],
-                [*metrics, "train_seconds"],
-                digits={"train_seconds": 0},
-            ),
-            plan.methods,
-            budget,
-        )
-        inputs = next(
-            (r["inputs"] for r in task_runs if r.get("inputs")), "inputs as the task defines them"
-        )
-        sections += [
-            f"## {task}",
-            "",
-            f"Budget per run (every method): {budget.steps} steps x {budget.batch_size} rows from "
-            f"{budget.train_examples} train rows ({inputs}), lr {budget.lr}, "
-            f"loss weights {budget.weights}, T = {budget.temperature}; scored on {budget.score_examples} rows; "
-            f"evaluated on {budget.eval_examples} rows of {budget.eval_split}."
-            + (
-                " The feature weight (and layer pair) of each method is the one the debian-sections tuning "
-                "chose on validation (column 2; `benchmarks/results/diagnosis.md`)."
-                if budget.tuned
-                else ""
-            ),
-            "",
-            markdown_table(main, method_columns(metrics, seeds=True)) if main else "_no finished run yet_",
-            "",
-        ]
-        teachers = sorted({r["teacher"] for r in task_runs if r.get("teacher")})
-        if teachers:
-            note = (
-                "Teacher: "
-                if len(teachers) == 1
-                else "**Mixed teachers** (results are not comparable): "
-            )
-            sections += [note + "; ".join(teachers) + ".", ""]
-        task_summary: dict[str, Any] = {
-            "budget": budget.to_dict(),
-            "methods": main,
-            "teachers": teachers,
-        }
-        if main:
-            panels.append((f"{task}: methods", main, metrics[0]))
-        if task in plan.ablation_tasks:
-            ablation = _ordered(
-                summarize(
-                    [r for r in task_runs if r["method"] in plan.ablation_methods], list(metrics)
-                ),
-                plan.ablation_methods,
-                budget,
-            )
-            sections += [
-                f"### {task}: which teacher dims Flex-KD distills (top-k by score, random k, bottom k; "
-                "at the tuned feature weight and at weight 1)",
-                "",
-                markdown_table(ablation, method_columns(metrics, seeds=True, timing=False))
-                if ablation
-                else "_no finished run yet_",
-                "",
-            ]
-            task_summary["ablation"] = ablation
-            if ablation:
-                panels.append((f"{task}: selection ablation", ablation, metrics[0]))
-        if task in checks:
-            check = checks[task]
-            headline = metrics[0]
-            intact = next(r for r in check["rows"] if r["layer"] is None)
-            table = teacher_check_table(check, headline)
-            half = check["hidden_size"] // 2
-            sections += [
-                f"### {task}: teacher check ({METRIC_HEADERS.get(headline, headline)} of the teacher with dims "
-                f"zeroed at one layer; k = {check['k']} of {check['hidden_size']}, scored by {check['stat']})",
-                "",
-                f"Intact teacher: {intact[headline]:.3f}. *top-k mass*: the share of the layer's importance "
-                "held by its top-k dims.",
-                "",
-                markdown_table(
-                    table,
-                    [
-                        ("layer", "layer"),
-                        ("mass", "top-k mass"),
-                        ("top", f"zero top-{check['k']}"),
-                        ("random", f"zero random {check['k']}"),
-                        ("lowest", f"zero lowest {half} (half)"),
-                    ],
-                ),
-                "",
-            ]
-            task_summary["teacher_check"] = check["rows"]
-            teacher_panels.append((task, table, intact[headline], headline))
-            if "profile" in check:
-                sections += [profile_sentence(check["profile"]), ""]
-                task_summary["selection_profile"] = check["profile"]
-        summary["tasks"][task] = task_summary
-    write_text(out_dir / "study.md", "\n".join(sections))
-    write_json(out_dir / "study.json", summary)
-    if panels:
-        plot_mean_std_bars(panels, out_dir / "study.png")
-    if teacher_panels:
-        plot_teacher_check(teacher_panels, out_dir / "teacher_check.png")
-    return summary
+    """Rewrite the tables and plots from the finished results (:mod:`flexkd_lab.experiments.study_report`)."""
+    from flexkd_lab.experiments.study_report import write_report as write
 
-
-def profile_sentence(profile: dict[str, Any]) -> str:
-    """One line on what the selected dims are (see :mod:`flexkd_lab.experiments.profile`)."""
-    return (
-        f"At layer {profile['layer']}, the top-{profile['k']} dims hold {100 * profile['mass_in_top_k']:.1f}% of the importance mass and "
-        f"{100 * profile['energy_share_selected']:.1f}% of the hidden state's energy (k/D = "
-        f"{100 * profile['energy_share_uniform']:.1f}%); their mean |activation| is "
-        f"{profile['mean_abs_ratio']:.2f}x that of the other dims, and "
-        f"{100 * profile['overlap_with_top_abs']:.0f}% of them are among the {profile['k']} dims of largest "
-        "mean |activation|."
-    )
-
-
-def _ordered(
-    rows: list[dict[str, Any]], methods: Sequence[str], budget: RunBudget
-) -> list[dict[str, Any]]:
-    by_name = {r["method"]: r for r in rows}
-    ordered = [by_name[m] for m in methods if m in by_name]
-    for row in ordered:
-        method = get_method(row["method"])
-        row["label"] = method.label
-        row["knobs"] = budget.knobs_text(method)
-    return ordered
+    return write(Path(out_dir), plan, store, command)

@@ -255,9 +255,11 @@ class SectionsTask(DebianTask):
         batch_size: int = 64,
         progress: bool = False,
         reader: str = "teacher",
+        return_predictions: bool = False,
     ) -> dict:
         """``{"accuracy", "macro_f1", "n"}`` of ``model`` on a split, fed the ids of ``reader``
-        (``"teacher"`` or ``"student"``)."""
+        (``"teacher"`` or ``"student"``); plus the per-row ``"predictions"`` and ``"references"`` labels on
+        request."""
         from torch.utils.data import DataLoader
         from tqdm.auto import tqdm
 
@@ -287,11 +289,14 @@ class SectionsTask(DebianTask):
             predictions += logits.argmax(-1).tolist()
             references += batch["labels"].tolist()
         model.train(was_training)
-        return {
+        result = {
             "accuracy": accuracy(predictions, references),
             "macro_f1": macro_f1(predictions, references),
             "n": len(references),
         }
+        if return_predictions:
+            result.update(predictions=predictions, references=references)
+        return result
 
     teacher_eval_limit = None  # the whole validation split
 
