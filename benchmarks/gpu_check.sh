@@ -9,6 +9,8 @@
 # compiled formula (SLOWER where flexkd loses). Meant to finish in under 8 minutes.
 #
 #   bash benchmarks/gpu_check.sh [results-dir]      # default results-dir: benchmarks/results/gpu
+#   bash benchmarks/gpu_check.sh --dry-run           # no GPU: only the benchmark step, on the CPU at a
+#                                                    # tiny shape, to check the script (numbers mean nothing)
 #
 # Environment: PYTHON (default python3), FLEXKD_CUDA_ARCH_LIST (default: this GPU's capability),
 # MAX_JOBS (default: all cores), GPU_CHECK_TEST_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT (seconds, 200 / 200).
@@ -16,6 +18,11 @@
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DRY_RUN=0
+if [[ "${1:-}" == "--dry-run" ]]; then
+  DRY_RUN=1
+  shift
+fi
 RESULTS="${1:-$ROOT/benchmarks/results/gpu}"
 PY="${PYTHON:-python3}"
 mkdir -p "$RESULTS"
@@ -25,6 +32,17 @@ export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 START=$SECONDS
 step() { printf '\n=== [gpu_check %4ds] %s\n' "$((SECONDS - START))" "$*"; }
+
+# The table is the tail of the benchmark's output, starting at its "N=... on <device>" line.
+extract_table() { sed -n '/^N=[0-9]* D=[0-9]* k=[0-9]* on /,$p' "$1"; }
+
+if [[ $DRY_RUN == 1 ]]; then
+  step "dry run: bench_gpu.py --dry-run on the CPU (not a measurement)"
+  "$PY" benchmarks/bench_gpu.py --dry-run --iters 1 --reps 1 --warmup 1 --json "$RESULTS/dry_run.json" \
+    >"$RESULTS/dry_run.log" 2>&1 || { cat "$RESULTS/dry_run.log"; exit 1; }
+  extract_table "$RESULTS/dry_run.log"
+  exit 0
+fi
 
 step "environment"
 "$PY" - <<'EOF' || { echo "gpu_check: torch cannot see a CUDA GPU here" >&2; exit 1; }
@@ -85,8 +103,7 @@ step "benchmarks (bench_gpu.py)"
 timeout "${GPU_CHECK_BENCH_TIMEOUT:-200}" "$PY" benchmarks/bench_gpu.py --json "$RESULTS/bench.json" \
   2>&1 | tee "$RESULTS/bench.log"
 BENCH_STATUS=${PIPESTATUS[0]}
-# The table is the tail of the benchmark's output, starting at its "N=... on <device>" line.
-sed -n '/^N=[0-9]* D=[0-9]* k=[0-9]* on /,$p' "$RESULTS/bench.log" >"$RESULTS/bench.md"
+extract_table "$RESULTS/bench.log" >"$RESULTS/bench.md"
 
 step "done: tests $TEST_STATUS, benchmark exit $BENCH_STATUS"
 cat "$RESULTS/bench.md"

@@ -60,3 +60,31 @@ def test_strided_case_teacher_is_a_column_slice_of_a_wider_tensor():
     x = ops_cpu.make_inputs(ops_cpu.Case("mse", "fp32", 16, 32, 12, "strided"))
     assert x.teacher.shape == (16, 32) and x.teacher.stride() == (64, 1)
     assert ops_cpu.make_inputs(ops_cpu.Case("mse", "fp32", 16, 32, 12)).teacher.is_contiguous()
+
+
+def test_gpu_benchmark_dry_run_prints_the_gpu_check_table(capsys, tmp_path):
+    """bench_gpu.py --dry-run (what gpu_check.sh --dry-run runs) goes through the GPU benchmark's whole
+    pipeline on the CPU, so its Python parts do not rot between GPU sessions."""
+    import json
+    import re
+    import subprocess
+    from pathlib import Path
+
+    from flexkd.bench import ops_gpu
+
+    out = tmp_path / "rows.json"
+    argv = ["--dry-run", "--dtypes", "fp32", "--iters", "1", "--reps", "1", "--warmup", "1"]
+    assert ops_gpu.main([*argv, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    table = printed[re.search(r"^N=\d+ D=\d+ k=\d+ on ", printed, re.M).start() :].splitlines()
+    assert table[0].startswith("N=64 D=32 k=8 on cpu")
+    rows = [line.split(" | ") for line in table[3:]]
+    assert {(r[0].strip("| "), r[2]) for r in rows} == {
+        (op, impl) for op in ops_gpu.WORKLOADS for impl in ("flexkd-cpu", *ops_gpu.BASELINES)
+    }
+    assert all(r[3] != "skipped" and "%" in r[5] for r in rows)
+    saved = json.loads(out.read_text())["rows"]
+    assert all(r["ms"] > 0 and "x_user-compile" in r for r in saved)
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert "--dry-run" in script.read_text()

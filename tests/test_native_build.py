@@ -7,7 +7,9 @@ The backend-parameterised comparison against the reference lives in tests/test_o
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
+import mmap
 import re
 import sys
 from pathlib import Path
@@ -306,3 +308,90 @@ def test_bench_ops_runs_a_tiny_case():
             assert r["flexkd_ms"] > 0 and r["user-eager_ms"] > 0 and r["floor_ms"] > 0
     assert any(line.startswith(("MET", "MISS")) for line in bench_ops.check_targets(
         [dict(rows[0], op="mse", n=8192, d=2048, k=768, mode="fwd+bwd", x_floor=1.0)]))
+
+
+def _sorted_selections(d: int) -> dict[str, torch.Tensor]:
+    """Sorted indices that exercise the AVX-512 block path (column_blocks.h): one column, the whole row,
+    runs of length 1, runs crossing 16-column blocks, a block only partly inside the row."""
+    generator = torch.Generator().manual_seed(d)
+    selections = {
+        "k=1 first": torch.tensor([0]),
+        "k=1 last": torch.tensor([d - 1]),
+        "whole row": torch.arange(d),
+        "every other column": torch.arange(0, d, 2),
+        "random sorted": torch.randperm(d, generator=generator)[: max(1, 3 * d // 8)].sort().values,
+    }
+    if d > 32:
+        selections["runs across blocks"] = torch.cat([torch.arange(13, 21), torch.arange(30, d - 1)])
+    return selections
+
+
+def _teachers(n: int, d: int, dtype) -> dict[str, torch.Tensor]:
+    wide = torch.randn(n, d + 19).to(dtype)
+    return {
+        "contiguous": torch.randn(n, d).to(dtype),
+        "column slice": wide[:, 3 : 3 + d],
+        "transposed": torch.randn(d, n).to(dtype).t(),  # column stride != 1: the scalar gather
+    }
+
+
+@pytest.mark.parametrize("isa", _native.build_info().get("cpu_isas_supported", []))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_mse_sorted_selections_match_the_reference_and_the_scalar_gather(isa, dtype):
+    """The block path and the scalar gather feed the same arithmetic, so they agree bit for bit; the
+    scalar gather runs for the same values held with a column stride != 1."""
+    active = _native.build_info()["cpu_isa"]
+    threads = torch.get_num_threads()
+    n = 37
+    try:
+        _C.set_cpu_isa(isa)
+        for d in (1, 17, 61, 100):
+            for layout, teacher in _teachers(n, d, dtype).items():
+                scalar_gather_teacher = torch.empty(d, n, dtype=dtype).t().copy_(teacher)
+                for name, index in _sorted_selections(d).items():
+                    what = f"{isa} {dtype} d={d} {layout} {name}"
+                    student = torch.randn(n, index.numel()).to(dtype)
+                    mask = torch.rand(n) * (torch.rand(n) > 0.2)
+                    mask = mask.to(reference.accumulation_dtype(student, teacher))
+                    torch.set_num_threads(1)
+                    want = _fwd(student, scalar_gather_teacher, index, mask)
+                    for count in (1, 2):
+                        torch.set_num_threads(count)
+                        got = _fwd(student, teacher, index, mask)
+                        for a, b in zip(got, want, strict=True):
+                            assert torch.equal(a, b), f"{what}, {count} threads: differs from the scalar gather"
+                    ref = _ref(student, teacher, index, mask)
+                    assert_loss_close(got[0], ref[0], dtype, f"{what} loss")
+                    assert_grad_close(got[1], ref[1], dtype, f"{what} grad_student")
+                    assert_grad_close(got[2], ref[2], dtype, f"{what} grad_teacher")
+    finally:
+        _C.set_cpu_isa(active)
+        torch.set_num_threads(threads)
+
+
+def _tensor_ending_at_a_guard_page(rows: int, cols: int, dtype) -> torch.Tensor:
+    """A [rows, cols] tensor whose last element ends where an inaccessible page begins, so a read past
+    its end faults (the test process dies) instead of going unnoticed."""
+    page = mmap.PAGESIZE
+    buffer = mmap.mmap(-1, 2 * page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mprotect(ctypes.c_void_p(address + page), page, 0) == 0, ctypes.get_errno()
+    first_page = torch.frombuffer(buffer, dtype=dtype, count=page // dtype.itemsize)
+    tensor = first_page[-rows * cols :].view(rows, cols)
+    tensor.copy_(torch.randn(rows, cols).to(dtype))
+    return tensor
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mprotect guard page: Linux")
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_mse_block_path_reads_nothing_past_the_tensor(dtype):
+    """The last row's last 16-column block reaches past the end of the teacher: the masked block loads
+    must not touch those columns."""
+    teacher = _tensor_ending_at_a_guard_page(5, 20, dtype)
+    student = torch.randn(5, 3).to(dtype)
+    index = torch.tensor([1, 17, 19])
+    got = _fwd(student, teacher, index)
+    want = _ref(student, teacher, index)
+    assert_loss_close(got[0], want[0], dtype)
+    assert_grad_close(got[1], want[1], dtype)

@@ -7,6 +7,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,prefer-vector-width=512")
 #define FLEXKD_CPU_ISA avx512
 #define FLEXKD_CPU_ISA_NAME "avx512"
+#define FLEXKD_CPU_AVX512 1
 #define FLEXKD_CPU_COMMON_CASES_ONLY 1
 #include "cpu/engine/engine.h"
 #pragma GCC pop_options

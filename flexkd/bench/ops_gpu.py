@@ -5,6 +5,9 @@
     flexkd bench --device cuda --n 4096 --json results.json
 
 (``python benchmarks/bench_gpu.py`` takes the same options; ``benchmarks/gpu_check.sh`` runs it.)
+``--dry-run`` runs the same pipeline on the CPU at a tiny shape (flexkd's ``cpu`` backend in place of
+the GPU ones, wall-clock timing, ``torch.compile`` with its ``eager`` backend), so the script's Python
+parts are exercised without a GPU; its numbers mean nothing.
 
 Three workloads per dtype (student requires grad, teacher does not, float row mask):
   * ``mse fwd+bwd`` and ``corr fwd+bwd``: ``flex_feature_loss(student, teacher, index, mask)`` (mean)
@@ -32,6 +35,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,10 +51,22 @@ DEFAULT_N, DEFAULT_D, DEFAULT_K, DEFAULT_DTYPES = 16384, 4096, 2048, "bf16,fp32"
 _TRITON_ENV = Path(__file__).resolve().parents[2] / "tests" / "triton_env.py"
 
 
-def time_ms(fn: Callable[[], object], iters: int, reps: int, warmup: int) -> float:
-    """Median milliseconds per call of ``fn`` over ``reps`` batches of ``iters`` calls."""
+DRY_RUN_SHAPE = (64, 32, 8)
+
+
+def time_ms(fn: Callable[[], object], iters: int, reps: int, warmup: int, device: str = "cuda") -> float:
+    """Median milliseconds per call of ``fn`` over ``reps`` batches of ``iters`` calls (CUDA events;
+    wall clock on the CPU)."""
     for _ in range(warmup):
         fn()
+    if device != "cuda":
+        samples = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            samples.append((time.perf_counter() - start) * 1e3 / iters)
+        return statistics.median(samples)
     torch.cuda.synchronize()
     samples = []
     for _ in range(reps):
@@ -64,11 +80,11 @@ def time_ms(fn: Callable[[], object], iters: int, reps: int, warmup: int) -> flo
     return statistics.median(samples)
 
 
-def copy_bandwidth_gbs(iters: int, reps: int) -> float:
-    """Device-to-device copy of 1 GiB: (bytes read + bytes written) / time, in GB/s."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+def copy_bandwidth_gbs(iters: int, reps: int, device: str = "cuda", nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy of ``nbytes`` (1 GiB): (bytes read + bytes written) / time, in GB/s."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), iters, reps, warmup=3)
+    ms = time_ms(lambda: dst.copy_(src), iters, reps, warmup=3, device=device)
     return 2 * src.numel() / (ms * 1e-3) / 1e9
 
 
@@ -103,14 +119,18 @@ def loss_step(loss_fn: Callable, student: torch.Tensor, teacher, index, mask) ->
     return step
 
 
-def implementations(triton_reason: str | None) -> dict[str, dict[str, Callable] | str]:
-    """name -> {workload: function}, or the reason it cannot run."""
+def implementations(triton_reason: str | None, dry_run: bool = False) -> dict[str, dict[str, Callable] | str]:
+    """name -> {workload: function}, or the reason it cannot run. ``dry_run``: flexkd's cpu backend
+    and ``torch.compile(backend="eager")`` (the pipeline on a CPU, see the module docstring)."""
     impls: dict[str, dict[str, Callable] | str] = {}
-    cuda_reason = _backends.unavailable_reason("cuda", "cuda")
-    for name, backend, reason in (
-        ("flexkd-cuda", "cuda", cuda_reason),
-        ("flexkd-triton", "triton", triton_reason),
-    ):
+    if dry_run:
+        flexkd_backends = (("flexkd-cpu", "cpu", _backends.unavailable_reason("cpu", "cpu")),)
+    else:
+        flexkd_backends = (
+            ("flexkd-cuda", "cuda", _backends.unavailable_reason("cuda", "cuda")),
+            ("flexkd-triton", "triton", triton_reason),
+        )
+    for name, backend, reason in flexkd_backends:
         if reason is not None:
             impls[name] = reason
             continue
@@ -123,7 +143,11 @@ def implementations(triton_reason: str | None) -> dict[str, dict[str, Callable] 
     formulas = {"mse fwd+bwd": user_formulas.mse, "corr fwd+bwd": user_formulas.corr,
                 "importance": user_formulas.importance}
     impls["user-eager"] = dict(formulas)
-    impls["user-compile"] = {w: torch.compile(f, fullgraph=True, dynamic=False) for w, f in formulas.items()}
+    compile_backend = "eager" if dry_run else "inductor"
+    impls["user-compile"] = {
+        w: torch.compile(f, fullgraph=True, dynamic=False, backend=compile_backend)
+        for w, f in formulas.items()
+    }
     return impls
 
 
@@ -141,12 +165,13 @@ def floor_bytes(workload: str, student, teacher, index, mask) -> int:
 
 def bench_dtype(name: str, dtype: torch.dtype, args, impls, copy_gbs: float) -> list[dict]:
     n, d, k = shape(args)
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    teacher = torch.randn(n, d, device="cuda", dtype=dtype, generator=generator)
-    student = torch.randn(n, k, device="cuda", dtype=dtype, generator=generator).requires_grad_(True)
-    grad = torch.randn(n, d, device="cuda", dtype=dtype, generator=generator)
-    mask = torch.rand(n, device="cuda", generator=generator)
-    index = select_top_k(torch.rand(d, device="cuda", generator=generator), k)
+    device = device_of(args)
+    generator = torch.Generator(device=device).manual_seed(0)
+    teacher = torch.randn(n, d, device=device, dtype=dtype, generator=generator)
+    student = torch.randn(n, k, device=device, dtype=dtype, generator=generator).requires_grad_(True)
+    grad = torch.randn(n, d, device=device, dtype=dtype, generator=generator)
+    mask = torch.rand(n, device=device, generator=generator)
+    index = select_top_k(torch.rand(d, device=device, generator=generator), k)
     rows = []
     for workload in WORKLOADS:
         ideal_bytes = floor_bytes(workload, student, teacher, index, mask)
@@ -164,7 +189,7 @@ def bench_dtype(name: str, dtype: torch.dtype, args, impls, copy_gbs: float) -> 
             else:
                 call = loss_step(fn, student, teacher, index, mask)
             try:
-                ms = time_ms(call, args.iters, args.reps, args.warmup)
+                ms = time_ms(call, args.iters, args.reps, args.warmup, device)
             except Exception as err:  # one broken implementation must not hide the others' numbers
                 rows.append(
                     {**row, "skipped": f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"}
@@ -229,11 +254,21 @@ def add_arguments(parser: argparse.ArgumentParser, *, shapes: bool = True) -> No
         "--warmup", type=int, default=3, help="untimed calls first (compiles, caches)"
     )
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help=f"the pipeline on the CPU at N,D,k={DRY_RUN_SHAPE} (checks the script; numbers mean nothing)",
+    )
+
+
+def device_of(args: argparse.Namespace) -> str:
+    return "cpu" if getattr(args, "dry_run", False) else "cuda"
 
 
 def shape(args: argparse.Namespace) -> tuple[int, int, int]:
-    """N, D, k: the options, or the defaults where not given."""
-    return args.n or DEFAULT_N, args.d or DEFAULT_D, args.k or DEFAULT_K
+    """N, D, k: the options, or the defaults (``--dry-run``: a tiny shape) where not given."""
+    n, d, k = DRY_RUN_SHAPE if getattr(args, "dry_run", False) else (DEFAULT_N, DEFAULT_D, DEFAULT_K)
+    return args.n or n, args.d or d, args.k or k
 
 
 def dtypes_from_args(args: argparse.Namespace) -> list[str]:
@@ -256,29 +291,37 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"flexkd bench: error: {error}", file=sys.stderr)
         return 2
-    if not torch.cuda.is_available():
-        print("bench_gpu: no CUDA device; nothing to measure", file=sys.stderr)
-        return 2
-
-    device = torch.cuda.get_device_properties(0)
-    print(
-        f"device: {device.name}, {device.multi_processor_count} SMs, torch {torch.__version__}, "
-        f"CUDA {torch.version.cuda}",
-        flush=True,
-    )
-    copy_gbs = copy_bandwidth_gbs(args.iters, args.reps)
-    print(f"copy bandwidth (1 GiB D2D, read+write): {copy_gbs:.0f} GB/s", flush=True)
-    impls = implementations(triton_available())
+    dry_run = device_of(args) == "cpu"
+    if dry_run:
+        device_name = "cpu (--dry-run: not a measurement)"
+        copy_gbs = copy_bandwidth_gbs(args.iters, args.reps, "cpu", nbytes=1 << 20)
+        impls = implementations(None, dry_run=True)
+        print(f"device: {device_name}", flush=True)
+    else:
+        if not torch.cuda.is_available():
+            print("bench_gpu: no CUDA device; nothing to measure (--dry-run checks the script on a CPU)",
+                  file=sys.stderr)
+            return 2
+        device = torch.cuda.get_device_properties(0)
+        device_name = device.name
+        print(
+            f"device: {device.name}, {device.multi_processor_count} SMs, torch {torch.__version__}, "
+            f"CUDA {torch.version.cuda}",
+            flush=True,
+        )
+        copy_gbs = copy_bandwidth_gbs(args.iters, args.reps)
+        print(f"copy bandwidth (1 GiB D2D, read+write): {copy_gbs:.0f} GB/s", flush=True)
+        impls = implementations(triton_available())
     rows = []
     for name in dtypes:
         rows += bench_dtype(name, DTYPES[name], args, impls, copy_gbs)
     speedups(rows)
     if args.json:
         with atomic_open(args.json, "w") as handle:
-            handle.write(json.dumps({"device": device.name, "copy_gbs": copy_gbs, "rows": rows}, indent=2))
+            handle.write(json.dumps({"device": device_name, "copy_gbs": copy_gbs, "rows": rows}, indent=2))
     n, d, k = shape(args)
     print()
-    print(f"N={n} D={d} k={k} on {device.name}")
+    print(f"N={n} D={d} k={k} on {device_name}")
     print(table(rows, copy_gbs))
     return 0
 

@@ -3,9 +3,10 @@
 // namespace.
 //
 // Each row's selected teacher elements are first gathered, converted to Acc, into a k-element
-// per-thread buffer with scalar loads; the arithmetic loop then reads student, buffer and writes the
-// gradients contiguously, so it vectorises for every dtype. Scalar loads beat the AVX2 gather
-// instructions on the CPUs measured (and 16-bit elements have none): see benchmarks/README.md.
+// per-thread buffer: with AVX-512 and a sorted unit-stride index by masked block loads and compresses
+// (column_blocks.h), otherwise with scalar loads. The arithmetic loop then reads student, buffer and
+// writes the gradients contiguously, so it vectorises for every dtype. Scalar loads beat the AVX2
+// gather instructions on the CPUs measured (and 16-bit elements have none): see benchmarks/README.md.
 
 template <class Acc, class T>
 struct GatheredTeacherRow {
@@ -18,13 +19,15 @@ struct GatheredTeacherRow {
   int64_t row_stride;
   int64_t rows;
   const int64_t* cols;
-  std::vector<Acc> buffer;
+  const ColumnBlocks* blocks;  // null or empty: scalar gather
+  int64_t k;
+  std::vector<Acc> buffer;  // k elements, and room for one block's full vector store
   std::vector<int64_t> prefetch_offsets;  // byte offsets within a row; empty for adjacent rows
 
   GatheredTeacherRow(const T* data_, int64_t row_stride_, int64_t rows_, const int64_t* cols_,
-                     int64_t k)
-      : data(data_), row_stride(row_stride_), rows(rows_), cols(cols_),
-        buffer(static_cast<size_t>(k)) {
+                     int64_t k, const ColumnBlocks* blocks_)
+      : data(data_), row_stride(row_stride_), rows(rows_), cols(cols_), blocks(blocks_),
+        k(k), buffer(static_cast<size_t>(k + ColumnBlocks::kWidth)) {
     int64_t span = 0;
     for (int64_t j = 0; j < k; ++j) span = std::max(span, cols[j] + 1);
     if (row_stride <= span) return;
@@ -47,7 +50,12 @@ struct GatheredTeacherRow {
     }
 #endif
     Acc* out = buffer.data();
-    const int64_t k = static_cast<int64_t>(buffer.size());
+    if constexpr (kCanCompress<Acc, T>) {
+      if (blocks != nullptr && !blocks->empty()) {
+        compress_row(r, *blocks, out);
+        return out;
+      }
+    }
     int64_t j = 0;
     for (; j + 4 <= k; j += 4) {
       const T t0 = r[cols[j]], t1 = r[cols[j + 1]], t2 = r[cols[j + 2]], t3 = r[cols[j + 3]];
@@ -88,6 +96,9 @@ void mse_loss(const FeatureLossArgs& a) {
   // d(loss)/d(s_nj) = 2 * w_n * (s_nj - t_nj) * scale.
   const Acc scale = mean ? Acc(1) / (static_cast<Acc>(a.k) * weights.total) : Acc(1);
   const std::vector<int64_t> t_cols = teacher_column_offsets(a);
+  const ColumnBlocks blocks = kCanCompress<Acc, T>
+                                  ? column_blocks(t_cols.data(), a.k, a.teacher.col_stride == 1)
+                                  : ColumnBlocks{};
   const S* student = static_cast<const S*>(a.student.data);
   const T* teacher = static_cast<const T*>(a.teacher.data);
   S* grad_student = static_cast<S*>(a.grad_student);
@@ -100,7 +111,7 @@ void mse_loss(const FeatureLossArgs& a) {
   for_each_chunk(chunks, a.rows * a.k, a.num_threads, [&](int64_t c, int64_t begin, int64_t end) {
     Acc chunk_sum = 0;
     GatheredTeacherRow<Acc, T> teacher_rows(teacher, a.teacher.row_stride, a.rows, t_cols.data(),
-                                            a.k);
+                                            a.k, &blocks);
     for (int64_t n = begin; n < end; ++n) {
       const Acc w = mask != nullptr ? mask[n] : Acc(1);
       const Acc row = mse_row<Acc, S, T, kUnitStudent, kGradS, kGradT>(

@@ -15,3 +15,7 @@
 #include <vector>
 
 #include "cpu/engine/kernel_args.h"
+
+#if FLEXKD_CPU_X86_VARIANTS
+#include <immintrin.h>
+#endif
