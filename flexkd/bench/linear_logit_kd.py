@@ -18,19 +18,18 @@ import dataclasses
 import itertools
 import os
 import sys
-from pathlib import Path
 
 import torch
 
 from flexkd.bench import common
+from flexkd.bench.options import KD_IMPLS as IMPLS
+from flexkd.bench.options import add_linear_logit_kd_arguments as add_arguments  # noqa: F401 (its options)
 from flexkd.losses import logit_kd
 from flexkd.ops import linear_logit_kd
 
-DEFAULT_OUT = Path("flexkd-bench") / "linear_logit_kd"
 GRID_N, GRID_V, GRID_H = (2048, 8192), (32000, 151936), (512, 1024)
 QUICK = (512, 32000, 512)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-IMPLS = ("fused", "eager", "compile")
 # fp32 [N, V] buffers the eager path holds at its peak (logits, log-softmaxes, their product, grads):
 # a case is skipped for a baseline when this many would not fit in MemAvailable.
 _EAGER_BUFFERS = 6
@@ -160,15 +159,6 @@ def format_row(row: dict, impls: list[str]) -> str:
             parts.append(f"{key}={row[key]:.2f} ({verdict} <= {target})")
     parts.append(f"load {row['load_before']} -> {row['load_after']}")
     return "  ".join(parts)
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--vocab", type=int, default=None, help="vocabulary V (one case with --n/--hidden)")
-    parser.add_argument("--hidden", type=int, default=None, help="student hidden size H")
-    parser.add_argument("--kd-impls", default=",".join(IMPLS), help=f"comma list of {','.join(IMPLS)}")
-    parser.add_argument("--kd-reps", type=int, default=3, help="timed fwd+bwd calls per case and path")
-    parser.add_argument("--kd-out", type=Path, default=DEFAULT_OUT,
-                        help=f"output prefix: writes PREFIX.csv (default: {DEFAULT_OUT})")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
