@@ -196,6 +196,7 @@ def write_teacher_outputs(
             "teacher": TeacherIdentity.of(teacher, side=adapter.side).to_dict(),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        _io.apply_umask(tmp)  # mkdtemp made the folder 0700
     except BaseException:
         arrays.close()
         shutil.rmtree(tmp, ignore_errors=True)
