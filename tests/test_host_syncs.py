@@ -207,7 +207,7 @@ def test_the_loop_logs_every_log_every_steps_and_checks_the_steps_between(tmp_pa
         distill={"feature": "projector", "weights": {"task": 0.0, "logit": 0.5, "feature": 1.0}},
         train={"max_steps": 6, "log_every": 2, "output_dir": "nan"},
     )  # fmt: skip
-    with pytest.raises(NonFiniteLossError, match=r"between steps 3 and 3: loss term 'task' is nan.*before step 4's update"):
+    with pytest.raises(NonFiniteLossError, match=r"step 3: loss term 'task' is nan.*before step 4's update; step 3 made no update"):
         train(load_config(path))
     lines = (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [2]
