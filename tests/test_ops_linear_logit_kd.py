@@ -399,13 +399,13 @@ def test_no_grad_computes_no_gradients(monkeypatch):
     assert_loss_close(value, _reference(hidden, weight, bias, teacher, None, None)[0], torch.float32)
 
 
-def test_default_chunk_keeps_a_chunk_buffer_near_32_mib():
+def test_default_chunk_keeps_a_chunk_buffer_near_32_mib_and_at_least_256_rows():
     for vocab in (1, 1000, 32000, 50257, 151936, 262144, 10**6):
         chunk = linear_logit_kd_impl.default_chunk_size(vocab)
-        assert chunk & (chunk - 1) == 0 and chunk >= 32
-        assert chunk * vocab <= 2**23 or chunk == 32
-        assert chunk == 32 or 2 * chunk * vocab > 2**23
-    assert linear_logit_kd_impl.default_chunk_size(151936) == 32
+        assert chunk & (chunk - 1) == 0 and chunk >= 256
+        assert chunk * vocab <= 2**23 or chunk == 256
+        assert chunk == 256 or 2 * chunk * vocab > 2**23
+    assert linear_logit_kd_impl.default_chunk_size(151936) == 256
     assert linear_logit_kd_impl.default_chunk_size(32000) == 256
 
 

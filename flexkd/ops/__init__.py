@@ -200,7 +200,7 @@ def linear_logit_kd(
     mode without a host sync (a ValueError on CPU tensors, ``torch._assert_async`` elsewhere), unread
     under ``torch.compile``. ``mask`` weights are checked as in :func:`flex_feature_loss`. Gradients reach ``hidden``, ``weight`` and ``bias``; the teacher gets none.
 
-    Rows are processed ``chunk_size`` at a time (default: ``[chunk, V]`` ≈ 2**23 elements, see
+    Rows are processed ``chunk_size`` at a time (default: ``[chunk, V]`` ≈ 2**23 elements and at least 256 rows, see
     ``flexkd.ops.linear_logit_kd_impl.default_chunk_size``), and the gradients are computed in the forward
     pass, so backward only scales them. The ``cpu`` and ``cuda`` backends are matmuls per chunk plus
     in-place torch ops; ``triton`` does the softmax/KD part of each chunk in one Triton kernel;
