@@ -49,7 +49,7 @@ from flexkd.losses import (
     logit_kd,
     task_loss,
 )
-from flexkd.ops import _linear_logit_kd, linear_logit_kd
+from flexkd.ops import _linear_logit_kd
 from flexkd.taps import LayerTap
 from flexkd.teacher_inputs import student_view, teacher_view
 from flexkd.teacher_outputs import TeacherOutputs
@@ -502,6 +502,7 @@ class Distiller(nn.Module):
         sums, pair_sums = self._term_sums(
             batch, positions, teacher_logits, teacher_hidden, student_out, student_hidden,
             teacher_topk=teacher_topk,
+            topk_checked=teacher_outputs is not None and teacher_outputs.logit_topk_checked,
         )
         return self._normalise(sums, pair_sums, normalizers, positions.device)
 
@@ -577,12 +578,13 @@ class Distiller(nn.Module):
         student_hidden: dict[int, Tensor],
         *,
         teacher_topk: tuple[Tensor, Tensor] | None = None,
+        topk_checked: bool = False,
     ) -> tuple[dict[str, Tensor], list[Tensor]]:
         """Each term summed over its units (before normalisation), and the feature term per layer pair.
 
         The logit term's teacher is ``teacher_logits [positions, V]`` or ``teacher_topk = (values,
         indices)`` ``[positions, K]`` (the top-K renormalised, see ``flexkd.losses.logit_kd``), at the
-        logit positions."""
+        logit positions; ``topk_checked``: its indices were checked where they were loaded."""
         sums: dict[str, Tensor] = {}
         has_teacher = teacher_logits is not None or teacher_topk is not None
         if student_out is not None and (
@@ -591,7 +593,9 @@ class Distiller(nn.Module):
             # Both logit terms read only these positions: gathering them first keeps the softmax (and its
             # backward) off the prompt and padding, most of a causal LM's [batch, length, vocab].
             if isinstance(student_out, _HeadInput):
-                sums.update(self._fused_logit_sums(student_out.hidden, positions, teacher_logits, teacher_topk))
+                sums.update(self._fused_logit_sums(
+                    student_out.hidden, positions, teacher_logits, teacher_topk, topk_checked
+                ))  # fmt: skip
             else:
                 logits = self._align_logits(student_out.logits)[positions.logits]
                 if positions.labels is not None:
@@ -629,6 +633,7 @@ class Distiller(nn.Module):
         positions: _Positions,
         teacher_logits: Tensor | None,
         teacher_topk: tuple[Tensor, Tensor] | None,
+        topk_checked: bool = False,
     ) -> dict[str, Tensor]:
         """The task and logit sums of the materialised path, from the final hidden state through
         ``linear_logit_kd`` (each a mean over the gathered rows times their count)."""
@@ -648,16 +653,10 @@ class Distiller(nn.Module):
                 )  # fmt: skip
             sums["task"] = mean * valid.sum()
         if teacher_logits is not None or teacher_topk is not None:
-            sums["logit"] = count * linear_logit_kd(
-                rows,
-                weight,
-                teacher_logits,
-                teacher_topk=teacher_topk,
-                bias=bias,
-                kind=self.logit_kind,
-                temperature=self.temperature,
-                beta=self.beta,
-            )
+            sums["logit"] = count * _linear_logit_kd(
+                rows, weight, teacher_logits, teacher_topk, bias, None, self.logit_kind, self.beta,
+                self.temperature, None, "auto", read_topk_indices=not topk_checked,
+            )  # fmt: skip
         return sums
 
     def _normalise(

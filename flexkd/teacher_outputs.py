@@ -61,6 +61,9 @@ class TeacherOutputs:
     logits: Tensor | None
     hidden: dict[int, Tensor]
     logit_topk: tuple[Tensor, Tensor] | None = None
+    # the store checked logit_topk's indices (in range, unique per row) on the host: the Distiller need
+    # not check them again on the device
+    logit_topk_checked: bool = False
 
 
 def rows_fingerprint(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -151,6 +154,7 @@ def write_teacher_outputs(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))  # one per writer
     arrays = _PackedArrays(tmp)
     tail = _TailMass(float(temperature))
+    vocab = None
     try:
         progress_bar = tqdm(spans, desc="flexkd teacher outputs", unit="batch", disable=not progress)
         for span, batch, (positions, features) in zip(progress_bar, batches, batch_masks, strict=True):
@@ -164,6 +168,7 @@ def write_teacher_outputs(
             rows_span = (span[0], span[-1] + 1)
             if logits:
                 packed = aligned_logits(out.logits, task)[positions.to(out.logits.device)]
+                vocab = packed.shape[-1]
                 if topk is None:
                     arrays.write("logits", packed, logit_offsets, rows_span)
                 else:
@@ -184,6 +189,7 @@ def write_teacher_outputs(
             "layers": resolved,
             "logits": logits,
             "logit_topk": topk,
+            "logit_vocab": vocab,
             "tail_mass": tail.summary() if topk is not None else None,
             "rows": len(rows),
             "rows_fingerprint": rows_fingerprint(rows),
@@ -191,6 +197,7 @@ def write_teacher_outputs(
             "teacher": TeacherIdentity.of(teacher, side=adapter.side).to_dict(),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        _io.apply_umask(tmp)  # mkdtemp made the folder 0700
     except BaseException:
         arrays.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -274,6 +281,7 @@ class TeacherOutputStore:
             self.layers: list[int] = list(self.meta["layers"])
             self.has_logits: bool = bool(self.meta["logits"])
             self.topk: int | None = self.meta.get("logit_topk")
+            self._vocab: int | None = self.meta.get("logit_vocab")
         except (KeyError, TypeError) as error:
             raise UnreadableFileError(meta_path, f"lacks a valid {_io.one_line(error)} entry") from None
         self._logit_offsets = self._array("logit_offsets.npy")
@@ -350,17 +358,35 @@ class TeacherOutputStore:
             if not 0 <= i < len(self):
                 raise IndexError(f"indices: row {i} is outside the store's {len(self)} rows")
 
-        def gather(data: np.ndarray, offsets: np.ndarray) -> Tensor:
+        def gather(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
             parts = [data[offsets[i] : offsets[i + 1]] for i in indices]
-            return torch.from_numpy(np.concatenate(parts) if parts else data[:0].copy())
+            return np.concatenate(parts) if parts else data[:0].copy()
 
-        logits = gather(self._logits, self._logit_offsets) if self._logits is not None else None
-        topk = (
-            tuple(gather(data, self._logit_offsets) for data in self._topk)
-            if self._topk is not None
+        logits = (
+            torch.from_numpy(gather(self._logits, self._logit_offsets))
+            if self._logits is not None
             else None
         )
+        topk, checked = None, False
+        if self._topk is not None:
+            values, vocab_indices = (gather(data, self._logit_offsets) for data in self._topk)
+            checked = self._check_topk_indices(vocab_indices)  # on the host copy: no device read
+            topk = (torch.from_numpy(values), torch.from_numpy(vocab_indices))
         hidden = {
-            layer: gather(data, self._feature_offsets) for layer, data in self._hidden.items()
+            layer: torch.from_numpy(gather(data, self._feature_offsets))
+            for layer, data in self._hidden.items()
         }
-        return TeacherOutputs(logits=logits, hidden=hidden, logit_topk=topk)
+        return TeacherOutputs(logits=logits, hidden=hidden, logit_topk=topk, logit_topk_checked=checked)
+
+    def _check_topk_indices(self, indices: np.ndarray) -> bool:
+        """Raise :class:`UnreadableFileError` unless every row of ``indices`` holds distinct vocabulary
+        indices, so the training step need not check them on the device. False when the store does not record its vocabulary size (the range is left unchecked)."""
+        file = self.path / "logit_indices.npy"
+        if indices.size and (indices.min() < 0 or (self._vocab is not None and indices.max() >= self._vocab)):
+            raise UnreadableFileError(
+                file, f"holds vocabulary indices outside [0, {self._vocab or 'V'}) (damaged?)"
+            )
+        ordered = np.sort(indices, axis=-1)
+        if (ordered[:, 1:] == ordered[:, :-1]).any():
+            raise UnreadableFileError(file, "repeats a vocabulary index within a position (damaged?)")
+        return self._vocab is not None

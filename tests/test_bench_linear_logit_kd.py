@@ -31,6 +31,22 @@ def test_tiny_run_writes_the_table_and_csv(tmp_path, capsys):
     assert "time_vs_eager=" in capsys.readouterr().out
 
 
+def test_without_eager_its_memory_is_computed(tmp_path, capsys):
+    from flexkd.bench import linear_logit_kd
+
+    out = tmp_path / "kd"
+    args = _args("--n", "16", "--vocab", "64", "--hidden", "8", "--dtypes", "fp32",
+                 "--kd-impls", "fused", "--kd-reps", "1", "--kd-out", str(out))  # fmt: skip
+    assert bench.run(args) == 0
+    (row,) = csv.DictReader(out.with_suffix(".csv").open())
+    computed = linear_logit_kd.eager_peak_mib(linear_logit_kd.Case(16, 64, 8, "fp32"))
+    assert computed == (7 * 16 * 64 * 4 + 64 * 8 * 4) / 2**20
+    assert float(row["eager_peak_mib_computed"]) == round(computed, 1)
+    assert row["peak_vs_eager_from"] == "computed"
+    assert float(row["peak_vs_eager"]) == float(row["fused_peak_mib"]) / computed
+    assert "vs computed eager" in capsys.readouterr().out
+
+
 def test_bad_options_exit_2():
     assert bench.run(_args("--kd-impls", "eager")) == 2
     assert bench.run(_args("--dtypes", "fp8")) == 2

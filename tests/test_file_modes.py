@@ -48,3 +48,43 @@ def test_a_checkpoint_follows_the_umask(tmp_path, umask):
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.name == "model.safetensors" for p in files)
     assert {str(p): _mode(p) for p in files} == {str(p): 0o666 & ~umask for p in files}
+
+
+def _modes_under(folder):
+    return {str(p): _mode(p) for p in [folder, *folder.rglob("*")]}
+
+
+def _expected_modes(folder, umask):
+    return {str(p): (0o777 if p.is_dir() else 0o666) & ~umask for p in [folder, *folder.rglob("*")]}
+
+
+def test_a_teacher_output_store_follows_the_umask(tmp_path, umask):
+    from flexkd.teacher_outputs import write_teacher_outputs
+    from flexkd.training import Collator
+
+    rows = [{"input_ids": [3, 4, 5], "attention_mask": [1, 1, 1], "labels": [3, 4, 5]}] * 2
+    store = write_teacher_outputs(
+        tiny.build("gpt2"), rows, tmp_path / "store", layers=[-1], topk=2,
+        collate=Collator("causal_lm", pad_token_id=0), progress=False,
+    )  # fmt: skip
+    assert any(p.name == "logit_indices.npy" for p in store.path.iterdir())
+    assert _modes_under(store.path) == _expected_modes(store.path, umask)
+
+
+def test_the_labs_teacher_cache_follows_the_umask(tmp_path):
+    pytest.importorskip("flexkd_lab")
+    from flexkd_lab.tasks import get_task
+    from flexkd_lab.tasks.teacher_cache import get_teacher
+    from flexkd_lab.tasks.training import FitConfig
+
+    old = os.umask(0o027)
+    try:
+        cached = get_teacher(
+            get_task("debian-sections", max_length=16), tmp_path, device="cpu", eval_limit=2,
+            fit_config=FitConfig(max_steps=1, batch_size=4, train_limit=4), progress=False,
+        )  # fmt: skip
+    finally:
+        os.umask(old)
+    entry = tmp_path / os.path.basename(cached.path)
+    assert any(p.suffix == ".safetensors" for p in entry.iterdir())
+    assert _modes_under(entry) == _expected_modes(entry, 0o027)

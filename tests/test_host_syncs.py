@@ -137,23 +137,13 @@ def _step(distiller, window, store, window_rows, *, report):
         yield counting, results[-1]
 
 
-# Known and left to the owner of flexkd.losses: logit KD checks the top-K indices' range and uniqueness
-# (flexkd/ops/_validate.py, teacher_topk) by reading them back, on every call.
-TOP_K_INDEX_CHECK = "flexkd/ops/_validate.py"
-
-
-def test_a_step_that_does_not_report_reads_nothing_back(request, step_parts):
-    top_k = request.node.callspec.params["step_parts"] == "stored-top-k"
+def test_a_step_that_does_not_report_reads_nothing_back(step_parts):
     for step, (counter, result) in enumerate(_step(*step_parts, report=False), start=1):
         if step == 1:  # the feature op checks each index tensor's values once, then caches the check;
             # the fused logit path checks the student's output projection once, on its first batch
             once = ("flexkd/ops/_validate.py", "flexkd/adapters/output_head.py")
             assert all(any(where in call for where in once) for call in counter.calls), counter.calls
-        elif top_k:
-            assert all(
-                TOP_K_INDEX_CHECK in call and call.endswith("(teacher_topk)") for call in counter.calls
-            ), counter.calls
-        else:
+        else:  # a top-K store's indices were checked on the host copy, when the store read them
             assert counter.calls == [], counter.calls
         # GPT-2's own sdpa mask code asks whether the padding mask is all ones (a wait of the model's)
         assert {call.split(" (")[1] for call in counter.model_calls} <= {
@@ -217,7 +207,7 @@ def test_the_loop_logs_every_log_every_steps_and_checks_the_steps_between(tmp_pa
         distill={"feature": "projector", "weights": {"task": 0.0, "logit": 0.5, "feature": 1.0}},
         train={"max_steps": 6, "log_every": 2, "output_dir": "nan"},
     )  # fmt: skip
-    with pytest.raises(NonFiniteLossError, match=r"between steps 3 and 3: loss term 'task' is nan.*before step 4's update"):
+    with pytest.raises(NonFiniteLossError, match=r"step 3: loss term 'task' is nan.*before step 4's update; step 3 made no update"):
         train(load_config(path))
     lines = (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [2]

@@ -399,13 +399,13 @@ def test_no_grad_computes_no_gradients(monkeypatch):
     assert_loss_close(value, _reference(hidden, weight, bias, teacher, None, None)[0], torch.float32)
 
 
-def test_default_chunk_keeps_a_chunk_buffer_near_32_mib():
+def test_default_chunk_keeps_a_chunk_buffer_near_32_mib_and_at_least_256_rows():
     for vocab in (1, 1000, 32000, 50257, 151936, 262144, 10**6):
         chunk = linear_logit_kd_impl.default_chunk_size(vocab)
-        assert chunk & (chunk - 1) == 0 and chunk >= 32
-        assert chunk * vocab <= 2**23 or chunk == 32
-        assert chunk == 32 or 2 * chunk * vocab > 2**23
-    assert linear_logit_kd_impl.default_chunk_size(151936) == 32
+        assert chunk & (chunk - 1) == 0 and chunk >= 256
+        assert chunk * vocab <= 2**23 or chunk == 256
+        assert chunk == 256 or 2 * chunk * vocab > 2**23
+    assert linear_logit_kd_impl.default_chunk_size(151936) == 256
     assert linear_logit_kd_impl.default_chunk_size(32000) == 256
 
 
@@ -452,3 +452,26 @@ def test_bad_input_is_refused_naming_the_argument(call, error, message):
     with pytest.raises(error, match=message):
         call()
 
+
+
+def test_off_the_cpu_the_data_checks_are_queued_on_the_device_not_read_back():
+    """On an accelerator the top-K index and mask-weight checks are ``torch._assert_async`` calls: run
+    here on CPU tensors (where such an assert fails at once), they catch the same inputs, reading
+    nothing back."""
+    from test_host_syncs import SyncCounter
+
+    from flexkd.ops import _validate
+
+    _, _, _, _, (values, indices) = _inputs(4, 3, 8, k=3)
+    repeated = indices.clone()
+    repeated[2, 1] = repeated[2, 0]
+    with SyncCounter() as counter:
+        _validate._topk_indices_on_device(indices, 8, 3)
+        _validate._mask_weights_on_device(torch.tensor([0.0, 2.0, 1.0]))
+        for bad, message in ((indices + 8, r"must lie in \[0, 8\)"), (repeated, "must be unique within each row")):
+            with pytest.raises(RuntimeError, match=f"teacher_topk indices {message}"):
+                _validate._topk_indices_on_device(bad, 8, 3)
+        for weight in (-1.0, float("nan"), float("inf")):
+            with pytest.raises(RuntimeError, match="mask weights must be finite and >= 0"):
+                _validate._mask_weights_on_device(torch.tensor([1.0, weight]))
+    assert counter.calls == []

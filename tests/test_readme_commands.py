@@ -1,11 +1,12 @@
 """The README's commands run as written.
 
-Every fenced shell block of README.md (```bash, ```sh, ```shell, ```console) and the commands in the
-comments of ``examples/*.yaml`` (lines ``#   flexkd ...``) run from a scratch copy of the repository, in
-a fresh cache, one block per test, each line as written except:
+Every fenced shell block of README.md and lab/README.md (```bash, ```sh, ```shell, ```console) and the
+commands in the comments of ``examples/*.yaml`` (lines ``#   flexkd ...``) run from the root of a scratch
+copy of the repository, in a fresh cache, one block per test, each line as written except:
 
 - at the reduced size the README states for it (``REDUCED``: ``--quick`` for ``flexkd demo`` and
-  ``flexkd teacher``, a few ``--set`` overrides for the config commands), appended to the line;
+  ``flexkd teacher``, a few ``--set`` overrides for the config commands, one task and seed of the quick
+  study for ``flexkd study``), appended to the line;
 - ``pip install ...`` parts are not run: this environment is the README's dev install, made by CI's
   own install step (``.ci/run``) with the same commands;
 - ``python -m pytest ...`` parts are not run: that is the suite this test belongs to, CI's test step.
@@ -43,6 +44,10 @@ REDUCED = {
     "distill": CONFIG_REDUCED,
     "eval": CONFIG_REDUCED,
 }
+# flexkd-lab's: lab/README.md states it
+STUDY_REDUCED = "--quick --seeds 0 --tasks debian-sections"
+REDUCED["study"] = f"{STUDY_REDUCED} --no-progress"
+READMES = ("README.md", "lab/README.md")
 NOT_RUN = {
     "pip install": "the environment is this dev install (CI's install step runs the README's pip commands)",
     "python -m pytest": "the test suite itself (CI's test step runs it)",
@@ -66,7 +71,7 @@ COPY_IGNORE = shutil.ignore_patterns(
 
 @dataclass
 class Block:
-    source: str  # "README.md:12" or "examples/x.yaml"
+    source: str  # "README.md:12", "lab/README.md:9" or "examples/x.yaml"
     lines: list[str]
     skip: str | None = None
 
@@ -75,7 +80,7 @@ class Block:
         return self.source
 
 
-def readme_blocks(text: str) -> list[Block]:
+def readme_blocks(text: str, name: str = "README.md") -> list[Block]:
     blocks, lines = [], text.splitlines()
     i = 0
     while i < len(lines):
@@ -93,7 +98,7 @@ def readme_blocks(text: str) -> list[Block]:
                 for line in lines[start + 1 : end]
                 if line.strip() and not line.lstrip().startswith("#")
             ]
-            blocks.append(Block(f"README.md:{start + 1}", body, mark.group(1) if mark else None))
+            blocks.append(Block(f"{name}:{start + 1}", body, mark.group(1) if mark else None))
         i = end + 1
     return blocks
 
@@ -149,7 +154,10 @@ def without_repeats(readme: list[Block], examples: list[Block]) -> list[Block]:
     return readme + examples
 
 
-ALL_BLOCKS = without_repeats(readme_blocks((ROOT / "README.md").read_text()), example_blocks())
+ALL_BLOCKS = without_repeats(
+    [block for name in READMES for block in readme_blocks((ROOT / name).read_text(), name)],
+    example_blocks(),
+)
 
 
 def test_the_readme_states_every_reduced_form():
@@ -159,11 +167,13 @@ def test_the_readme_states_every_reduced_form():
         option = option.removeprefix("--set ")
         if option != "train.progress=false":
             assert option in readme, f"README.md does not say {option!r}"
+    assert STUDY_REDUCED in (ROOT / "lab" / "README.md").read_text()
 
 
 def test_harness_reads_blocks_marks_and_segments():
     text = "x\n```bash\nflexkd info\n```\n<!-- readme-test: skip needs a GPU -->\n```sh\nnvidia-smi\n```\n```python\nx=1\n```\n"
     blocks = readme_blocks(text)
+    assert readme_blocks(text, "lab/README.md")[0].source == "lab/README.md:2"
     assert [(b.lines, b.skip) for b in blocks] == [
         (["flexkd info"], None),
         (["nvidia-smi"], "needs a GPU"),

@@ -140,6 +140,26 @@ def test_a_truncated_top_k_file_is_named(setup, tmp_path, name):
     assert caught.value.path == file
 
 
+@pytest.mark.parametrize("damage", ["out of range", "negative", "repeated"])
+def test_damaged_top_k_indices_are_named_when_a_batch_reads_them(setup, tmp_path, damage):
+    """The store checks the indices of each batch it reads on the host, so the Distiller can pass them to
+    logit KD unchecked (a device read per step otherwise)."""
+    import numpy as np
+
+    teacher, _, rows, collate, _ = setup
+    store = write_teacher_outputs(teacher, rows, tmp_path / "s", layers=[], collate=collate, topk=K, progress=False)
+    assert store.batch([0, 1]).logit_topk_checked
+    file = store.path / "logit_indices.npy"
+    indices = np.load(file)
+    indices[1, 2] = {"out of range": VOCAB, "negative": -1, "repeated": indices[1, 0]}[damage]
+    np.save(file, indices)
+    damaged = TeacherOutputStore(store.path)
+    damaged.batch([len(rows) - 1])  # rows without the damaged position still read
+    with pytest.raises(UnreadableFileError, match="repeats a vocabulary index" if damage == "repeated" else rf"outside \[0, {VOCAB}\)") as caught:
+        damaged.batch([0])
+    assert caught.value.path == file
+
+
 def test_bad_top_k_arguments(setup, tmp_path):
     teacher, _, rows, collate, _ = setup
     write = lambda **kw: write_teacher_outputs(teacher, rows, tmp_path / "x", layers=[-1], collate=collate, progress=False, **kw)  # noqa: E731

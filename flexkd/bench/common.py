@@ -4,7 +4,6 @@ and GPU op benchmarks share (``flexkd bench`` takes them once for both)."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import ctypes
 import math
@@ -133,16 +132,6 @@ def write_csv(path: Path, rows: Sequence[dict]) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()) if rows else [])
         writer.writeheader()
         writer.writerows(rows)
-
-
-def add_shape_arguments(parser: argparse.ArgumentParser, *, shapes: str,
-                        dtypes: str) -> None:
-    """``--n``, ``--d``, ``--k`` and ``--dtypes`` (all default None, which means the benchmark's own
-    defaults, described by ``shapes`` and ``dtypes`` in the help)."""
-    parser.add_argument("--n", type=int, default=None, help=f"rows (tokens); default shapes: {shapes}")
-    parser.add_argument("--d", type=int, default=None, help="teacher hidden size")
-    parser.add_argument("--k", type=int, default=None, help="student hidden size (selected dims)")
-    parser.add_argument("--dtypes", default=None, help=f"comma list of dtypes (default: {dtypes})")
 
 
 def check_shape(n: int | None, d: int | None, k: int | None) -> None:

@@ -55,18 +55,18 @@ from tqdm import tqdm
 
 from flexkd._io import atomic_path
 from flexkd.bench import common, user_formulas
+from flexkd.bench.options import CPU_DEFAULT_OUT as DEFAULT_OUT
+from flexkd.bench.options import CPU_IMPLS as IMPLS
+from flexkd.bench.options import CPU_LAYOUTS as LAYOUTS
+from flexkd.bench.options import CPU_SMALL_N as SMALL_N
+from flexkd.bench.options import add_cpu_arguments as add_arguments
 from flexkd.ops import flex_feature_loss, importance_scores, reference
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SWEEP_N = (1024, 8192, 32768)
-SMALL_N = (64, 512, 4096, 32768)
 SWEEP_D = (1024, 2048, 4096)
 K_EIGHTHS = (1, 2, 3)  # k = D/8, D/4, 3D/8
-LAYOUTS = ("contiguous", "strided")
-DEFAULT_OUT = Path("flexkd-bench") / "ops_cpu"  # relative to the working directory
 QUICK_N, QUICK_D, QUICK_D_IMPORTANCE, QUICK_K_EIGHTHS = 8192, 2048, 4096, 3  # the target shapes
-IMPLS = ("flexkd", "user-eager", "user-compile", "ref-eager", "ref-compile")
-DEFAULT_IMPLS = "flexkd,user-eager,user-compile"
 BASELINES = IMPLS[1:]
 MODES = ("fwd", "bwd", "fwd+bwd")
 
@@ -324,29 +324,6 @@ def plot(rows: list[dict], impls: list[str], path: Path) -> bool:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return True
-
-
-def add_arguments(parser: argparse.ArgumentParser, *, out_default: Path, shapes: bool = True) -> None:
-    """The CPU benchmark's options; ``shapes=False`` leaves out ``--n/--d/--k/--dtypes`` (added once
-    by :func:`common.add_shape_arguments` where the GPU benchmark's options are added too)."""
-    parser.add_argument("--quick", action="store_true", help="only the target shapes")
-    parser.add_argument("--small-n", action="store_true",
-                        help=f"N in {{{', '.join(map(str, SMALL_N))}}} instead of the sweep's or --quick's")
-    parser.add_argument("--filter", default="", help="regex over case names, e.g. 'mse-fp32-N8192'")
-    parser.add_argument("--ops", default="mse,corr,importance", help="comma list of mse,corr,importance")
-    if shapes:
-        common.add_shape_arguments(parser, shapes="the sweep's, or --quick's", dtypes="fp32,bf16")
-    parser.add_argument("--layouts", default=",".join(LAYOUTS),
-                        help="teacher layouts of the loss cases, comma list of contiguous,strided "
-                        "(strided: a column slice of a [N, 2D] tensor)")
-    parser.add_argument("--impls", default=DEFAULT_IMPLS,
-                        help=f"comma list of {','.join(IMPLS)} (flexkd required; default {DEFAULT_IMPLS})")
-    parser.add_argument("--threads", default=None,
-                        help="comma list of torch thread counts, each case runs at each (default: torch's)")
-    parser.add_argument("--copy-gib", type=float, default=2.0,
-                        help="size of the copy whose bandwidth the header reports (0: skip it)")
-    parser.add_argument("--out", type=Path, default=out_default,
-                        help=f"output prefix: writes PREFIX.csv and PREFIX.png (default: {out_default})")
 
 
 def parse_threads(value: str | None) -> list[int]:

@@ -43,15 +43,19 @@ import torch
 
 from flexkd._io import atomic_open
 from flexkd.bench import common, user_formulas
+from flexkd.bench.options import GPU_DEFAULT_D as DEFAULT_D
+from flexkd.bench.options import GPU_DEFAULT_DTYPES as DEFAULT_DTYPES
+from flexkd.bench.options import GPU_DEFAULT_K as DEFAULT_K
+from flexkd.bench.options import GPU_DEFAULT_N as DEFAULT_N
+from flexkd.bench.options import GPU_DRY_RUN_SHAPE as DRY_RUN_SHAPE
+from flexkd.bench.options import add_gpu_arguments as add_arguments
 from flexkd.ops import _backends, flex_feature_loss, importance_scores, select_top_k
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-DEFAULT_N, DEFAULT_D, DEFAULT_K, DEFAULT_DTYPES = 16384, 4096, 2048, "bf16,fp32"
 # A source checkout's test helper that loads kernels/ as flexkd.kernels when flexkd is not installed.
 _TRITON_ENV = Path(__file__).resolve().parents[2] / "tests" / "triton_env.py"
 
 
-DRY_RUN_SHAPE = (64, 32, 8)
 
 
 def time_ms(fn: Callable[[], object], iters: int, reps: int, warmup: int, device: str = "cuda") -> float:
@@ -238,27 +242,6 @@ def table(rows: list[dict], copy_gbs: float) -> str:
             f"{r['copy_pct']:.0f} % | {times(r.get('x_user-eager'))} | {times(r.get('x_user-compile'))} |"
         )
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser, *, shapes: bool = True) -> None:
-    """The GPU benchmark's options; ``shapes=False`` leaves out ``--n/--d/--k/--dtypes`` (added once
-    by :func:`common.add_shape_arguments` where the CPU benchmark's options are added too)."""
-    if shapes:
-        common.add_shape_arguments(parser, shapes=f"N={DEFAULT_N} D={DEFAULT_D} k={DEFAULT_K}",
-                                   dtypes=f"{DEFAULT_DTYPES}; any of {','.join(DTYPES)}")
-    parser.add_argument("--iters", type=int, default=20, help="calls per timed batch")
-    parser.add_argument(
-        "--reps", type=int, default=7, help="timed batches (the median is reported)"
-    )
-    parser.add_argument(
-        "--warmup", type=int, default=3, help="untimed calls first (compiles, caches)"
-    )
-    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
-    parser.add_argument(
-        "--dry-run",
-        action="store_true",
-        help=f"the pipeline on the CPU at N,D,k={DRY_RUN_SHAPE} (checks the script; numbers mean nothing)",
-    )
 
 
 def device_of(args: argparse.Namespace) -> str:

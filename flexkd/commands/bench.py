@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from flexkd.bench import common, ops_cpu, ops_gpu
-from flexkd.bench import linear_logit_kd as linear_logit_kd_bench
+from flexkd.bench import options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,27 +30,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="which benchmark to run (default: cuda if a CUDA device is visible, else cpu)",
     )
-    common.add_shape_arguments(
+    options.add_shape_arguments(
         parser,
-        shapes=f"cpu: the sweep's, or --quick's; cuda: N={ops_gpu.DEFAULT_N} D={ops_gpu.DEFAULT_D} "
-        f"k={ops_gpu.DEFAULT_K}",
-        dtypes=f"cpu: fp32,bf16; cuda: {ops_gpu.DEFAULT_DTYPES}",
+        shapes=f"cpu: the sweep's, or --quick's; cuda: N={options.GPU_DEFAULT_N} "
+        f"D={options.GPU_DEFAULT_D} k={options.GPU_DEFAULT_K}",
+        dtypes=f"cpu: fp32,bf16; cuda: {options.GPU_DEFAULT_DTYPES}",
     )
-    ops_cpu.add_arguments(
+    options.add_cpu_arguments(
         parser.add_argument_group("--device cpu"),
-        out_default=ops_cpu.DEFAULT_OUT,
+        out_default=options.CPU_DEFAULT_OUT,
         shapes=False,
     )
-    ops_gpu.add_arguments(parser.add_argument_group("--device cuda"), shapes=False)
-    linear_logit_kd_bench.add_arguments(parser.add_argument_group("--suite linear_logit_kd"))
+    options.add_gpu_arguments(parser.add_argument_group("--device cuda"), shapes=False)
+    options.add_linear_logit_kd_arguments(parser.add_argument_group("--suite linear_logit_kd"))
 
 
 def run(args: argparse.Namespace) -> int:
+    """Imports the benchmark that runs (they import torch), not the others."""
     if args.suite == "linear_logit_kd":
-        return linear_logit_kd_bench.run(args)
-    device = args.device
-    if device is None:
-        import torch
+        from flexkd.bench import linear_logit_kd
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return ops_gpu.run(args) if device == "cuda" else ops_cpu.run(args)
+        return linear_logit_kd.run(args)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        from flexkd.bench import ops_gpu
+
+        return ops_gpu.run(args)
+    from flexkd.bench import ops_cpu
+
+    return ops_cpu.run(args)

@@ -94,7 +94,8 @@ def flex_feature_loss(
     touches for corr) and the gradients NaN or inf, also in rows of weight 0 (``0 · NaN`` is NaN). Only
     the degenerate cases of the contract return 0 whatever the values: ``mean`` with all weights 0 and
     corr with fewer than two weighted rows. A NaN ``grad_output`` gives NaN gradients. A NaN, inf or
-    negative ``mask`` weight is a ValueError in eager mode (unread under ``torch.compile``).
+    negative ``mask`` weight is refused in eager mode: a ValueError on CPU tensors, a device-side assert
+    (``torch._assert_async``, no host sync) elsewhere; unread under ``torch.compile``.
     """
     index = _validate.feature_loss_args(student, teacher, index, mask, loss, reduction, eps)
     which = resolve_backend(backend, student.device.type, "flex_feature_loss")
@@ -131,8 +132,10 @@ def importance_scores(
     the scores are added into it in place and it is returned, so a pass over a data set keeps one
     running buffer. Normalising by the number of tokens is the caller's job.
 
-    Non-finite inputs propagate: a NaN or inf in ``hidden``, ``grad`` or ``mask`` makes the scores of
-    the dims it touches NaN or inf (also in rows of weight 0), and so does one already in ``out``.
+    Non-finite inputs propagate: a NaN or inf in ``hidden`` or ``grad`` makes the scores of the dims it
+    touches NaN or inf (also in rows of weight 0), and so does one already in ``out``. A NaN, inf or
+    negative ``mask`` weight is refused as in :func:`flex_feature_loss` (propagates under
+    ``torch.compile``, where it is not read).
     """
     _validate.importance_args(hidden, grad, mask, stat, out)
     which = resolve_backend(backend, hidden.device.type, "importance_scores")
@@ -193,9 +196,11 @@ def linear_logit_kd(
     ``T²·JSD`` of the softmaxes at temperature T, the weighted mean over positions (all weights 0 → 0
     with zero gradients). The teacher is dense ``teacher_logits [..., V]`` (any float dtype) or
     ``teacher_topk = (values [..., K], indices [..., K])``, the top-K renormalised at T (``reverse_kl`` is
-    refused for it: +inf). Gradients reach ``hidden``, ``weight`` and ``bias``; the teacher gets none.
+    refused for it: +inf); its indices must lie in ``[0, V)`` and be unique per row, checked in eager
+    mode without a host sync (a ValueError on CPU tensors, ``torch._assert_async`` elsewhere), unread
+    under ``torch.compile``. ``mask`` weights are checked as in :func:`flex_feature_loss`. Gradients reach ``hidden``, ``weight`` and ``bias``; the teacher gets none.
 
-    Rows are processed ``chunk_size`` at a time (default: ``[chunk, V]`` ≈ 2**23 elements, see
+    Rows are processed ``chunk_size`` at a time (default: ``[chunk, V]`` ≈ 2**23 elements and at least 256 rows, see
     ``flexkd.ops.linear_logit_kd_impl.default_chunk_size``), and the gradients are computed in the forward
     pass, so backward only scales them. The ``cpu`` and ``cuda`` backends are matmuls per chunk plus
     in-place torch ops; ``triton`` does the softmax/KD part of each chunk in one Triton kernel;

@@ -2,10 +2,13 @@
 
 Metadata checks (shapes, dtypes, devices) always run. Checks that read data run in eager mode only:
 ``index`` (range, repeats) once per index tensor and version, so a training loop that reuses one index
-pays for them once, and the ``mask`` weights (finite and >= 0) on every call, in one pass and one host
-read. Under ``torch.compile`` neither runs, so no host sync enters the graph: the C++ kernels still
-check the index range, and a NaN, inf or negative weight is then used as given (NaN and inf propagate
-into the loss as in torch's ``mask * loss``; a negative weight gives a backend-dependent value).
+pays for them once; the ``mask`` weights (finite and >= 0) and ``teacher_topk``'s indices (in range,
+unique per row) on every call. Those two never wait for an accelerator: on CPU tensors they are read
+and raise a ``ValueError``; on other devices they are queued as ``torch._assert_async`` checks, which
+fail the device's next synchronisation with the same message (on CUDA a device-side assert). Under
+``torch.compile`` none of them runs, so nothing enters the graph: the C++ kernels still check the index
+range, and a NaN, inf or negative weight is then used as given (NaN and inf propagate into the loss as
+in torch's ``mask * loss``; a negative weight gives a backend-dependent value).
 """
 
 from __future__ import annotations
@@ -62,15 +65,28 @@ def mask(value, leading_shape: torch.Size, against: str) -> torch.Tensor | None:
             f"mask must have the leading shape of {against} {tuple(leading_shape)}, "
             f"got {tuple(value.shape)}"
         )
-    if value.dtype != torch.bool and value.numel() and not _skips_data_checks(value):
-        low, high = torch.stack(torch.aminmax(value)).tolist()  # NaN makes both NaN
-        if not (low >= 0 and high < float("inf")):
-            bad = value[~((value >= 0) & (value < float("inf")))]
-            raise ValueError(
-                f"mask weights must be finite and >= 0, got {bad.numel()} that are not "
-                f"(e.g. {bad[0].item()})"
-            )
+    if value.dtype == torch.bool or not value.numel() or _skips_data_checks(value):
+        return value
+    if value.device.type == "cpu":
+        _mask_weights_on_host(value)
+    else:
+        _mask_weights_on_device(value)
     return value
+
+
+def _mask_weights_on_host(value: torch.Tensor) -> None:
+    low, high = torch.stack(torch.aminmax(value)).tolist()  # NaN makes both NaN
+    if not (low >= 0 and high < float("inf")):
+        bad = value[~((value >= 0) & (value < float("inf")))]
+        raise ValueError(
+            f"mask weights must be finite and >= 0, got {bad.numel()} that are not "
+            f"(e.g. {bad[0].item()})"
+        )
+
+
+def _mask_weights_on_device(value: torch.Tensor) -> None:
+    valid = ((value >= 0) & (value < float("inf"))).all()  # NaN fails both
+    torch._assert_async(valid, "mask weights must be finite and >= 0")
 
 
 def _skips_data_checks(value: torch.Tensor) -> bool:
@@ -173,9 +189,10 @@ def teacher_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``teacher_topk`` as ``(values [..., K], indices [..., K])`` checked against logits of
     ``logits_shape`` (``[..., V]``): float values, integer indices unique per row in ``[0, V)``, K <= V,
-    and a ``kind`` that is finite against a distribution with zeros. Reading the indices syncs with the
-    device; under ``torch.compile`` (or with ``read_indices=False``, for indices valid by construction)
-    only the metadata is checked."""
+    and a ``kind`` that is finite against a distribution with zeros. The indices' values are checked in
+    eager mode without waiting for the device: read on the CPU (a ``ValueError``), queued as device-side
+    asserts elsewhere. Under ``torch.compile``, or with ``read_indices=False`` (indices valid by
+    construction or checked where they were loaded), only the metadata is checked."""
     if kind == "reverse_kl":
         raise ValueError(
             "kind='reverse_kl' is +inf against a top-K teacher (it has no mass off its K indices); "
@@ -207,18 +224,40 @@ def teacher_topk(
             f"teacher_topk values ({values.device}) and indices ({indices.device}) "
             "must be on one device"
         )
-    if not read_indices or torch.compiler.is_compiling() or indices.is_meta or indices.numel() == 0:
+    if not read_indices or _skips_data_checks(indices) or indices.numel() == 0:
         return values, indices
+    if indices.device.type == "cpu":
+        _topk_indices_on_host(indices, vocab, k)
+    else:
+        _topk_indices_on_device(indices, vocab, k)
+    return values, indices
+
+
+def _topk_indices_on_host(indices: torch.Tensor, vocab: int, k: int) -> None:
+    """Range and per-row uniqueness of CPU top-K indices, read here (a CPU tensor: nothing to wait for)."""
     low, high = int(indices.min()), int(indices.max())
     if low < 0 or high >= vocab:
         raise ValueError(
             f"teacher_topk indices must lie in [0, {vocab}), got values in [{low}, {high}]"
         )
+    if k > 1 and bool(_repeats_in_a_row(indices, k).any()):
+        raise ValueError("teacher_topk indices must be unique within each row, got a repeat")
+
+
+def _topk_indices_on_device(indices: torch.Tensor, vocab: int, k: int) -> None:
+    """The same checks queued on the device (``torch._assert_async``): nothing is read back, and a bad
+    index fails the device's next synchronisation with this message (on CUDA a device-side assert, like
+    an out-of-range index in torch's own ops)."""
+    in_range = ((indices >= 0) & (indices < vocab)).all()
+    torch._assert_async(in_range, f"teacher_topk indices must lie in [0, {vocab})")
     if k > 1:
-        ordered = indices.reshape(-1, k).sort(dim=-1).values
-        if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
-            raise ValueError("teacher_topk indices must be unique within each row, got a repeat")
-    return values, indices
+        unique = ~_repeats_in_a_row(indices, k).any()
+        torch._assert_async(unique, "teacher_topk indices must be unique within each row")
+
+
+def _repeats_in_a_row(indices: torch.Tensor, k: int) -> torch.Tensor:
+    ordered = indices.reshape(-1, k).sort(dim=-1).values
+    return ordered[:, 1:] == ordered[:, :-1]
 
 
 def linear_logit_kd_args(

@@ -15,9 +15,13 @@ The result is "sum of token losses / valid tokens in the window", never a mean o
 
 Between reports the loop never waits for the device: the terms stay there, and only a step that logs
 (every ``train.log_every`` steps), checkpoints, or ends the run reduces them over the processes and
-reads them back. Such a step first checks the sums of the unreported steps, then its own terms before
-its update, so a non-finite term stops the run before anything from it is logged or checkpointed
-(with ``log_every: 1``, before the update of the step it happened in). ``tests/test_host_syncs.py``
+reads them back. Such a step first checks the unreported steps, then its own terms before its update,
+so a non-finite term stops the run before anything from it is logged or checkpointed. An unreported
+step whose terms are not all finite makes no update, and neither does any step after it until that
+check: a flag computed on the device (``isfinite`` of the terms, all-reduced over the processes) is the
+optimizer's ``found_inf``, with which torch's fused AdamW leaves the parameters, its moments and its
+step count as they were (the mechanism ``GradScaler`` uses; no read-back). The check then names the
+step it happened in, and the weights are those of the step before it. ``tests/test_host_syncs.py``
 counts the read-backs of a step (its docstring gives the method): none in flexkd's code.
 """
 
@@ -94,6 +98,10 @@ class StepResult:
     units: dict[str, float] | dict[str, torch.Tensor]
     grad_norm: float | torch.Tensor | None
     reported: bool = True
+    # not reported: whether the terms were not all finite on some process (a 0-d bool on the device), and
+    # whether the update was then skipped (the optimizer takes ``found_inf``)
+    nonfinite: torch.Tensor | None = None
+    guarded: bool = False
 
 
 def make_accelerator(*, cpu: bool | None = None, **kwargs: Any):
@@ -144,6 +152,7 @@ def train_step(
     window_rows: Sequence[Sequence[int]] | None = None,
     units: dict[str, float] | dict[str, torch.Tensor] | None = None,
     report: bool = True,
+    hold: torch.Tensor | None = None,
 ) -> StepResult:
     """One optimizer step over the micro-batches of ``window`` (``model`` is the prepared ``distiller``).
 
@@ -153,9 +162,12 @@ def train_step(
     the teacher. ``step`` is the number of this step, for the message of a non-finite term.
 
     With ``report=False`` the step never waits for the device (no all-reduce of the terms, no value read
-    back, so no check that they are finite): the terms stay on the device. ``report=True`` reduces
-    them over the processes and raises :class:`NonFiniteLossError` before the update when one is not
-    finite.
+    back): the terms stay on the device, and when one is not finite on any process, or ``hold`` (a 0-d
+    bool on the device: an earlier unreported step was not finite) is true, the update is skipped on the
+    device, for an optimizer that takes GradScaler's ``found_inf`` (torch's fused Adam/AdamW, which
+    ``build_optimizer`` makes); another optimizer applies it (``StepResult.guarded`` says which).
+    ``report=True`` reduces the terms over the processes and raises :class:`NonFiniteLossError` before
+    the update when one is not finite.
     """
     if units is None:
         units = window_units(distiller, window, accelerator)
@@ -178,49 +190,95 @@ def train_step(
             accelerator.backward(loss * world)
         values = torch.stack([value.to(torch.float32) for value in terms.values()])
         names, summed = list(terms), values if summed is None else summed + values
+    nonfinite = None
     if report:
         totals = dict(zip(names, accelerator.reduce(summed, reduction="sum").tolist(), strict=True))
         check_finite(totals, step=step, layer_pairs=distiller.layer_pairs)
+    else:
+        nonfinite = ~torch.isfinite(summed).all()
+        if world > 1:  # every process skips or none does
+            nonfinite = accelerator.reduce(nonfinite.to(torch.float32), reduction="sum") > 0
 
     grad_norm = None
     if max_grad_norm is not None:
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-    optimizer.step()
+    skip = None if nonfinite is None else nonfinite if hold is None else nonfinite | hold
+    guarded = step_unless(optimizer, skip)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     if not report:
-        return StepResult(dict(zip(names, summed.unbind(), strict=True)), units, grad_norm, False)
+        terms = dict(zip(names, summed.unbind(), strict=True))
+        return StepResult(terms, units, grad_norm, False, nonfinite=nonfinite, guarded=guarded)
     return StepResult(
         totals, _as_floats(units), None if grad_norm is None else float(grad_norm), True
     )
 
 
+def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor | None) -> bool:
+    """``optimizer.step()``, skipped on the device where the 0-d bool ``skip`` is true, for an optimizer
+    that takes GradScaler's ``found_inf`` (parameters, state and step count left as they were); True if
+    it does (or ``skip`` is None), False if it applied the step regardless."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+    if skip is None or not getattr(inner, "_step_supports_amp_scaling", False):
+        optimizer.step()
+        return skip is None
+    if "found_inf" in inner.__dict__:  # a GradScaler's step (fp16) decides on its own
+        optimizer.step()
+        return True
+    inner.found_inf = skip.to(torch.float32)
+    try:
+        optimizer.step()
+    finally:
+        inner.__dict__.pop("found_inf", None)
+    return True
+
+
 class UncheckedTerms:
-    """The terms of the steps that did not report, summed on the device, so that a report step can tell
-    whether one of them was not finite (a NaN or inf stays one in the sum)."""
+    """What a report step must know of the steps that did not report: on the device, the first step
+    whose terms were not all finite on some process (0: none) and its terms, so that the report names
+    that step and its values, and, as ``hold()``, a flag that keeps the steps after it from updating."""
 
     def __init__(self) -> None:
         self.names: list[str] | None = None
-        self.total: torch.Tensor | None = None
-        self.first_step: int | None = None
+        self.bad_step: torch.Tensor | None = None
+        self.bad_terms: torch.Tensor | None = None
+        self.guarded = True
 
-    def add(self, terms: dict[str, torch.Tensor], step: int) -> None:
-        values = torch.stack(list(terms.values()))
-        if self.total is None:
-            self.names, self.total, self.first_step = list(terms), values, step
-        else:
-            self.total = self.total + values
+    def add(self, result: StepResult, step: int) -> None:
+        values = torch.stack(list(result.terms.values()))
+        if self.bad_step is None:
+            self.names = list(result.terms)
+            self.bad_step = torch.zeros((), dtype=torch.float32, device=values.device)
+            self.bad_terms = torch.zeros_like(values)
+        first = result.nonfinite & (self.bad_step == 0)
+        self.bad_step = torch.where(first, float(step), self.bad_step)
+        self.bad_terms = torch.where(first, values, self.bad_terms)
+        self.guarded = self.guarded and result.guarded
+
+    def hold(self) -> torch.Tensor | None:
+        """True on the device once an unchecked step was not finite (None: no step unchecked)."""
+        return None if self.bad_step is None else self.bad_step > 0
 
     def check(self, accelerator, *, step: int, layer_pairs: Sequence[tuple[int, int]]) -> None:
-        """Raise :class:`NonFiniteLossError` when a term of the unchecked steps was not finite; reset."""
-        if self.total is None:
+        """Raise :class:`NonFiniteLossError` when an unchecked step was not finite, naming it; reset."""
+        if self.bad_step is None:
             return
-        summed = accelerator.reduce(self.total, reduction="sum").tolist()
-        first, self.total = self.first_step, None
-        terms = dict(zip(self.names, summed, strict=True))
-        check_finite(
-            terms, step=step, layer_pairs=layer_pairs, when=f"between steps {first} and {step - 1}"
+        world = accelerator.num_processes
+        # one read-back: the bad step (the same on every process) and its terms summed over them
+        summed = accelerator.reduce(torch.cat([self.bad_step[None], self.bad_terms]), reduction="sum")
+        bad_step, *values = summed.tolist()
+        bad_step, guarded, names = round(bad_step / world), self.guarded, self.names
+        self.__init__()  # the next report checks the steps from here on
+        if bad_step == 0:
+            return
+        steps = f"step {bad_step}" if bad_step == step - 1 else f"steps {bad_step} to {step - 1}"
+        held = (
+            f"; {steps} made no update (the weights are step {bad_step - 1}'s)"
+            if guarded
+            else f"; {steps} updated the weights (the optimizer takes no found_inf)"
         )
+        terms = dict(zip(names, values, strict=True))  # NaN/inf on one process stays so in the sum
+        check_finite(terms, step=step, layer_pairs=layer_pairs, when=f"step {bad_step}", held=held)
 
 
 def run_steps(
@@ -255,6 +313,7 @@ def run_steps(
         )
         if report:  # what is logged or checkpointed was checked finite first
             unchecked.check(accelerator, step=step, layer_pairs=objective.layer_pairs)
+        hold = None if report else unchecked.hold()
         result = train_step(
             model,
             objective,
@@ -268,9 +327,10 @@ def run_steps(
             window_rows=window_rows,
             units=window_units(objective, window, accelerator),
             report=report,
+            hold=hold,
         )
         if not report:
-            unchecked.add(result.terms, step)
+            unchecked.add(result, step)
         yield step, result
 
 
@@ -280,9 +340,10 @@ def check_finite(
     step: int,
     layer_pairs: Sequence[tuple[int, int]],
     when: str | None = None,
+    held: str = "",
 ) -> None:
     """Raise :class:`NonFiniteLossError` naming the first non-finite term, the step (or ``when``, the
-    steps it happened in) and the layer pair."""
+    step it happened in, and ``held``, what became of the steps since) and the layer pair."""
     bad = [name for name, value in terms.items() if not math.isfinite(value)]
     if not bad:
         return
@@ -297,8 +358,8 @@ def check_finite(
         where = "the logits (no layer pair)"
     raise NonFiniteLossError(
         f"{when or f'step {step}'}: loss term {name!r} is {terms[name]} at {where}; the run stops "
-        f"before step {step}'s update (non-finite terms: {bad}). The last checkpoint is from an "
-        "earlier step."
+        f"before step {step}'s update{held} (non-finite terms: {bad}). The last checkpoint is from "
+        "an earlier step."
     )
 
 

@@ -28,7 +28,9 @@ def parameter_groups(parameters: list[nn.Parameter], weight_decay: float) -> lis
 
 
 def adamw(parameters: list[nn.Parameter], *, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(parameter_groups(parameters, weight_decay), lr=lr)
+    """Torch's fused AdamW (CPU and CUDA): it takes GradScaler's ``found_inf``, with which the training
+    loop skips a non-finite step's update without reading anything back (``flexkd.training.loop``)."""
+    return torch.optim.AdamW(parameter_groups(parameters, weight_decay), lr=lr, fused=True)
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, kind: str, *, warmup_steps: int, total_steps: int):

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from flexkd._io import apply_umask
+
 from .training import FitConfig, fit
 
 CACHE_FORMAT = 2  # 2: trained by the library loop (flexkd.training.finetune)
@@ -108,6 +110,7 @@ def get_teacher(
         task.tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, REPORT_FILE), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2, sort_keys=True)
+        apply_umask(tmp)  # mkdtemp and safetensors made it 0700/0600
         if force and os.path.isdir(path):
             shutil.rmtree(path)
         try:
