@@ -337,9 +337,11 @@ def _teachers(n: int, d: int, dtype) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("isa", _native.build_info().get("cpu_isas_supported", []))
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_mse_sorted_selections_match_the_reference_and_the_scalar_gather(isa, dtype):
+@pytest.mark.parametrize("loss", ("mse", "corr"))
+def test_sorted_selections_match_the_reference_and_the_scalar_gather(isa, dtype, loss):
     """The block path and the scalar gather feed the same arithmetic, so they agree bit for bit; the
-    scalar gather runs for the same values held with a column stride != 1."""
+    scalar gather runs for the same values held with a column stride != 1. corr reads the teacher
+    through the same gather in both of its passes."""
     active = _native.build_info()["cpu_isa"]
     threads = torch.get_num_threads()
     n = 37
@@ -349,18 +351,18 @@ def test_mse_sorted_selections_match_the_reference_and_the_scalar_gather(isa, dt
             for layout, teacher in _teachers(n, d, dtype).items():
                 scalar_gather_teacher = torch.empty(d, n, dtype=dtype).t().copy_(teacher)
                 for name, index in _sorted_selections(d).items():
-                    what = f"{isa} {dtype} d={d} {layout} {name}"
+                    what = f"{loss} {isa} {dtype} d={d} {layout} {name}"
                     student = torch.randn(n, index.numel()).to(dtype)
                     mask = torch.rand(n) * (torch.rand(n) > 0.2)
                     mask = mask.to(reference.accumulation_dtype(student, teacher))
                     torch.set_num_threads(1)
-                    want = _fwd(student, scalar_gather_teacher, index, mask)
+                    want = _fwd(student, scalar_gather_teacher, index, mask, loss)
                     for count in (1, 2):
                         torch.set_num_threads(count)
-                        got = _fwd(student, teacher, index, mask)
+                        got = _fwd(student, teacher, index, mask, loss)
                         for a, b in zip(got, want, strict=True):
                             assert torch.equal(a, b), f"{what}, {count} threads: differs from the scalar gather"
-                    ref = _ref(student, teacher, index, mask)
+                    ref = _ref(student, teacher, index, mask, loss)
                     assert_loss_close(got[0], ref[0], dtype, f"{what} loss")
                     assert_grad_close(got[1], ref[1], dtype, f"{what} grad_student")
                     assert_grad_close(got[2], ref[2], dtype, f"{what} grad_teacher")
@@ -385,13 +387,14 @@ def _tensor_ending_at_a_guard_page(rows: int, cols: int, dtype) -> torch.Tensor:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mprotect guard page: Linux")
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-def test_mse_block_path_reads_nothing_past_the_tensor(dtype):
+@pytest.mark.parametrize("loss", ("mse", "corr"))
+def test_block_path_reads_nothing_past_the_tensor(dtype, loss):
     """The last row's last 16-column block reaches past the end of the teacher: the masked block loads
     must not touch those columns."""
     teacher = _tensor_ending_at_a_guard_page(5, 20, dtype)
     student = torch.randn(5, 3).to(dtype)
     index = torch.tensor([1, 17, 19])
-    got = _fwd(student, teacher, index)
-    want = _ref(student, teacher, index)
+    got = _fwd(student, teacher, index, loss=loss)
+    want = _ref(student, teacher, index, loss=loss)
     assert_loss_close(got[0], want[0], dtype)
     assert_grad_close(got[1], want[1], dtype)

@@ -12,6 +12,7 @@ namespace flexkd::cpu::FLEXKD_CPU_ISA {
 #include "cpu/engine/parallel.h"
 #include "cpu/engine/feature_loss_common.h"
 #include "cpu/engine/column_blocks.h"
+#include "cpu/engine/teacher_rows.h"
 #include "cpu/engine/feature_loss_mse.h"
 #include "cpu/engine/feature_loss_corr.h"
 #include "cpu/engine/importance.h"

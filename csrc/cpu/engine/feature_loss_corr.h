@@ -62,9 +62,11 @@ class ChunkMoments {
  public:
   static constexpr int64_t kTile = 64 / sizeof(Acc);
 
-  ChunkMoments(const FeatureLossArgs& a, const int64_t* t_cols, const Acc* mask)
-      : a_(a), t_cols_(t_cols), mask_(mask), f_(kRows), g_(kRows),
-        gathered_(static_cast<size_t>(kRows * a.k)) {}
+  ChunkMoments(const FeatureLossArgs& a, const int64_t* t_cols, const ColumnBlocks* blocks,
+               const Acc* mask)
+      : a_(a), mask_(mask), f_(kRows), g_(kRows),
+        teacher_(static_cast<const T*>(a.teacher.data), a.teacher.row_stride, a.rows, t_cols, a.k, blocks),
+        gathered_(static_cast<size_t>(kRows * a.k + ColumnBlocks::kWidth)) {}
 
   static constexpr int64_t kRows = 64;  // rows per chunk
 
@@ -78,11 +80,7 @@ class ChunkMoments {
       g_[r] = m.weight * f_[r];
       m.weight = merged;
     }
-    const T* teacher = static_cast<const T*>(a_.teacher.data) + begin * a_.teacher.row_stride;
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* t = teacher + r * a_.teacher.row_stride;
-      for (int64_t j = 0; j < a_.k; ++j) gathered_[r * a_.k + j] = t[t_cols_[j]];
-    }
+    for (int64_t r = 0; r < rows; ++r) teacher_.gather(begin + r, gathered_.data() + r * a_.k);
     int64_t j0 = 0;
     for (; j0 + kTile <= a_.k; j0 += kTile) tile<kTile>(begin, rows, j0, kTile, m);
     if (j0 < a_.k) tile<0>(begin, rows, j0, a_.k - j0, m);
@@ -107,11 +105,11 @@ class ChunkMoments {
       const Acc f = f_[r];
       const Acc g = g_[r];
       const S* s = student + r * a_.student.row_stride;
-      const T* t = gathered_.data() + r * a_.k + j0;
+      const Acc* t = gathered_.data() + r * a_.k + j0;
 #pragma omp simd
       for (int64_t j = 0; j < width; ++j) {
         const Acc d_s = load<Acc>(s[kUnitStudent ? j : j * s_col]) - mean_s[j];
-        const Acc d_t = load<Acc>(t[j]) - mean_t[j];
+        const Acc d_t = t[j] - mean_t[j];
         const Acc gd_s = g * d_s;
         mean_s[j] += f * d_s;
         mean_t[j] += f * d_t;
@@ -130,19 +128,20 @@ class ChunkMoments {
   }
 
   const FeatureLossArgs& a_;
-  const int64_t* t_cols_;
   const Acc* mask_;
   std::vector<Acc> f_, g_;
-  std::vector<T> gathered_;  // the chunk's selected teacher elements, gathered row by row
+  GatheredTeacherRow<Acc, T> teacher_;
+  std::vector<Acc> gathered_;  // the chunk's selected teacher elements, gathered row by row
 };
 
 template <class Acc, class S, class T, bool kUnitStudent>
-ColumnMoments<Acc> corr_moments(const FeatureLossArgs& a, const int64_t* t_cols, const Acc* mask) {
+ColumnMoments<Acc> corr_moments(const FeatureLossArgs& a, const int64_t* t_cols,
+                                const ColumnBlocks* blocks, const Acc* mask) {
   using Chunk = ChunkMoments<Acc, S, T, kUnitStudent>;
   const RowChunks chunks = make_row_chunks(a.rows, Chunk::kRows, 64);
   std::vector<ColumnMoments<Acc>> partial(static_cast<size_t>(chunks.count), ColumnMoments<Acc>(a.k));
   for_each_chunk(chunks, a.rows * a.k, a.num_threads, [&](int64_t c, int64_t begin, int64_t end) {
-    Chunk chunk(a, t_cols, mask);
+    Chunk chunk(a, t_cols, blocks, mask);
     for (int64_t start = begin; start < end; start += Chunk::kRows) {
       chunk.add(start, std::min(end, start + Chunk::kRows), partial[c]);
     }
@@ -171,8 +170,8 @@ CorrColumns<Acc> corr_columns(ColumnMoments<Acc>&& m, Acc eps, Acc c) {
 }
 
 template <class Acc, class S, class T, bool kUnitStudent, bool kGradS, bool kGradT>
-void corr_gradients(const FeatureLossArgs& a, const int64_t* t_cols, const Acc* mask,
-                    const CorrColumns<Acc>& col) {
+void corr_gradients(const FeatureLossArgs& a, const int64_t* t_cols, const ColumnBlocks* blocks,
+                    const Acc* mask, const CorrColumns<Acc>& col) {
   const int64_t k = a.k;
   const S* student = static_cast<const S*>(a.student.data);
   const T* teacher = static_cast<const T*>(a.teacher.data);
@@ -185,17 +184,17 @@ void corr_gradients(const FeatureLossArgs& a, const int64_t* t_cols, const Acc* 
   const Acc* alpha_t = col.alpha_t.data();
   const RowChunks chunks = make_row_chunks(a.rows, 16, 1 << 30);
   for_each_chunk(chunks, a.rows * k, a.num_threads, [&](int64_t, int64_t begin, int64_t end) {
-    TeacherRows<T> teacher_rows(teacher, a.teacher.row_stride, t_cols, k);
+    GatheredTeacherRow<Acc, T> teacher_rows(teacher, a.teacher.row_stride, a.rows, t_cols, k, blocks);
     for (int64_t n = begin; n < end; ++n) {
       const Acc w = mask != nullptr ? mask[n] : Acc(1);
       const S* s = student + n * a.student.row_stride;
-      const T* t = teacher_rows.row(n);
+      const Acc* t = teacher_rows.row(n);
       S* gs = kGradS ? grad_student + n * k : nullptr;
       T* gt = kGradT ? grad_teacher + n * k : nullptr;
 #pragma omp simd
       for (int64_t j = 0; j < k; ++j) {
         const Acc centred_s = load<Acc>(s[kUnitStudent ? j : j * a.student.col_stride]) - mean_s[j];
-        const Acc centred_t = load<Acc>(t[kGatherIntoBuffer<T> ? j : t_cols[j]]) - mean_t[j];
+        const Acc centred_t = t[j] - mean_t[j];
         const Acc scale = w * coef[j];
         if constexpr (kGradS) gs[j] = store<S>(scale * (centred_t - alpha_s[j] * centred_s));
         if constexpr (kGradT) gt[j] = store<T>(scale * (centred_s - alpha_t[j] * centred_t));
@@ -214,8 +213,11 @@ void corr_loss(const FeatureLossArgs& a) {
   }
   const Acc c = a.reduction == Reduction::kMean ? Acc(1) / static_cast<Acc>(a.k) : Acc(1);
   const std::vector<int64_t> t_cols = teacher_column_offsets(a);
+  const ColumnBlocks blocks = kCanCompress<Acc, T>
+                                  ? column_blocks(t_cols.data(), a.k, a.teacher.col_stride == 1)
+                                  : ColumnBlocks{};
   const CorrColumns<Acc> columns = corr_columns<Acc>(
-      corr_moments<Acc, S, T, kUnitStudent>(a, t_cols.data(), mask), static_cast<Acc>(a.eps), c);
+      corr_moments<Acc, S, T, kUnitStudent>(a, t_cols.data(), &blocks, mask), static_cast<Acc>(a.eps), c);
 
   Acc* loss_out = static_cast<Acc*>(a.loss_out);
   if (a.reduction == Reduction::kNone) {
@@ -226,6 +228,6 @@ void corr_loss(const FeatureLossArgs& a) {
     loss_out[0] = total * c;
   }
   if constexpr (kGradS || kGradT) {
-    corr_gradients<Acc, S, T, kUnitStudent, kGradS, kGradT>(a, t_cols.data(), mask, columns);
+    corr_gradients<Acc, S, T, kUnitStudent, kGradS, kGradT>(a, t_cols.data(), &blocks, mask, columns);
   }
 }
