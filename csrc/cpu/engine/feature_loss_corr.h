@@ -213,9 +213,7 @@ void corr_loss(const FeatureLossArgs& a) {
   }
   const Acc c = a.reduction == Reduction::kMean ? Acc(1) / static_cast<Acc>(a.k) : Acc(1);
   const std::vector<int64_t> t_cols = teacher_column_offsets(a);
-  const ColumnBlocks blocks = kCanCompress<Acc, T>
-                                  ? column_blocks(t_cols.data(), a.k, a.teacher.col_stride == 1)
-                                  : ColumnBlocks{};
+  const ColumnBlocks blocks = teacher_column_blocks<Acc, T>(a, t_cols);
   const CorrColumns<Acc> columns = corr_columns<Acc>(
       corr_moments<Acc, S, T, kUnitStudent>(a, t_cols.data(), &blocks, mask), static_cast<Acc>(a.eps), c);
 

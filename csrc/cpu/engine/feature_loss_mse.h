@@ -31,9 +31,7 @@ void mse_loss(const FeatureLossArgs& a) {
   // d(loss)/d(s_nj) = 2 * w_n * (s_nj - t_nj) * scale.
   const Acc scale = mean ? Acc(1) / (static_cast<Acc>(a.k) * weights.total) : Acc(1);
   const std::vector<int64_t> t_cols = teacher_column_offsets(a);
-  const ColumnBlocks blocks = kCanCompress<Acc, T>
-                                  ? column_blocks(t_cols.data(), a.k, a.teacher.col_stride == 1)
-                                  : ColumnBlocks{};
+  const ColumnBlocks blocks = teacher_column_blocks<Acc, T>(a, t_cols);
   const S* student = static_cast<const S*>(a.student.data);
   const T* teacher = static_cast<const T*>(a.teacher.data);
   S* grad_student = static_cast<S*>(a.grad_student);

@@ -68,3 +68,13 @@ struct GatheredTeacherRow {
     for (; j < k; ++j) out[j] = load<Acc>(r[cols[j]]);
   }
 };
+
+// The block view of the selected columns where compress_row serves this (Acc, T); empty otherwise.
+template <class Acc, class T>
+inline ColumnBlocks teacher_column_blocks(const FeatureLossArgs& a, const std::vector<int64_t>& t_cols) {
+  if constexpr (kCanCompress<Acc, T>) {
+    return column_blocks(t_cols.data(), a.k, a.teacher.col_stride == 1);
+  } else {
+    return ColumnBlocks{};
+  }
+}

@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
             progress=args.progress,
             workers=args.workers,
         )
-    except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as error:
+    except (ValueError, FileNotFoundError, ImportError) as error:  # a bad plan, a missing model or wheel
         print(f"flexkd study: error: {error}", file=sys.stderr)
         return 2
     print(
