@@ -176,6 +176,11 @@ class DataSection(_Section):
     target_field: str = "target"
     max_length: PositiveInt = 128
     target_max_length: PositiveInt = 64
+    group_by_length: bool = Field(
+        False,
+        description="batch rows of similar length (sorted within groups of 16 steps' rows), so less "
+        "compute goes to padding; the order stays a function of train.seed and the epoch",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSection:
@@ -370,7 +375,11 @@ class Config(_Section):
             spec = data["model"][field]
             if isinstance(spec, str) and not spec.startswith("task:") and self.path(spec).exists():
                 data["model"][field] = str(self.path(spec))
-            elif isinstance(spec, dict) and spec.get("pretrained") and self.path(spec["pretrained"]).exists():
+            elif (
+                isinstance(spec, dict)
+                and spec.get("pretrained")
+                and self.path(spec["pretrained"]).exists()
+            ):
                 spec["pretrained"] = str(self.path(spec["pretrained"]))
         if self.model.teacher_adapter is not None:
             data["model"]["teacher"]["adapter"] = str(self.path(self.model.teacher_adapter))

@@ -108,6 +108,7 @@ def write_causal_config(
     train: dict | None = None,
     distill: dict | None = None,
     selection: dict | None = None,
+    data: dict | None = None,
     dropout: float = 0.1,
     rows: int = 32,
     name: str = "cfg.yaml",
@@ -121,7 +122,12 @@ def write_causal_config(
             "teacher": {"config": gpt2_config(TEACHER_HIDDEN, 2)},
             "student": {"config": gpt2_config(STUDENT_HIDDEN, 1, dropout=dropout)},
         },
-        "data": {"task": "causal_lm", "train": "train.jsonl", "validation": "val.jsonl"},
+        "data": {
+            "task": "causal_lm",
+            "train": "train.jsonl",
+            "validation": "val.jsonl",
+            **(data or {}),
+        },
         "selection": {"batch_size": 8, **(selection or {})},
         "distill": {"weights": {"task": 1.0, "logit": 0.5, "feature": 1.0}, **(distill or {})},
         "train": {

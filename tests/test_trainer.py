@@ -239,9 +239,11 @@ def test_stored_teacher_outputs_train_as_the_live_teacher(setup, tmp_path):
     for one, two in zip(*logged, strict=True):
         for key in ("loss", "distill/task", "distill/logit", "distill/feature", "distill/total"):
             assert two[key] == pytest.approx(one[key], rel=1e-5), (one["step"], key)
+    # the stored outputs come from batches of 3, training batches differ: the teacher's matmuls round
+    # differently, and after 3 Adam steps a weight near zero can be ~1e-6 off (seen on AVX2, not AVX-512)
     expected = live.distiller.student.state_dict()
     for name, value in stored.distiller.student.state_dict().items():
-        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-5)
 
 
 def test_stored_teacher_outputs_of_other_rows_are_refused(setup, tmp_path):

@@ -202,10 +202,14 @@ class Collator:
     sequence is not as long as its student sequence is refused.
     """
 
-    def __init__(self, task: str, pad_token_id: int, teacher_pad_token_id: int | None = None) -> None:
+    def __init__(
+        self, task: str, pad_token_id: int, teacher_pad_token_id: int | None = None
+    ) -> None:
         self.task = task
         self.pad_token_id = int(pad_token_id)
-        self.teacher_pad_token_id = None if teacher_pad_token_id is None else int(teacher_pad_token_id)
+        self.teacher_pad_token_id = (
+            None if teacher_pad_token_id is None else int(teacher_pad_token_id)
+        )
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not rows:
@@ -237,7 +241,9 @@ class Collator:
             batch.update(self._teacher_columns(rows, batch))
         return batch
 
-    def _teacher_columns(self, rows: Sequence[Mapping[str, Any]], batch: Mapping[str, torch.Tensor]):
+    def _teacher_columns(
+        self, rows: Sequence[Mapping[str, Any]], batch: Mapping[str, torch.Tensor]
+    ):
         if self.teacher_pad_token_id is None:
             raise ValueError(
                 "teacher_pad_token_id: the rows carry teacher_input_ids, so the collator needs the "
@@ -251,7 +257,9 @@ class Collator:
                     f"{len(row['input_ids'])} input_ids; the sequences must be position-aligned"
                 )
         columns = {"teacher_input_ids": pad_sequences(ids, self.teacher_pad_token_id)}
-        if "teacher_attention_mask" in rows[0]:  # checked against attention_mask where the teacher runs
+        if (
+            "teacher_attention_mask" in rows[0]
+        ):  # checked against attention_mask where the teacher runs
             columns["teacher_attention_mask"] = pad_sequences(
                 [row["teacher_attention_mask"] for row in rows], 0
             )
@@ -285,16 +293,42 @@ def pad_token_id(tokenizer, model: nn.Module) -> int:
 # Data order.
 
 
+LENGTH_GROUP_BATCHES = (
+    16  # group_by_length sorts the rows of this many consecutive batches at a time
+)
+
+
+def row_lengths(rows) -> list[int]:
+    """Each row's token count (its ``input_ids``): what ``data.group_by_length`` sorts by."""
+    column = (
+        rows["input_ids"] if hasattr(rows, "column_names") else [row["input_ids"] for row in rows]
+    )
+    return [len(ids) for ids in column]
+
+
 class ShardedOrder:
     """Micro-batches of row indices for one process: epoch ``e`` shuffles with ``seed + e``.
 
     Each process takes every ``world_size``-th row of the permutation (the tail that does not
     fill a micro-batch on every process is dropped), so all processes run the same number of
     micro-batches per epoch. ``batches(epoch, position)`` resumes at micro-batch ``position``.
+
+    With ``lengths`` (one per row: ``data.group_by_length``), the shuffled rows are taken
+    :data:`LENGTH_GROUP_BATCHES` global batches at a time and sorted by length, longest first, so a
+    batch holds rows of similar length and padding costs little compute; the global batches are then
+    shuffled again, and each process takes every ``world_size``-th row of each, so the processes of
+    one step see similar lengths too. Still a function of ``(seed, epoch)`` only, so resume is exact.
     """
 
     def __init__(
-        self, num_rows: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1
+        self,
+        num_rows: int,
+        batch_size: int,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        lengths: Sequence[int] | None = None,
     ) -> None:
         self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
         self.rank, self.world_size = rank, world_size
@@ -304,12 +338,30 @@ class ShardedOrder:
                 f"data: {num_rows} rows cannot fill one micro-batch of {batch_size} on each of "
                 f"{world_size} processes; lower train.batch_size or add data"
             )
+        if lengths is not None and len(lengths) != num_rows:
+            raise ValueError(f"lengths: expected one per row ({num_rows}), got {len(lengths)}")
+        self.lengths = None if lengths is None else [int(n) for n in lengths]
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + epoch)
         permutation = torch.randperm(self.num_rows, generator=generator).tolist()
+        if self.lengths is not None:
+            return self._length_grouped(permutation, generator)
         mine = permutation[self.rank :: self.world_size][: self.per_epoch * self.batch_size]
         return [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+
+    def _length_grouped(
+        self, permutation: list[int], generator: torch.Generator
+    ) -> list[list[int]]:
+        step_rows = self.world_size * self.batch_size
+        rows = permutation[: self.per_epoch * step_rows]
+        group = LENGTH_GROUP_BATCHES * step_rows
+        steps = []
+        for start in range(0, len(rows), group):
+            chunk = sorted(rows[start : start + group], key=lambda i: -self.lengths[i])  # stable
+            steps += [chunk[i : i + step_rows] for i in range(0, len(chunk), step_rows)]
+        order = torch.randperm(len(steps), generator=generator).tolist()
+        return [steps[i][self.rank :: self.world_size] for i in order]
 
     def batches(self, epoch: int, position: int) -> Iterator[tuple[int, int, list[int]]]:
         """Yields ``(epoch, position after this batch, row indices)`` forever."""

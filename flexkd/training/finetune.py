@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from flexkd.adapters.masks import aligned_logits, detect_task, logit_positions
 from flexkd.distill import per_unit
 from flexkd.losses import task_loss
-from flexkd.training.data import IGNORE_INDEX, ShardedOrder
+from flexkd.training.data import IGNORE_INDEX, ShardedOrder, row_lengths
 from flexkd.training.optim import adamw, lr_schedule
 
 FIT_TASKS = ("sequence", "causal_lm", "token")
@@ -91,6 +91,7 @@ def fit(
     max_grad_norm: float | None = 1.0,
     seed: int = 0,
     freeze_word_embeddings: bool = False,
+    group_by_length: bool = False,
     task: str | None = None,
     log_every: int = 50,
     progress: bool = True,
@@ -98,7 +99,8 @@ def fit(
 ) -> dict[str, float]:
     """Train ``model`` on ``rows`` (batched by ``collate``, labels included) for ``epochs`` (at most
     ``max_steps`` steps). ``freeze_word_embeddings`` keeps the input embedding table fixed (no gradient,
-    no update, no decay; trainable again afterwards). Leaves the model in eval mode on the device it
+    no update, no decay; trainable again afterwards). ``group_by_length`` batches rows of similar length
+    (:class:`~flexkd.training.data.ShardedOrder`), so less compute goes to padding. Leaves the model in eval mode on the device it
     was trained on. Returns ``{"steps", "seconds", "first_loss", "last_loss_mean20"}``."""
     from flexkd.training.loop import make_accelerator, run_steps
 
@@ -108,7 +110,9 @@ def fit(
         raise ValueError(f"max_steps: expected > 0 or None, got {max_steps}")
     if not 0 <= warmup_ratio < 1:
         raise ValueError(f"warmup_ratio: expected in [0, 1), got {warmup_ratio}")
-    order = ShardedOrder(len(rows), batch_size, seed=seed)
+    order = ShardedOrder(
+        len(rows), batch_size, seed=seed, lengths=row_lengths(rows) if group_by_length else None
+    )
     total = math.ceil(epochs * order.per_epoch)
     total = min(total, max_steps) if max_steps is not None else total
 

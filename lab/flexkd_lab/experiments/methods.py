@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flexkd.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Method:
@@ -105,5 +107,5 @@ DECISIVE_COMPARISONS = (
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
-        raise ValueError(f"method: expected one of {sorted(METHODS)}, got {name!r}")
+        raise ConfigError(f"method: expected one of {sorted(METHODS)}, got {name!r}")
     return METHODS[name]

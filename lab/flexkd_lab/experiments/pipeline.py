@@ -273,7 +273,11 @@ class Experiment:
                 "student": self.kit.student_factory,
                 "tokenizer": self.kit.tokenizer_dir,
             },
-            "data": {"task": self.kit.hf_task, "train": str(self._train_data())},
+            "data": {
+                "task": self.kit.hf_task,
+                "train": str(self._train_data()),
+                "group_by_length": b.group_by_length,
+            },
             "distill": {
                 "feature": method.feature,
                 "feature_loss": method.feature_loss,

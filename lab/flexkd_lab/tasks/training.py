@@ -20,6 +20,7 @@ class FitConfig:
     train_limit: int | None = None  # first n training rows only
     max_steps: int | None = None  # stop early (tests, smoke runs)
     freeze_word_embeddings: bool = False  # keep the (pretrained) token embedding table fixed
+    group_by_length: bool = False  # batches of similar-length rows: less compute on padding
     seed: int = 0
 
     def __post_init__(self):
