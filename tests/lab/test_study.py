@@ -275,3 +275,11 @@ def test_compact_curve_averages_windows_to_at_most_the_points_asked():
     compact = compact_curve(curve, points=100)
     assert len(compact) == 84 and compact[0] == {"step": 3, "task": 1.0}
     assert compact[-1]["step"] == 250 and compact_curve([]) == []
+
+
+def test_the_study_pins_the_cpu_kernels_once():
+    from flexkd_lab.commands.study import PINNED_KERNELS, pinned_kernel_env
+
+    env = pinned_kernel_env({"PATH": "/bin", "MKL_CBWR": "AUTO"})
+    assert env == {"PATH": "/bin", **PINNED_KERNELS}
+    assert pinned_kernel_env(env) is None  # the restarted process does not restart again

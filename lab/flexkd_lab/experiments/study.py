@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -302,6 +303,7 @@ def teacher_record(teacher_dir: str | Path) -> dict[str, Any]:
             "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(),
+            **{name: os.environ.get(name) for name in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")},
         },
     }
 
