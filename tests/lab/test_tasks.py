@@ -122,6 +122,16 @@ def test_sections_evaluate_reports_metrics(sections, minilm):
     assert result["n"] == 8 and 0 <= result["accuracy"] <= 1 and 0 <= result["macro_f1"] <= 1
 
 
+def test_sections_evaluate_batches_by_length_and_returns_the_splits_order(sections, minilm):
+    rows = sections.encode("validation", 12)
+    assert len({len(r["input_ids"]) for r in rows}) > 4  # lengths vary, so sorting reorders
+    result = sections.evaluate(minilm, "validation", limit=12, batch_size=5, return_predictions=True)
+    with torch.no_grad():  # one row at a time, in the split's order, no padding at all
+        alone = [int(minilm(**sections.collate([row])).logits.argmax(-1)) for row in rows]
+    assert len(set(alone)) > 2 and result["predictions"] == alone  # several classes: order shows
+    assert result["references"] == [r["label"] for r in rows]
+
+
 # --- summarisation -------------------------------------------------------------------------
 
 
