@@ -1,6 +1,7 @@
 """A teacher and student sharded with FSDP2 (2 gloo processes) give what the unsharded models give:
-the weights fingerprint, the scores and top-k (ranks holding different numbers of batches), and every
-Distiller term and student gradient, with and without the teacher's early exit.
+the weights fingerprint (of a plain teacher in two dtypes and of a PEFT teacher with trained LoRA
+adapters), the scores and top-k (ranks holding different numbers of batches), and every Distiller term
+and student gradient, with and without the teacher's early exit.
 
 Run as a test, or as the worker: ``torchrun --nproc_per_node 2 tests/test_fsdp_parity.py OUT_FILE``.
 """
@@ -36,6 +37,21 @@ def models(dtype=torch.float32):
     return teacher, student
 
 
+def lora_teacher():
+    """The tiny teacher with LoRA adapters on an attention and an MLP projection, B drawn as if trained."""
+    import peft
+
+    teacher, _ = models()
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "up_proj"])
+    model = peft.get_peft_model(teacher, config)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return model
+
+
 def scoring_rows():
     rows = rows_of.causal_rows(11, 10, vocab=tiny.VOCAB)
     return rows, rows_of.batches_of(rows, [3, 1, 2])  # 5 batches: 3 on rank 0, 2 on rank 1
@@ -69,6 +85,9 @@ def worker(out_file: str) -> None:
     for dtype in (torch.float32, torch.bfloat16):
         teacher, _ = models(dtype)
         result["fingerprint"][str(dtype)] = weights_fingerprint(shard_model(teacher))
+    sharded_lora = shard_model(lora_teacher())
+    assert all(hasattr(p, "full_tensor") for p in sharded_lora.parameters())  # DTensors, LoRA included
+    result["fingerprint"]["lora"] = weights_fingerprint(sharded_lora)
     teacher, student = models()
     shard_model(teacher)
     shard_model(student, reshard_after_forward=False)
@@ -95,6 +114,9 @@ def test_sharded_teacher_and_student_match_unsharded(tmp_path):
 
     for dtype in (torch.float32, torch.bfloat16):
         assert got["fingerprint"][str(dtype)] == weights_fingerprint(models(dtype)[0])
+    # a sharded PEFT teacher is the same teacher as unsharded, and not its base model
+    assert got["fingerprint"]["lora"] == weights_fingerprint(lora_teacher())
+    assert got["fingerprint"]["lora"] != got["fingerprint"][str(torch.float32)]
     teacher, student = models()
     rows, _ = scoring_rows()
     expected = flexkd.score(teacher, [rows_of.collate(rows)], layers=LAYERS, k=K, progress=False)
