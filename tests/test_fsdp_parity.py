@@ -1,5 +1,5 @@
 """A teacher and student sharded with FSDP2 (2 gloo processes) give what the unsharded models give:
-the weights fingerprint (of a plain teacher in two dtypes and of a PEFT teacher with trained LoRA
+the weights fingerprint (of a plain teacher in three dtypes and of a PEFT teacher with trained LoRA
 adapters), the scores and top-k (ranks holding different numbers of batches), and every Distiller term
 and student gradient, with and without the teacher's early exit.
 
@@ -82,7 +82,7 @@ def worker(out_file: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     result = {"fingerprint": {}}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         teacher, _ = models(dtype)
         result["fingerprint"][str(dtype)] = weights_fingerprint(shard_model(teacher))
     sharded_lora = shard_model(lora_teacher())
@@ -112,7 +112,7 @@ def test_sharded_teacher_and_student_match_unsharded(tmp_path):
     run_two_processes(__file__, str(out), timeout=300)
     got = torch.load(out, weights_only=False)
 
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert got["fingerprint"][str(dtype)] == weights_fingerprint(models(dtype)[0])
     # a sharded PEFT teacher is the same teacher as unsharded, and not its base model
     assert got["fingerprint"]["lora"] == weights_fingerprint(lora_teacher())
