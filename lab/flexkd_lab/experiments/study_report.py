@@ -225,7 +225,7 @@ def pair_section(plan: StudyPlan, pair: str, part: dict[str, Any]) -> list[str]:
         f"## {pair}: {get_pair(pair).description}",
         "",
         f"Budget per run (every method): {b.steps} steps x {b.batch_size} rows from {b.train_examples} train "
-        f"rows, lr {b.lr}, warm-up {b.warmup_steps}, loss weights task {b.weights['task']:g} / logit "
+        f"rows{' (length-grouped batches)' if b.group_by_length else ''}, lr {b.lr}, warm-up {b.warmup_steps}, loss weights task {b.weights['task']:g} / logit "
         f"{b.weights['logit']:g}, T = {b.temperature}; scored on {b.score_examples} rows; validation and "
         f"test evaluated on up to {b.eval_examples} rows each. Results in `study-runs/{part['group']}`.",
         "",
