@@ -375,11 +375,7 @@ class Config(_Section):
             spec = data["model"][field]
             if isinstance(spec, str) and not spec.startswith("task:") and self.path(spec).exists():
                 data["model"][field] = str(self.path(spec))
-            elif (
-                isinstance(spec, dict)
-                and spec.get("pretrained")
-                and self.path(spec["pretrained"]).exists()
-            ):
+            elif isinstance(spec, dict) and spec.get("pretrained") and self.path(spec["pretrained"]).exists():
                 spec["pretrained"] = str(self.path(spec["pretrained"]))
         if self.model.teacher_adapter is not None:
             data["model"]["teacher"]["adapter"] = str(self.path(self.model.teacher_adapter))

@@ -202,14 +202,10 @@ class Collator:
     sequence is not as long as its student sequence is refused.
     """
 
-    def __init__(
-        self, task: str, pad_token_id: int, teacher_pad_token_id: int | None = None
-    ) -> None:
+    def __init__(self, task: str, pad_token_id: int, teacher_pad_token_id: int | None = None) -> None:
         self.task = task
         self.pad_token_id = int(pad_token_id)
-        self.teacher_pad_token_id = (
-            None if teacher_pad_token_id is None else int(teacher_pad_token_id)
-        )
+        self.teacher_pad_token_id = None if teacher_pad_token_id is None else int(teacher_pad_token_id)
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not rows:
@@ -241,9 +237,7 @@ class Collator:
             batch.update(self._teacher_columns(rows, batch))
         return batch
 
-    def _teacher_columns(
-        self, rows: Sequence[Mapping[str, Any]], batch: Mapping[str, torch.Tensor]
-    ):
+    def _teacher_columns(self, rows: Sequence[Mapping[str, Any]], batch: Mapping[str, torch.Tensor]):
         if self.teacher_pad_token_id is None:
             raise ValueError(
                 "teacher_pad_token_id: the rows carry teacher_input_ids, so the collator needs the "
@@ -257,9 +251,7 @@ class Collator:
                     f"{len(row['input_ids'])} input_ids; the sequences must be position-aligned"
                 )
         columns = {"teacher_input_ids": pad_sequences(ids, self.teacher_pad_token_id)}
-        if (
-            "teacher_attention_mask" in rows[0]
-        ):  # checked against attention_mask where the teacher runs
+        if "teacher_attention_mask" in rows[0]:  # checked against attention_mask where the teacher runs
             columns["teacher_attention_mask"] = pad_sequences(
                 [row["teacher_attention_mask"] for row in rows], 0
             )
@@ -293,16 +285,12 @@ def pad_token_id(tokenizer, model: nn.Module) -> int:
 # Data order.
 
 
-LENGTH_GROUP_BATCHES = (
-    16  # group_by_length sorts the rows of this many consecutive batches at a time
-)
+LENGTH_GROUP_BATCHES = 16  # group_by_length sorts the rows of this many consecutive batches at a time
 
 
 def row_lengths(rows) -> list[int]:
     """Each row's token count (its ``input_ids``): what ``data.group_by_length`` sorts by."""
-    column = (
-        rows["input_ids"] if hasattr(rows, "column_names") else [row["input_ids"] for row in rows]
-    )
+    column = rows["input_ids"] if hasattr(rows, "column_names") else [row["input_ids"] for row in rows]
     return [len(ids) for ids in column]
 
 
@@ -350,9 +338,7 @@ class ShardedOrder:
         mine = permutation[self.rank :: self.world_size][: self.per_epoch * self.batch_size]
         return [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
 
-    def _length_grouped(
-        self, permutation: list[int], generator: torch.Generator
-    ) -> list[list[int]]:
+    def _length_grouped(self, permutation: list[int], generator: torch.Generator) -> list[list[int]]:
         step_rows = self.world_size * self.batch_size
         rows = permutation[: self.per_epoch * step_rows]
         group = LENGTH_GROUP_BATCHES * step_rows

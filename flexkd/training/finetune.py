@@ -99,9 +99,9 @@ def fit(
 ) -> dict[str, float]:
     """Train ``model`` on ``rows`` (batched by ``collate``, labels included) for ``epochs`` (at most
     ``max_steps`` steps). ``freeze_word_embeddings`` keeps the input embedding table fixed (no gradient,
-    no update, no decay; trainable again afterwards). ``group_by_length`` batches rows of similar length
-    (:class:`~flexkd.training.data.ShardedOrder`), so less compute goes to padding. Leaves the model in eval mode on the device it
-    was trained on. Returns ``{"steps", "seconds", "first_loss", "last_loss_mean20"}``."""
+    no update, no decay; trainable again afterwards). ``group_by_length`` batches rows of similar
+    length (:class:`~flexkd.training.data.ShardedOrder`), so less compute goes to padding. Leaves the
+    model in eval mode on the device it was trained on. Returns ``{"steps", "seconds", "first_loss", "last_loss_mean20"}``."""
     from flexkd.training.loop import make_accelerator, run_steps
 
     if not epochs > 0:

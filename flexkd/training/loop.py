@@ -119,9 +119,7 @@ def make_accelerator(*, cpu: bool | None = None, **kwargs: Any):
     """
     from accelerate import Accelerator
 
-    accelerator = Accelerator(
-        cpu=not torch.accelerator.is_available() if cpu is None else cpu, **kwargs
-    )
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available() if cpu is None else cpu, **kwargs)
     warn_if_fewer_processes(accelerator.num_processes)
     return accelerator
 
@@ -274,9 +272,7 @@ class UncheckedTerms:
             return
         world = accelerator.num_processes
         # one read-back: the bad step (the same on every process) and its terms summed over them
-        summed = accelerator.reduce(
-            torch.cat([self.bad_step[None], self.bad_terms]), reduction="sum"
-        )
+        summed = accelerator.reduce(torch.cat([self.bad_step[None], self.bad_terms]), reduction="sum")
         bad_step, *values = summed.tolist()
         bad_step, guarded, names = round(bad_step / world), self.guarded, self.names
         self.__init__()  # the next report checks the steps from here on
@@ -460,9 +456,7 @@ def _distil(cfg: Config, accelerator) -> TrainResult:
     shard_from_config(cfg, teacher, "teacher")
     shard_from_config(cfg, student.to(accelerator.device) if fsdp.student else student, "student")
     collate = Collator(
-        cfg.data.task,
-        pad_token_id(tokenizer, teacher),
-        teacher_pad_token_id=pad_token_id(None, teacher),
+        cfg.data.task, pad_token_id(tokenizer, teacher), teacher_pad_token_id=pad_token_id(None, teacher)
     )
     train_rows = splits.get("train")
 
