@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 
 from flexkd._io import write_json
-from flexkd.errors import ConfigError, ResumeMismatchError
+from flexkd.errors import ConfigError, ResumeMismatchError, UnreadableFileError
 from flexkd_lab.experiments.budget import RunBudget, TuningGrid, knobs_tag, pair_budget, study_grid
 from flexkd_lab.experiments.kits import build_kit, quiet_transformers
 from flexkd_lab.experiments.methods import STUDY_METHODS, get_method
@@ -312,8 +312,6 @@ def _check_teacher(store: ResultStore, plan: StudyPlan, pair: str, teacher_dir: 
     """Record the group's teacher in ``teacher.json`` on its first run; on a resume, refuse a teacher with
     another recipe key or other weights. The teacher cache does not outlive the machine, and a retrain on
     another CPU (or with other threads) gives other bytes: runs of two teachers are never mixed."""
-    from flexkd.errors import UnreadableFileError
-
     group = store.root / plan.group(pair)
     current = teacher_record(teacher_dir)
     record_path = group / TEACHER_RECORD
