@@ -22,7 +22,8 @@ token when the batch has no labels; the feature term uses the same positions sco
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,9 +36,8 @@ from flexkd.adapters.output_head import (
     UnsupportedHead,
     check_projection,
     output_projection,
-    run_until_head,
+    run_in_place_of_head,
 )
-from flexkd.distributed import is_sharded
 from flexkd.errors import ConfigError, FlexKDError, SelectionMismatchError, StoreMismatchError
 from flexkd.losses import (
     FEATURE_LOSSES,
@@ -97,11 +97,11 @@ def _check_layer_pairs(layer_pairs: str | Sequence[Sequence[int]]) -> list[tuple
 
 
 @dataclass
-class _HeadInput:
-    """The student's outputs on the fused path: the final hidden state its output projection reads
-    (``[batch, tokens, H]``), in place of ``[batch, tokens, V]`` logits."""
+class _HeadSums:
+    """The student's outputs on the fused path: the task and logit sums, computed from the final hidden
+    state its output projection reads in place of ``[batch, tokens, V]`` logits."""
 
-    hidden: Tensor
+    sums: dict[str, Tensor]
 
 
 @dataclass
@@ -169,7 +169,7 @@ class Distiller(nn.Module):
         task: the labelling scheme (``flexkd.adapters.masks.TASKS``); detected from the
             student's class when ``None``.
         logit_kd_backend: how the task and logit terms of a causal LM get the student's logits.
-            ``"fused"``: the student stops at its output projection's input and both terms run
+            ``"fused"``: the student's output projection computes both terms from its input
             through ``flexkd.ops.linear_logit_kd`` (the task cross-entropy as forward KL against a
             one-hot top-1 teacher, which is exactly it), never building ``[B, T, V]``; the projection
             (``get_output_embeddings()``, tied or not, with Cohere's ``logit_scale`` / Granite's
@@ -302,8 +302,6 @@ class Distiller(nn.Module):
                 raise UnsupportedHead(
                     f"the fused path is for causal LMs, this student's task is {self.task!r}"
                 )
-            if is_sharded(self.student):  # its head's weight is gathered only inside the head's forward
-                raise UnsupportedHead("the student is sharded (FSDP)")
             return output_projection(self.student)
         except UnsupportedHead as err:
             if backend == "fused":
@@ -498,11 +496,16 @@ class Distiller(nn.Module):
         teacher_topk = None
         if isinstance(teacher_logits, tuple):  # a store of top-K logits: (values, indices)
             teacher_logits, teacher_topk = None, teacher_logits
-        student_out, student_hidden = self._run_student(batch)
+        topk_checked = teacher_outputs is not None and teacher_outputs.logit_topk_checked
+        student_out, student_hidden = self._run_student(
+            batch,
+            lambda hidden: self._fused_logit_sums(
+                hidden, positions, teacher_logits, teacher_topk, topk_checked
+            ),
+        )
         sums, pair_sums = self._term_sums(
             batch, positions, teacher_logits, teacher_hidden, student_out, student_hidden,
-            teacher_topk=teacher_topk,
-            topk_checked=teacher_outputs is not None and teacher_outputs.logit_topk_checked,
+            teacher_topk=teacher_topk, topk_checked=topk_checked,
         )
         return self._normalise(sums, pair_sums, normalizers, positions.device)
 
@@ -544,9 +547,11 @@ class Distiller(nn.Module):
         logits = self._align_logits(out.logits)[positions.logits] if need_logits else None
         return logits, hidden
 
-    def _run_student(self, batch: Mapping[str, Any]) -> tuple[Any, dict[int, Tensor]]:
-        """The student's outputs (None when it stops after its deepest tap; a :class:`_HeadInput` on the
-        fused path) and tapped hidden states."""
+    def _run_student(
+        self, batch: Mapping[str, Any], head_sums: Callable[[Tensor], dict[str, Tensor]]
+    ) -> tuple[Any, dict[int, Tensor]]:
+        """The student's outputs and tapped hidden states. The outputs are None when it stops after its
+        deepest tap, and on the fused path a :class:`_HeadSums` of ``head_sums(final hidden state)``."""
         layers = [s for s, _ in self.layer_pairs] if self.feature != "none" else []
         batch = student_view(batch)
         if self._projection is None:
@@ -562,11 +567,13 @@ class Distiller(nn.Module):
                     f"logit_kd_backend: {err}; use logit_kd_backend='materialised'"
                 ) from None
             self._projection_checked = True
-        if not layers:
-            return _HeadInput(run_until_head(self._projection, lambda: self.student(**inputs))), {}
-        with LayerTap(self.student, layers, side=self.side) as tap:
-            hidden = run_until_head(self._projection, lambda: tap.run(**inputs))
-            return _HeadInput(hidden), dict(tap.hidden)
+        with LayerTap(self.student, layers, side=self.side) if layers else nullcontext() as tap:
+            call = (lambda: tap.run(**inputs)) if layers else (lambda: self.student(**inputs))
+            sums, out = run_in_place_of_head(self._projection, head_sums, call)
+            # the model's empty logits join the graph, so that a sharded student's backward hooks run
+            anchor = out.logits.sum()
+            sums = {name: value + anchor for name, value in sums.items()}
+            return _HeadSums(sums), dict(tap.hidden) if layers else {}
 
     def _term_sums(
         self,
@@ -592,10 +599,8 @@ class Distiller(nn.Module):
         ):
             # Both logit terms read only these positions: gathering them first keeps the softmax (and its
             # backward) off the prompt and padding, most of a causal LM's [batch, length, vocab].
-            if isinstance(student_out, _HeadInput):
-                sums.update(self._fused_logit_sums(
-                    student_out.hidden, positions, teacher_logits, teacher_topk, topk_checked
-                ))  # fmt: skip
+            if isinstance(student_out, _HeadSums):
+                sums.update(student_out.sums)
             else:
                 logits = self._align_logits(student_out.logits)[positions.logits]
                 if positions.labels is not None:

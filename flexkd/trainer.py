@@ -212,10 +212,12 @@ class FlexKDTrainer(Trainer):
         self._eval_terms.add_weighted(terms, distiller.count_units(inputs))
         if prediction_loss_only:
             return loss.detach(), None, None
-        if not outputs:  # the student stopped after its deepest tap: no term read its logits
+        logits = outputs[0].logits if outputs else None
+        # no logits when the student stopped after its deepest tap, empty ones on the fused logit path
+        if logits is None or logits.shape[-1] == 0:
             with torch.no_grad():
-                outputs.append(distiller.student(**inputs))
-        return loss.detach(), outputs[0].logits.detach(), inputs.get("labels")
+                logits = distiller.student(**inputs).logits
+        return loss.detach(), logits.detach(), inputs.get("labels")
 
     # ------------------------------------------------------------------------------- saving
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

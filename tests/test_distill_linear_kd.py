@@ -1,7 +1,7 @@
-"""The Distiller's fused logit path (``logit_kd_backend="fused"``): the student stops at its output
-projection's input and the task and logit terms run through ``flexkd.ops.linear_logit_kd``. It must give
+"""The Distiller's fused logit path (``logit_kd_backend="fused"``): the student's output projection
+computes the task and logit terms from its input through ``flexkd.ops.linear_logit_kd``. It must give
 the materialised path's terms and gradients, take a top-K teacher the same way, honour or refuse what
-runs after the head, and never call the head in a step."""
+runs after the head, and never make the logits in a step."""
 
 from __future__ import annotations
 
@@ -72,17 +72,19 @@ def test_fused_terms_and_grads_equal_the_materialised_path(name, kind, feature):
     _assert_same(fused, materialised)
 
 
-def test_auto_uses_the_fused_path_for_causal_lms_and_the_head_never_runs_in_a_step():
+def test_auto_uses_the_fused_path_for_causal_lms_and_the_head_never_makes_logits_in_a_step():
     teacher, student = _pair("gpt2")
     distiller = Distiller(teacher, student, feature="none", weights={"logit": 1.0})
     assert distiller.logit_kd_path == "fused"
-    head_calls = []
-    student.get_output_embeddings().register_forward_hook(lambda *args: head_calls.append(1))
+    head_widths = []
+    head = student.get_output_embeddings()
+    head.register_forward_hook(lambda module, args, out: head_widths.append(out.shape[-1]))
     distiller(_batch())  # the first batch checks the projection against the model's logits once
-    assert len(head_calls) == 1
+    assert head_widths == [student.config.vocab_size, 0]
     distiller(_batch())
     distiller(_batch())
-    assert len(head_calls) == 1
+    assert head_widths == [student.config.vocab_size, 0, 0, 0]
+    assert "forward" not in vars(head)  # the head's own forward is back
 
 
 def test_a_top_k_teacher_goes_through_the_same_term_function():
@@ -105,7 +107,9 @@ def test_a_top_k_teacher_goes_through_the_same_term_function():
         with torch.no_grad():
             teacher_logits = distiller._teacher_side(batch, positions, None)[0]
         topk = tuple(teacher_logits.topk(8, dim=-1))
-        student_out, student_hidden = distiller._run_student(batch)
+        student_out, student_hidden = distiller._run_student(
+            batch, lambda hidden: distiller._fused_logit_sums(hidden, positions, None, topk)
+        )
         sums, _ = distiller._term_sums(
             batch, positions, None, {}, student_out, student_hidden, teacher_topk=topk
         )

@@ -1,7 +1,9 @@
 """A teacher and student sharded with FSDP2 (2 gloo processes) give what the unsharded models give:
 the weights fingerprint (of a plain teacher in three dtypes and of a PEFT teacher with trained LoRA
 adapters), the scores and top-k (ranks holding different numbers of batches), and every Distiller term
-and student gradient, with and without the teacher's early exit.
+and student gradient, with and without the teacher's early exit and the feature term. The sharded
+student takes the fused logit path, with its head in a unit of its own (resharded after forward or
+not) and tied to the embeddings in the root unit.
 
 Run as a test, or as the worker: ``torchrun --nproc_per_node 2 tests/test_fsdp_parity.py OUT_FILE``.
 """
@@ -26,13 +28,19 @@ LAYERS, K = [1, -1], 16
 WEIGHTS = {
     "early-exit": {"task": 1.0, "logit": 0.0, "feature": 1.0},
     "logits": {"task": 1.0, "logit": 0.5, "feature": 1.0},
+    "no-feature": {"task": 1.0, "logit": 0.5, "feature": 0.0},
 }
+# (tied head, reshard_after_forward) of the sharded student
+STUDENTS = {"own-unit": (False, False), "own-unit-resharded": (False, True), "tied": (True, True)}
 
 
-def models(dtype=torch.float32):
+def models(dtype=torch.float32, tied=False):
     torch.manual_seed(0)
     teacher = tiny.build("llama").to(dtype)
-    config = tf.LlamaConfig(**{**tiny._decoder_kwargs(), "hidden_size": K, "num_hidden_layers": 2})
+    config = tf.LlamaConfig(
+        **{**tiny._decoder_kwargs(), "hidden_size": K, "num_hidden_layers": 2},
+        tie_word_embeddings=tied,
+    )
     student = tf.LlamaForCausalLM(config)
     return teacher, student
 
@@ -62,7 +70,8 @@ def distill_batch():
 
 
 def distil(teacher, student, selection, weights, batch):
-    """Every term and the student's gradients (full tensors) of one Distiller forward + backward."""
+    """Every term, the student's gradients (full tensors) and the logit path of one Distiller forward +
+    backward."""
     distiller = Distiller(teacher, student, selection=selection, weights=weights)
     loss, terms = distiller(batch)
     loss.backward()
@@ -71,7 +80,7 @@ def distil(teacher, student, selection, weights, batch):
         grad = param.grad
         grads[name] = grad.full_tensor() if hasattr(grad, "full_tensor") else grad.clone()
         param.grad = None
-    return {name: float(value) for name, value in terms.items()}, grads
+    return {name: float(value) for name, value in terms.items()}, grads, distiller.logit_kd_path
 
 
 def worker(out_file: str) -> None:
@@ -88,17 +97,18 @@ def worker(out_file: str) -> None:
     sharded_lora = shard_model(lora_teacher())
     assert all(hasattr(p, "full_tensor") for p in sharded_lora.parameters())  # DTensors, LoRA included
     result["fingerprint"]["lora"] = weights_fingerprint(sharded_lora)
-    teacher, student = models()
+    teacher, _ = models()
     shard_model(teacher)
-    shard_model(student, reshard_after_forward=False)
     _, batches = scoring_rows()
     selection = flexkd.score(teacher, batches[rank::2], layers=LAYERS, k=K, progress=False)
     selection.validate(teacher)
     result["scores"] = {layer: selection.scores(layer) for layer in selection.layers}
     result["index"] = {layer: selection.index(layer) for layer in selection.layers}
     result["tokens"] = selection.tokens_seen
-    for name, weights in WEIGHTS.items():
-        result[name] = distil(teacher, student, selection, weights, distill_batch())
+    for student_name, (tied, reshard) in STUDENTS.items():
+        student = shard_model(models(tied=tied)[1], reshard_after_forward=reshard)
+        for name, weights in WEIGHTS.items():
+            result[student_name, name] = distil(teacher, student, selection, weights, distill_batch())
     if rank == 0:
         torch.save(result, out_file)
     dist.barrier()
@@ -124,13 +134,18 @@ def test_sharded_teacher_and_student_match_unsharded(tmp_path):
     for layer in expected.layers:
         torch.testing.assert_close(got["scores"][layer], expected.scores(layer), rtol=1e-5, atol=0)
         assert torch.equal(got["index"][layer], expected.index(layer))
-    for name, weights in WEIGHTS.items():
-        terms, grads = distil(teacher, student, expected, weights, distill_batch())
-        assert set(got[name][0]) == set(terms)
-        for term, value in terms.items():
-            assert got[name][0][term] == pytest.approx(value, rel=1e-5), (name, term)
-        for param, grad in grads.items():
-            torch.testing.assert_close(got[name][1][param], grad, rtol=1e-5, atol=1e-7)
+    for student_name, (tied, _) in STUDENTS.items():
+        student = models(tied=tied)[1]
+        for name, weights in WEIGHTS.items():
+            terms, grads, path = distil(teacher, student, expected, weights, distill_batch())
+            got_terms, got_grads, got_path = got[student_name, name]
+            assert (got_path, path) == ("fused", "fused"), (student_name, name)
+            assert set(got_terms) == set(terms)
+            for term, value in terms.items():
+                assert got_terms[term] == pytest.approx(value, rel=1e-5), (student_name, name, term)
+            assert set(got_grads) == set(grads)
+            for param, grad in grads.items():
+                torch.testing.assert_close(got_grads[param], grad, rtol=1e-5, atol=1e-7)
 
 
 if __name__ == "__main__":

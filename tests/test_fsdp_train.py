@@ -75,8 +75,6 @@ def test_fsdp_steps_match_ddp_and_resume_exactly(tmp_path):
     write_causal_config(
         tmp_path,
         train={"max_steps": 4, "checkpoint_every": 2, "batch_size": 2},
-        # the logit path a sharded student takes, for DDP too: the fused one rounds differently
-        distill={"logit_kd_backend": "materialised"},
         dropout=0.0,
         rows=16,
     )

@@ -10,8 +10,6 @@ caught by :func:`check_projection`, which compares against the model's own logit
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -75,43 +73,55 @@ def output_projection(model: nn.Module) -> OutputProjection:
         raise UnsupportedHead(
             f"{type(model).__name__} has no output projection (get_output_embeddings() is None)"
         )
-    if type(head) is not nn.Linear:
+    if _class_before_sharding(head) is not nn.Linear:
         raise UnsupportedHead(
             f"{type(model).__name__}'s output projection is a {type(head).__name__}, not a plain nn.Linear"
         )
     return OutputProjection(head, _logit_scale(model))
 
 
-class _HeadReached(Exception):
-    pass
+def _class_before_sharding(module: nn.Module) -> type:
+    """``type(module)``, or the class ``fully_shard`` derived the module's class ``FSDP<class>`` from."""
+    cls = type(module)
+    if not torch.distributed.is_available():
+        return cls
+    from torch.distributed.fsdp import FSDPModule
+
+    if issubclass(cls, FSDPModule):
+        return next(base for base in cls.__bases__ if base is not FSDPModule)
+    return cls
 
 
-@contextlib.contextmanager
-def capture_head_input(projection: OutputProjection, *, stop: bool) -> Iterator[dict]:
-    """While active, the head's input lands in ``captured["hidden"]``; with ``stop`` the forward ends
-    there (run it through :func:`run_until_head`)."""
-    captured: dict = {}
+def run_in_place_of_head(projection: OutputProjection, head_fn, call):
+    """``head_fn(hidden)``, computed inside ``call()`` where the head would turn the final hidden state
+    into logits, so the model's ``[B, T, V]`` logits are never made.
 
-    def pre_hook(module, args, kwargs):
-        captured["hidden"] = args[0] if args else kwargs["input"]
-        if stop:
-            raise _HeadReached
+    The head's forward itself is replaced, so everything around it runs as usual: in a sharded (FSDP2)
+    model, whose head has its full weight only during the head's forward, FSDP's hooks gather the
+    weight before ``head_fn`` reads it, reshard it after and reduce-scatter its gradient in backward.
+    The head returns an empty ``[..., 0]`` tensor in place of the logits.
 
-    handle = projection.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    Returns ``(head_fn's result, call()'s result)``. FSDP2 hooks its pre-backward (which gathers
+    resharded weights again before their gradients arrive) onto the model's outputs, so a loss built
+    from ``head_fn``'s result must keep the model's (empty) logits in its graph, e.g. ``+ logits.sum()``."""
+    module = projection.module
+    results = []
+
+    def forward(*args, **kwargs):
+        hidden = args[0] if args else kwargs["input"]
+        results.append(head_fn(hidden))
+        return hidden[..., :0].clone()  # not a view: an in-place op on one would drop FSDP's hooks
+
+    module.forward = forward  # an instance attribute: nn.Module.__call__ still runs every hook
     try:
-        yield captured
+        output = call()
     finally:
-        handle.remove()
-
-
-def run_until_head(projection: OutputProjection, call) -> torch.Tensor:
-    """The final hidden state ``call()`` feeds the head, without running the head or anything after."""
-    with capture_head_input(projection, stop=True) as captured:
-        try:
-            call()
-        except _HeadReached:
-            return captured["hidden"]
-    raise RuntimeError("the forward pass finished without calling the output projection")
+        del module.forward
+    if len(results) != 1:
+        raise RuntimeError(
+            f"the forward pass called the output projection {len(results)} times, expected once"
+        )
+    return results[0], output
 
 
 @torch.no_grad()
@@ -119,14 +129,20 @@ def check_projection(model: nn.Module, projection: OutputProjection, inputs: dic
     """Raise :class:`UnsupportedHead` unless ``model(**inputs).logits`` equals the projection of the
     head's input (to fp32 rounding of the logits' size). The random state is left as it was (dropout
     draws here must not shift a resumed run's)."""
+    rebuilt = []
+
+    def rebuild(module, args, kwargs):  # in the head's forward: a sharded head's weight is whole here
+        hidden, weight, bias = projection.affine(args[0] if args else kwargs["input"])
+        rebuilt.append(hidden @ weight.T if bias is None else hidden @ weight.T + bias)
+
     devices = [projection.weight.device] if projection.weight.device.type == "cuda" else []
-    with (
-        torch.random.fork_rng(devices=devices),
-        capture_head_input(projection, stop=False) as captured,
-    ):
-        logits = model(**inputs).logits
-    hidden, weight, bias = projection.affine(captured["hidden"])
-    rebuilt = hidden @ weight.T if bias is None else hidden @ weight.T + bias
+    handle = projection.module.register_forward_pre_hook(rebuild, with_kwargs=True)
+    try:
+        with torch.random.fork_rng(devices=devices):
+            logits = model(**inputs).logits
+    finally:
+        handle.remove()
+    (rebuilt,) = rebuilt
     if rebuilt.shape != logits.shape:
         raise UnsupportedHead(
             f"{type(model).__name__}: the output projection gives logits {tuple(rebuilt.shape)}, the "
