@@ -2,7 +2,8 @@
 
 With 2 processes x 2 rows the data order hands each step exactly the rows a single process
 gets with 4 rows per step, so the selection (scores summed over processes), the first step's
-loss and gradient norm, and the final student must agree with the single-process run.
+loss and gradient norm, and the final student must agree with the single-process run. That holds
+for length-grouped batches (``data.group_by_length``) too, against a length-grouped single process.
 """
 
 import json
@@ -21,7 +22,11 @@ from flexkd.config import load_config  # noqa: E402
 from flexkd.selection import DimensionSelection  # noqa: E402
 from flexkd.training import train  # noqa: E402
 
-DUAL = {"live-teacher": "dual.yaml", "stored-teacher-outputs": "dual-stored.yaml"}
+DUAL = {
+    "live-teacher": "dual.yaml",
+    "stored-teacher-outputs": "dual-stored.yaml",
+    "length-grouped": "dual-grouped.yaml",
+}
 
 
 def _metrics(cfg):
@@ -45,17 +50,20 @@ def test_two_processes_match_one_process(tmp_path):
     common = {"max_steps": 3, "checkpoint_every": 2}
     distill = {"weights": {"task": 1.0, "logit": 0.5, "feature": 1.0}}
     selection = {"batch_size": 4}  # 24 rows: 6 batches on one process, 3 on each of two
-    single = load_config(
-        write_causal_config(
-            tmp_path,
-            train={**common, "batch_size": 4, "output_dir": "single"},
-            distill=distill,
-            selection=selection,
-            dropout=0.0,
-            rows=24,
-            name="single.yaml",
+    singles = {}
+    for grouped in (False, True):
+        singles[grouped] = load_config(
+            write_causal_config(
+                tmp_path,
+                train={**common, "batch_size": 4, "output_dir": f"single-{grouped}"},
+                distill=distill,
+                selection={**selection, "path": f"single-{grouped}.selection.safetensors"},
+                data={"group_by_length": grouped},
+                dropout=0.0,
+                rows=24,
+                name=f"single-{grouped}.yaml",
+            )
         )
-    )
     duals = {}
     for run, name in DUAL.items():
         stored = run == "stored-teacher-outputs"
@@ -64,18 +72,25 @@ def test_two_processes_match_one_process(tmp_path):
             train={**common, "batch_size": 2, "output_dir": run},
             distill={**distill, "teacher_outputs": "teacher-outputs"} if stored else distill,
             selection={**selection, "path": f"{run}.selection.safetensors"},
+            data={"group_by_length": run == "length-grouped"},
             dropout=0.0,
             name=name,
         )
         duals[run] = load_config(path)
-    train(single)
+    for single in singles.values():
+        train(single)
     run_two_processes(__file__, str(tmp_path), timeout=600)
     assert (tmp_path / "teacher-outputs" / "meta.json").is_file()
 
-    theirs = DimensionSelection.load(single.selection_path)
-    one = _metrics(single)
-    a = AutoModelForCausalLM.from_pretrained(single.student_path).state_dict()
+    # grouping changes which rows make a step (so the comparison below is not the ungrouped one again)
+    assert [m["units_task"] for m in _metrics(singles[True])] != [
+        m["units_task"] for m in _metrics(singles[False])
+    ]
     for run, dual in duals.items():
+        single = singles[dual.data.group_by_length]
+        theirs = DimensionSelection.load(single.selection_path)
+        one = _metrics(single)
+        a = AutoModelForCausalLM.from_pretrained(single.student_path).state_dict()
         ours = DimensionSelection.load(dual.selection_path)
         assert ours.tokens_seen == theirs.tokens_seen
         assert torch.allclose(ours.scores(-1), theirs.scores(-1), rtol=1e-5)

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from flexkd._io import write_json
+from flexkd._io import sha256_file, write_json
 from flexkd.errors import ConfigError, ResumeMismatchError, UnreadableFileError
 from flexkd_lab.experiments.budget import RunBudget, TuningGrid, knobs_tag, pair_budget, study_grid
 from flexkd_lab.experiments.kits import build_kit, quiet_transformers
@@ -282,15 +282,12 @@ def run_study(
 def teacher_weights_sha256(teacher_dir: str | Path) -> str:
     """One sha256 over the teacher folder's ``*.safetensors`` files (name and bytes, in name order): two
     teachers trained from one recipe on different CPUs or thread counts differ here, not in their key."""
-    digest = hashlib.sha256()
     files = sorted(Path(teacher_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{teacher_dir}: the cached teacher has no *.safetensors weights")
+    digest = hashlib.sha256()
     for path in files:
-        digest.update(path.name.encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
+        digest.update(f"{path.name}\0{sha256_file(path)}\n".encode())
     return digest.hexdigest()
 
 
