@@ -166,6 +166,63 @@ def warn_if_fewer_processes(world_size: int) -> None:
     )
 
 
+# accelerate's FSDP settings flexkd's own sharding does not take: (variable, what it asks for when set)
+_ACCELERATE_FSDP_IGNORED = (
+    ("FSDP_OFFLOAD_PARAMS", "--fsdp_offload_params"),
+    ("FSDP_ACTIVATION_CHECKPOINTING", "--fsdp_activation_checkpointing"),
+    ("FSDP_AUTO_WRAP_POLICY", "--fsdp_auto_wrap_policy"),
+    ("FSDP_TRANSFORMER_CLS_TO_WRAP", "--fsdp_transformer_layer_cls_to_wrap"),
+    ("FSDP_IGNORED_MODULES", "--fsdp_ignored_modules"),
+)
+
+
+def take_accelerate_fsdp(cfg, environ=os.environ):
+    """``cfg`` with the sharding ``accelerate launch --use_fsdp --fsdp_version 2`` asked for, and
+    accelerate's own FSDP switched off in this process (``ACCELERATE_USE_FSDP`` removed from
+    ``environ``); ``cfg`` unchanged without ``--use_fsdp``.
+
+    flexkd shards with :func:`shard_model` (the ``distributed.fsdp`` section: every transformer block of
+    the teacher and the student, then each model), so the launcher's request means
+    ``distributed.fsdp: {teacher: true, student: true}`` with its ``--fsdp_reshard_after_forward``, on
+    CPU and GPU alike; accelerate would otherwise wrap the whole distiller by its own policy on a GPU
+    and do nothing on a CPU. Settings of the plugin that this sharding does not take are named in a
+    warning; FSDP1 (``--fsdp_version 1``, accelerate's default) is refused."""
+    from flexkd.errors import ConfigError
+
+    if environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return cfg
+    version = environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise ConfigError(
+            f"accelerate launch --use_fsdp: flexkd shards with FSDP2 (torch.distributed.fsdp."
+            f"fully_shard), this launch asks for FSDP version {version}; add --fsdp_version 2"
+        )
+    reshard = environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()
+    if reshard not in ("true", "false"):
+        raise ConfigError(
+            f"accelerate launch --fsdp_reshard_after_forward: FSDP2 takes true or false, got {reshard!r}"
+        )
+    ignored = [
+        flag
+        for name, flag in _ACCELERATE_FSDP_IGNORED
+        if environ.get(name, "false").lower() not in ("", "false", "none", "no_wrap")
+    ]
+    if ignored:
+        warnings.warn(
+            f"flexkd: accelerate launch --use_fsdp: flexkd shards every transformer block itself "
+            f"(distributed.fsdp); not applied: {', '.join(ignored)}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    del environ["ACCELERATE_USE_FSDP"]
+    fsdp = cfg.distributed.fsdp.model_copy(
+        update={"teacher": True, "student": True, "reshard_after_forward": reshard == "true"}
+    )
+    return cfg.model_copy(
+        update={"distributed": cfg.distributed.model_copy(update={"fsdp": fsdp})}
+    )
+
+
 def check_sharding(cfg, world_size: int) -> None:
     """Fail before any model is built when ``cfg.distributed`` cannot work with ``world_size`` processes."""
     from flexkd.errors import ConfigError

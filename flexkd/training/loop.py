@@ -56,6 +56,7 @@ from flexkd.distributed import (
     no_gradient_sync,
     shard_from_config,
     shard_trainable,
+    take_accelerate_fsdp,
     warn_if_fewer_processes,
 )
 from flexkd.errors import (
@@ -417,8 +418,13 @@ def find_resume_checkpoint(cfg: Config, checkpoints: Path, *, verbose: bool):
 
 
 def train(cfg: Config) -> TrainResult:
-    """Distil the student of ``cfg`` (resuming from its latest checkpoint); returns where it was saved."""
+    """Distil the student of ``cfg`` (resuming from its latest checkpoint); returns where it was saved.
+
+    Under ``accelerate launch --use_fsdp --fsdp_version 2`` the teacher and student are sharded as
+    ``distributed.fsdp`` does it (:func:`flexkd.distributed.take_accelerate_fsdp`)."""
     from accelerate import DistributedDataParallelKwargs
+
+    cfg = take_accelerate_fsdp(cfg)
 
     needs_logits = cfg.distill.weights.task > 0 or cfg.distill.weights.logit > 0
     accelerator = make_accelerator(
