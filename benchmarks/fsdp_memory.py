@@ -50,6 +50,34 @@ def llama_config(args):
     )
 
 
+def materialise_random(model) -> None:
+    """Allocate a (possibly sharded) meta-device Llama on the CPU with N(0, 0.02) weights."""
+    import torch
+
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for param in model.parameters():
+            local = param.to_local() if hasattr(param, "to_local") else param
+            local.normal_(0.0, 0.02)
+    rotary = model.model.rotary_emb  # its buffers are computed, not loaded: build them again
+    model.model.rotary_emb = type(rotary)(config=model.config)
+
+
+def torchrun_each(script: str, flag: str, values, nproc: int) -> list[dict]:
+    """``script`` (with this command's arguments) under ``torchrun --nproc_per_node nproc`` once per
+    value of ``flag``; each rank writes ``<out>/<value>-<rank>.json``, returned in order."""
+    rows = []
+    with tempfile.TemporaryDirectory() as out:
+        for value in values:
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+            command += ["--nproc_per_node", str(nproc), script, *sys.argv[1:]]
+            command += [flag, value, "--out", out]
+            env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+            subprocess.run(command, check=True, env=env)
+            rows += [json.loads(Path(out, f"{value}-{r}.json").read_text()) for r in range(nproc)]
+    return rows
+
+
 def worker(args) -> None:
     import torch
     import torch.distributed as dist
@@ -68,13 +96,7 @@ def worker(args) -> None:
     base = rss_mib("VmRSS")
     if args.mode == "sharded":
         shard_model(teacher)
-    teacher.to_empty(device="cpu")
-    with torch.no_grad():
-        for param in teacher.parameters():
-            local = param.to_local() if hasattr(param, "to_local") else param
-            local.normal_(0.0, 0.02)
-    rotary = teacher.model.rotary_emb  # its buffers are computed, not loaded: build them again
-    teacher.model.rotary_emb = type(rotary)(config=teacher.config)
+    materialise_random(teacher)
     teacher.eval().requires_grad_(False)
     ids = torch.randint(
         0, args.vocab, (args.batch, args.tokens), generator=torch.Generator().manual_seed(1)
@@ -120,17 +142,7 @@ def main() -> None:
     if args.mode is not None:
         return worker(args)
 
-    rows = []
-    with tempfile.TemporaryDirectory() as out:
-        for mode in ("replicated", "sharded"):
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-            command += ["--nproc_per_node", str(args.nproc), __file__, *sys.argv[1:]]
-            command += ["--mode", mode, "--out", out]
-            env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-            subprocess.run(command, check=True, env=env)
-            rows += [
-                json.loads(Path(out, f"{mode}-{r}.json").read_text()) for r in range(args.nproc)
-            ]
+    rows = torchrun_each(__file__, "--mode", ("replicated", "sharded"), args.nproc)
     print(
         f"Llama {args.layers} layers x {args.hidden} wide, vocab {args.vocab}, fp32, batch "
         f"{args.batch} x {args.tokens} tokens, tap at the last layer keeping {args.k} columns, "

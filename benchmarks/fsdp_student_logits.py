@@ -16,14 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-from fsdp_memory import llama_config, reset_peak, rss_mib
+from fsdp_memory import llama_config, materialise_random, reset_peak, rss_mib, torchrun_each
 
 PATHS = ("materialised", "fused")
 
@@ -38,13 +34,7 @@ def build(config, seed: int):
     with torch.device("meta"):
         model = tf.LlamaForCausalLM(config)
     shard_model(model)
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        for param in model.parameters():
-            local = param.to_local() if hasattr(param, "to_local") else param
-            local.normal_(0.0, 0.02)
-    rotary = model.model.rotary_emb  # its buffers are computed, not loaded: build them again
-    model.model.rotary_emb = type(rotary)(config=model.config)
+    materialise_random(model)
     return model
 
 
@@ -106,17 +96,7 @@ def main() -> None:
     if args.path is not None:
         return worker(args)
 
-    rows = []
-    with tempfile.TemporaryDirectory() as out:
-        for path in PATHS:
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-            command += ["--nproc_per_node", str(args.nproc), __file__, *sys.argv[1:]]
-            command += ["--path", path, "--out", out]
-            env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-            subprocess.run(command, check=True, env=env)
-            rows += [
-                json.loads(Path(out, f"{path}-{r}.json").read_text()) for r in range(args.nproc)
-            ]
+    rows = torchrun_each(__file__, "--path", PATHS, args.nproc)
     print(
         f"sharded Llama student {args.layers} layers x {args.hidden} wide, vocab {args.vocab}, fp32, "
         f"batch {args.batch} x {args.tokens} tokens, task + logit KD, {args.nproc} ranks (gloo, CPU); "
