@@ -62,7 +62,8 @@ class FlexKDTrainer(Trainer):
     - A student sharded with ``fully_shard`` (FSDP2) is refused: the Trainer wraps the model in DDP and
       steps its own optimizer over it, which a sharded student cannot take part in; shard the student
       with ``flexkd.train`` and ``distributed.fsdp.student`` instead. A sharded teacher is left where it
-      is (``teacher_dtype`` cannot recast it).
+      is (``teacher_dtype`` cannot recast it). FSDP asked of the Trainer itself (``accelerate launch
+      --use_fsdp``, ``TrainingArguments.fsdp``) is refused for the same reason.
     """
 
     FEATURE_LOSSES_FILE = "flexkd_feature_losses.safetensors"
@@ -99,6 +100,16 @@ class FlexKDTrainer(Trainer):
                 "FlexKDTrainer: the student is sharded (fully_shard); the Trainer's DDP and optimizer "
                 "cannot train a sharded student. Pass it unsharded, or train with flexkd.train and "
                 "distributed.fsdp.student: true"
+            )
+        training_args = kwargs.get("args", args[0] if args else None)
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or getattr(
+            training_args, "fsdp", None
+        ):
+            raise ValueError(
+                "FlexKDTrainer: FSDP was asked for (accelerate launch --use_fsdp or "
+                "TrainingArguments.fsdp); the Trainer would wrap the whole Distiller, teacher included, "
+                "by its own policy. Shard the teacher with flexkd.distributed.shard_model and keep the "
+                "student whole, or train with flexkd distill and distributed.fsdp"
             )
         super().__init__(distiller, *args, **kwargs)
         self._place_teacher(teacher_dtype)

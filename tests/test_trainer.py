@@ -274,3 +274,15 @@ def test_sharded_student_is_refused_naming_what_to_use_instead(setup, tmp_path):
             FlexKDTrainer(distiller, args=args, data_collator=collate)
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp_asked_of_the_trainer_is_refused_naming_what_to_use_instead(setup, tmp_path, monkeypatch):
+    """``accelerate launch --use_fsdp`` would have the Trainer wrap the whole Distiller by its own policy."""
+    teacher, selection = setup[:2]
+    distiller = flexkd.Distiller(teacher, _student(), selection=selection, weights=WEIGHTS)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match=r"FSDP was asked for.*shard_model.*distributed\.fsdp"):
+        FlexKDTrainer(distiller, args=args, data_collator=collate)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    FlexKDTrainer(distiller, args, data_collator=collate)  # positional args too, without FSDP
