@@ -125,11 +125,15 @@ def test_sections_evaluate_reports_metrics(sections, minilm):
 def test_sections_evaluate_batches_by_length_and_returns_the_splits_order(sections, minilm):
     rows = sections.encode("validation", 12)
     assert len({len(r["input_ids"]) for r in rows}) > 4  # lengths vary, so sorting reorders
-    result = sections.evaluate(minilm, "validation", limit=12, batch_size=5, return_predictions=True)
+    result = sections.evaluate(
+        minilm, "validation", limit=12, batch_size=5, return_predictions=True, return_logits=True
+    )
     with torch.no_grad():  # one row at a time, in the split's order, no padding at all
-        alone = [int(minilm(**sections.collate([row])).logits.argmax(-1)) for row in rows]
-    assert len(set(alone)) > 2 and result["predictions"] == alone  # several classes: order shows
+        alone = torch.cat([minilm(**sections.collate([row])).logits for row in rows])
+    assert len(set(alone.argmax(-1).tolist())) > 2  # several classes: the order shows
+    assert result["predictions"] == alone.argmax(-1).tolist()
     assert result["references"] == [r["label"] for r in rows]
+    torch.testing.assert_close(result["logits"], alone, rtol=1e-4, atol=1e-4)  # padding rounds apart
 
 
 # --- summarisation -------------------------------------------------------------------------

@@ -258,10 +258,11 @@ class SectionsTask(DebianTask):
         progress: bool = False,
         reader: str = "teacher",
         return_predictions: bool = False,
+        return_logits: bool = False,
     ) -> dict:
         """``{"accuracy", "macro_f1", "n"}`` of ``model`` on a split, fed the ids of ``reader``
-        (``"teacher"`` or ``"student"``); plus the per-row ``"predictions"`` and ``"references"`` labels on
-        request."""
+        (``"teacher"`` or ``"student"``); plus the per-row ``"predictions"`` and ``"references"`` labels, and
+        the fp32 ``"logits"`` ``[rows, classes]``, on request (all in the split's order)."""
         from torch.utils.data import DataLoader
         from tqdm.auto import tqdm
 
@@ -282,7 +283,7 @@ class SectionsTask(DebianTask):
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        sorted_predictions = []
+        sorted_predictions, sorted_logits = [], []
         for batch in tqdm(
             batches,
             desc=f"eval {split}",
@@ -293,6 +294,8 @@ class SectionsTask(DebianTask):
                 **move_to_device({k: v for k, v in batch.items() if k != "labels"}, device)
             ).logits
             sorted_predictions += logits.argmax(-1).tolist()
+            if return_logits:
+                sorted_logits.append(logits.float().cpu())
         model.train(was_training)
         predictions = [0] * len(rows)
         for position, prediction in zip(order, sorted_predictions, strict=True):
@@ -305,6 +308,8 @@ class SectionsTask(DebianTask):
         }
         if return_predictions:
             result.update(predictions=predictions, references=references)
+        if return_logits:
+            result["logits"] = torch.cat(sorted_logits)[torch.tensor(order).argsort()]
         return result
 
     teacher_eval_limit = None  # the whole validation split
