@@ -320,6 +320,12 @@ class FSDPSection(_Section):
     reshard_after_forward: bool = Field(
         True, description="free gathered parameters after each block's forward (less memory)"
     )
+    replicas: int = Field(
+        1,
+        ge=1,
+        description="HSDP: shard within groups of world_size / replicas processes and replicate across "
+        "the groups (e.g. one group per node); 1 shards over all processes",
+    )
 
 
 class DistributedSection(_Section):

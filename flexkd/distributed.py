@@ -239,9 +239,38 @@ def check_sharding(cfg, world_size: int) -> None:
                 f"{field}: sharding needs several processes, this run has {world_size}; "
                 f"{SEVERAL_PROCESSES_HINT}"
             )
+    if fsdp.replicas > 1:
+        field = "distributed.fsdp.replicas"
+        if not (fsdp.teacher or fsdp.student):
+            raise ConfigError(f"{field}: {fsdp.replicas} replicas of what? shard the teacher or the student")
+        if world_size % fsdp.replicas or world_size // fsdp.replicas < 2:
+            raise ConfigError(
+                f"{field}: {fsdp.replicas} replicas of {world_size} processes; each replica must be a "
+                f"group of at least 2 processes that divides the world (world_size = replicas x group)"
+            )
 
 
-def shard_trainable(module: nn.Module, *, reshard_after_forward: bool = True) -> None:
+_meshes: dict = {}  # (device type, replicas, world size) -> DeviceMesh
+
+
+def sharding_mesh(cfg, device_type: str):
+    """The device mesh ``distributed.fsdp`` shards over: None (every process) or, with ``replicas`` > 1,
+    the 2-D ``(replicate, shard)`` mesh of HSDP; one per process and size."""
+    replicas = cfg.distributed.fsdp.replicas
+    if replicas == 1:
+        return None
+    world = torch.distributed.get_world_size()
+    key = (device_type, replicas, world)
+    if key not in _meshes:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        _meshes[key] = init_device_mesh(
+            device_type, (replicas, world // replicas), mesh_dim_names=("replicate", "shard")
+        )
+    return _meshes[key]
+
+
+def shard_trainable(module: nn.Module, *, reshard_after_forward: bool = True, mesh=None) -> None:
     """``fully_shard`` ``module`` (each member of a ``ModuleList``, whose members are what is called)
     when it has trainable parameters: a projector next to a sharded student, so that its gradients are
     averaged over ranks like the student's. As DDP does, every rank starts from rank 0's values (each
@@ -254,7 +283,7 @@ def shard_trainable(module: nn.Module, *, reshard_after_forward: bool = True) ->
             with torch.no_grad():
                 for tensor in [*member.parameters(), *member.buffers()]:
                     torch.distributed.broadcast(tensor, src=0)
-            fully_shard(member, reshard_after_forward=reshard_after_forward)
+            fully_shard(member, mesh=mesh, reshard_after_forward=reshard_after_forward)
 
 
 @contextlib.contextmanager
@@ -271,5 +300,10 @@ def shard_from_config(cfg, model: nn.Module, role: str) -> nn.Module:
     """``model`` sharded when ``distributed.fsdp.<role>`` asks for it (``role``: teacher or student)."""
     fsdp = cfg.distributed.fsdp
     if getattr(fsdp, role):
-        shard_model(model, reshard_after_forward=fsdp.reshard_after_forward)
+        mesh = sharding_mesh(cfg, _device_type(model))
+        shard_model(model, reshard_after_forward=fsdp.reshard_after_forward, mesh=mesh)
     return model
+
+
+def _device_type(model: nn.Module) -> str:
+    return next(model.parameters()).device.type

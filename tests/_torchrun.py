@@ -10,20 +10,22 @@ import time
 from pathlib import Path
 
 
-def _command(script: str, *args: str) -> list[str]:
+def _command(script: str, *args: str, nproc: int = 2) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    return [*launcher, "--nproc_per_node", "2", script, *args]
+    return [*launcher, "--nproc_per_node", str(nproc), script, *args]
 
 
 def _env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
 
 
-def run_two_processes(script: str, *args: str, timeout: int) -> None:
-    """``torchrun --nproc_per_node 2 script *args`` with one thread per process; fails with its output."""
+def run_two_processes(script: str, *args: str, timeout: int, nproc: int = 2) -> None:
+    """``torchrun --nproc_per_node 2 script *args`` (``nproc`` processes) with one thread per process;
+    fails with its output."""
     done = subprocess.run(
-        _command(script, *args), env=_env(), capture_output=True, text=True, timeout=timeout
-    )
+        _command(script, *args, nproc=nproc), env=_env(), capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 

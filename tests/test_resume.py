@@ -231,3 +231,13 @@ def test_starting_over_with_another_seed_names_the_stale_selection_to_delete(tmp
     assert main(["distill", str(path), "--set", "train.seed=1", "--set", "train.resume=false"]) == 0
     assert main(["distill", str(path), "--set", "train.seed=1"]) == 0
     assert "resuming from step 2 of 2" in capsys.readouterr().err
+
+
+def test_a_field_a_later_flexkd_added_resumes_at_its_default_only(tmp_path):
+    """A run recorded before ``data.group_by_length`` existed resumes when the field keeps its default."""
+    cfg = load_config(write_causal_config(tmp_path))
+    record = cfg.resolved()
+    del record["data"]["group_by_length"]
+    assert changed_fields(record, cfg.resolved()) == []
+    grouped = load_config(write_causal_config(tmp_path), ["data.group_by_length=true"])
+    assert changed_fields(record, grouped.resolved()) == [("data.group_by_length", None, True)]

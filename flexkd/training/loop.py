@@ -56,6 +56,7 @@ from flexkd.distributed import (
     no_gradient_sync,
     shard_from_config,
     shard_trainable,
+    sharding_mesh,
     take_accelerate_fsdp,
     warn_if_fewer_processes,
 )
@@ -498,6 +499,7 @@ def _distil(cfg: Config, accelerator) -> TrainResult:
         shard_trainable(
             distiller.feature_losses.to(accelerator.device),
             reshard_after_forward=fsdp.reshard_after_forward,
+            mesh=sharding_mesh(cfg, accelerator.device.type),
         )
     optimizer = build_optimizer(distiller.trainable_parameters(), tc)
     scheduler = build_scheduler(optimizer, tc, total_steps)

@@ -154,14 +154,19 @@ def read_run_config(folder: Path) -> dict[str, Any] | None:
 
 
 def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
-    """``(dotted field, old, new)`` for every leaf that differs and may change the run's result."""
+    """``(dotted field, old, new)`` for every leaf that differs and may change the run's result. A field
+    the old record lacks (it came in a later flexkd) and the new config leaves at its default is the
+    same run."""
     flat_old, flat_new = _flatten(old), _flatten(new)
     missing = object()
+    defaults = _field_defaults()
     changed = []
     for field in sorted(flat_old.keys() | flat_new.keys()):
         if field in RESULT_NEUTRAL_FIELDS or field.split(".")[0] in RESULT_NEUTRAL_SECTIONS:
             continue
         before, after = flat_old.get(field, missing), flat_new.get(field, missing)
+        if before is missing and field in defaults and after == defaults[field]:
+            continue
         if before != after:
             changed.append(
                 (field, None if before is missing else before, None if after is missing else after)
@@ -183,6 +188,27 @@ def check_resume_config(folder: Path, resolved: Mapping[str, Any], checkpoint: P
             f"from {checkpoint.name} ({fields}); start over in that folder with "
             f"--set train.resume=false, or pick another train.output_dir"
         )
+
+
+def _field_defaults() -> dict[str, Any]:
+    """Dotted config field -> its default (as recorded: JSON values), for the fields that have one."""
+    from pydantic import BaseModel
+    from pydantic_core import PydanticUndefined
+
+    from flexkd.config import Config
+
+    defaults: dict[str, Any] = {}
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            kind = info.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                walk(kind, f"{prefix}{name}.")
+            elif info.default is not PydanticUndefined:
+                defaults[f"{prefix}{name}"] = json.loads(json.dumps(info.default, default=str))
+
+    walk(Config, "")
+    return defaults
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
