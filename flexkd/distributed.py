@@ -250,7 +250,7 @@ def check_sharding(cfg, world_size: int) -> None:
             )
 
 
-_meshes: dict = {}  # (device type, replicas, world size) -> DeviceMesh
+_meshes: dict = {}  # (device type, replicas, world size, process group) -> DeviceMesh
 
 
 def sharding_mesh(cfg, device_type: str):
@@ -260,7 +260,7 @@ def sharding_mesh(cfg, device_type: str):
     if replicas == 1:
         return None
     world = torch.distributed.get_world_size()
-    key = (device_type, replicas, world)
+    key = (device_type, replicas, world, torch.distributed.group.WORLD)  # a new group: a new mesh
     if key not in _meshes:
         from torch.distributed.device_mesh import init_device_mesh
 
