@@ -5,6 +5,8 @@ runs after the head, and never make the logits in a step."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import transformers as tf
@@ -108,7 +110,8 @@ def test_a_top_k_teacher_goes_through_the_same_term_function():
             teacher_logits = distiller._teacher_side(batch, positions, None)[0]
         topk = tuple(teacher_logits.topk(8, dim=-1))
         student_out, student_hidden = distiller._run_student(
-            batch, lambda hidden: distiller._fused_logit_sums(hidden, positions, None, topk)
+            batch, functools.partial(distiller._fused_logit_sums, positions=positions,
+                                     teacher_logits=None, teacher_topk=topk),
         )
         sums, _ = distiller._term_sums(
             batch, positions, None, {}, student_out, student_hidden, teacher_topk=topk
