@@ -67,6 +67,7 @@ def test_accelerate_fsdp2_launch_equals_the_config_section(tmp_path):
         "teacher": True,
         "student": True,
         "reshard_after_forward": False,
+        "replicas": 1,
     }
     assert (launched / "checkpoints" / "step-000002" / "sharded" / ".metadata").is_file()
     assert [m["step"] for m in _metrics(launched)] == [1, 2, 3]
