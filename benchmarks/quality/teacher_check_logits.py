@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     from flexkd.adapters import get_adapter
     from flexkd_lab.experiments.kits import pair_task, quiet_transformers
     from flexkd_lab.experiments.study import TASK, StudyPlan, _Experiments
-    from flexkd_lab.experiments.teacher_check import ZeroDims, teacher_check_conditions
+    from flexkd_lab.experiments.teacher_check import run_teacher_check
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pair", default="minilm-tiny")
@@ -68,25 +68,23 @@ def main(argv: list[str] | None = None) -> dict:
     task = pair_task(TASK, args.pair, quick=args.quick)
     options = {"reader": "teacher"} if getattr(task, "own_teacher_ids", False) else {}
 
-    def evaluate() -> dict:
-        return task.evaluate(
-            teacher, budget.eval_split, limit=budget.eval_examples, return_logits=True, **options
+    intact: dict = {}
+
+    def evaluate(model) -> dict[str, float]:
+        """Accuracy and, after the first (intact) call, the logit shift from the intact teacher."""
+        out = task.evaluate(
+            model, budget.eval_split, limit=budget.eval_examples, return_logits=True, **options
         )
+        if not intact:
+            intact.update(out)
+            return {"accuracy": out["accuracy"]}
+        return {"accuracy": out["accuracy"], **logit_shift(intact["logits"], out["logits"])}
 
     started = time.perf_counter()
-    intact = evaluate()
-    rows = [{"layer": None, "condition": "intact", "accuracy": intact["accuracy"]}]
-    for layer in args.layers:
-        for condition, dims in teacher_check_conditions(selection.scores(layer), k).items():
-            if not dims.numel():
-                continue
-            with ZeroDims(teacher, layer, dims):
-                zeroed = evaluate()
-            shift = logit_shift(intact["logits"], zeroed["logits"])
-            rows.append(
-                {"layer": layer, "condition": condition, "accuracy": zeroed["accuracy"], **shift}
-            )
-            print(f"layer {layer} {condition}: {rows[-1]}", flush=True)
+    scores = {layer: selection.scores(layer) for layer in args.layers}
+    rows = run_teacher_check(teacher, scores, k, evaluate)
+    for row in rows:
+        row.pop("dims_zeroed")
     report = {
         "pair": args.pair,
         "teacher": Path(kit.teacher_dir).name,
