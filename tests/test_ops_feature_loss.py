@@ -209,3 +209,39 @@ def test_backward_twice_and_weighted(target):
     (weighted,) = torch.autograd.grad(0.25 * value, student)
     torch.testing.assert_close(first, second)
     torch.testing.assert_close(weighted, 0.25 * first)
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="needs mprotect")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_cpu_reads_nothing_past_the_teachers_last_element(dtype, loss):
+    """The CPU kernels read a sorted selection in whole 16-column blocks except on the last row: a teacher
+    whose last element sits just before an inaccessible page must not fault, and must match the reference."""
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    area = mmap.mmap(-1, 3 * page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(area))
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mprotect(ctypes.c_void_p(base + 2 * page), page, 0) == 0  # PROT_NONE
+    try:
+        width = 40  # not a multiple of the 16-column block
+        elements = 2 * page // dtype.itemsize
+        rows = elements // width
+        flat = torch.frombuffer(area, dtype=dtype, count=elements)
+        teacher = flat[elements - rows * width :].view(rows, width)  # ends at the guard page
+        teacher.copy_(torch.randn(rows, width, generator=torch.Generator().manual_seed(0)))
+        index = torch.tensor([1, 2, 17, 30, 37, width - 1])  # sorted; the last column included
+        student = torch.randn(rows, index.numel(), dtype=dtype, requires_grad=True)
+        got = flex_feature_loss(student, teacher, index, loss=loss, backend="cpu")
+        (grad,) = torch.autograd.grad(got, student)
+        ref_student = student.detach().clone().requires_grad_(True)
+        want = reference.flex_feature_loss(ref_student, teacher.clone(), index, loss=loss)
+        (want_grad,) = torch.autograd.grad(want, ref_student)
+        tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+        torch.testing.assert_close(got, want.to(got.dtype), rtol=tol, atol=tol)
+        torch.testing.assert_close(grad.float(), want_grad.float(), rtol=tol, atol=tol)
+        del flat, teacher
+    finally:
+        libc.mprotect(ctypes.c_void_p(base + 2 * page), page, mmap.PROT_READ | mmap.PROT_WRITE)

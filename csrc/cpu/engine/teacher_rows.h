@@ -53,7 +53,9 @@ struct GatheredTeacherRow {
 #endif
     if constexpr (kCanCompress<Acc, T>) {
       if (blocks != nullptr && !blocks->empty()) {
-        compress_row(r, *blocks, out);
+        // a block of row n reads at most 15 elements past the row's last selected column, and those lie
+        // before the last selected element of row n + 1 when rows are at least a block apart
+        compress_row(r, *blocks, out, n + 1 < rows && row_stride >= ColumnBlocks::kWidth);
         return;
       }
     }
