@@ -1,6 +1,8 @@
 """flex_feature_loss on every backend (``_targets.op_targets``) against the torch reference: forward and
 gradients, odd shapes, strides, masks, dtypes, degenerate cases."""
 
+import sys
+
 import pytest
 import torch
 from _cases import FLOAT_DTYPES, MASK_KINDS, make_mask, random_index
@@ -211,12 +213,14 @@ def test_backward_twice_and_weighted(target):
     torch.testing.assert_close(weighted, 0.25 * first)
 
 
-@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="needs mprotect")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs mprotect")
+@pytest.mark.parametrize("layout", ["contiguous", "column_slice"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("loss", LOSSES)
-def test_cpu_reads_nothing_past_the_teachers_last_element(dtype, loss):
-    """The CPU kernels read a sorted selection in whole 16-column blocks except on the last row: a teacher
-    whose last element sits just before an inaccessible page must not fault, and must match the reference."""
+def test_cpu_reads_nothing_past_the_teachers_last_element(dtype, loss, layout):
+    """The CPU kernels read a sorted selection in whole 16-column blocks except on the last row, and
+    prefetch rows ahead of a column slice: a teacher whose last element sits just before an inaccessible
+    page must not fault, and must match the reference."""
     import ctypes
     import mmap
 
@@ -228,9 +232,11 @@ def test_cpu_reads_nothing_past_the_teachers_last_element(dtype, loss):
     try:
         width = 40  # not a multiple of the 16-column block
         elements = 2 * page // dtype.itemsize
-        rows = elements // width
+        stride = width if layout == "contiguous" else 2 * width
+        rows = elements // stride
         flat = torch.frombuffer(area, dtype=dtype, count=elements)
-        teacher = flat[elements - rows * width :].view(rows, width)  # ends at the guard page
+        wide = flat[elements - rows * stride :].view(rows, stride)  # ends at the guard page
+        teacher = wide[:, stride - width :]
         teacher.copy_(torch.randn(rows, width, generator=torch.Generator().manual_seed(0)))
         index = torch.tensor([1, 2, 17, 30, 37, width - 1])  # sorted; the last column included
         student = torch.randn(rows, index.numel(), dtype=dtype, requires_grad=True)
@@ -242,6 +248,5 @@ def test_cpu_reads_nothing_past_the_teachers_last_element(dtype, loss):
         tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
         torch.testing.assert_close(got, want.to(got.dtype), rtol=tol, atol=tol)
         torch.testing.assert_close(grad.float(), want_grad.float(), rtol=tol, atol=tol)
-        del flat, teacher
     finally:
         libc.mprotect(ctypes.c_void_p(base + 2 * page), page, mmap.PROT_READ | mmap.PROT_WRITE)

@@ -45,11 +45,16 @@ inline ColumnBlocks column_blocks(const int64_t* cols, int64_t k, bool unit_colu
 // selected one; the caller allows it only where a later row of the same tensor lies beyond them. Else
 // masked loads, which do not touch unselected columns, so a block past the end of the tensor cannot fault.
 // Plain loads are 3.8x faster on Zen 5, where a masked load costs ~40 cycles (benchmarks/README.md).
-inline void compress_row(const float* r, const ColumnBlocks& blocks, float* out, bool whole_blocks) {
+// `prefetch_ahead`: when non-zero, each block also prefetches the block that many bytes further on (the
+// same columns of a later row), which spreads the prefetches of rows the hardware prefetcher does not
+// follow across the row.
+inline void compress_row(const float* r, const ColumnBlocks& blocks, float* out, bool whole_blocks,
+                         int64_t prefetch_ahead) {
   const size_t count = blocks.starts.size();
   for (size_t b = 0; b < count; ++b) {
     const __mmask16 mask = blocks.masks[b];
     const float* block = r + blocks.starts[b];
+    if (prefetch_ahead != 0) __builtin_prefetch(reinterpret_cast<const char*>(block) + prefetch_ahead);
     const __m512 values = whole_blocks ? _mm512_loadu_ps(block) : _mm512_maskz_loadu_ps(mask, block);
     _mm512_storeu_ps(out, _mm512_maskz_compress_ps(mask, values));
     out += __builtin_popcount(mask);
@@ -57,11 +62,13 @@ inline void compress_row(const float* r, const ColumnBlocks& blocks, float* out,
 }
 
 // bf16 widens to fp32 by a 16-bit shift, exactly what bf16_to_f32 does.
-inline void compress_row(const BFloat16* r, const ColumnBlocks& blocks, float* out, bool whole_blocks) {
+inline void compress_row(const BFloat16* r, const ColumnBlocks& blocks, float* out, bool whole_blocks,
+                         int64_t prefetch_ahead) {
   const size_t count = blocks.starts.size();
   for (size_t b = 0; b < count; ++b) {
     const __mmask16 mask = blocks.masks[b];
     const auto* block = reinterpret_cast<const __m256i*>(r + blocks.starts[b]);
+    if (prefetch_ahead != 0) __builtin_prefetch(reinterpret_cast<const char*>(block) + prefetch_ahead);
     const __m256i bits = whole_blocks ? _mm256_loadu_si256(block) : _mm256_maskz_loadu_epi16(mask, block);
     const __m512i widened = _mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16);
     _mm512_storeu_ps(out, _mm512_maskz_compress_ps(mask, _mm512_castsi512_ps(widened)));

@@ -7,9 +7,12 @@
 template <class Acc, class T>
 struct GatheredTeacherRow {
   // When the selected part of a row does not run into the next row's (a column slice of a wider
-  // tensor) the hardware prefetcher restarts on every row; the first lines of the next row are
-  // prefetched by hand instead.
+  // tensor) the hardware prefetcher restarts on every row, so rows are prefetched by hand: the block
+  // gather prefetches each block kCompressRowsAhead rows on as it reads it (2.8x -> 1.7x a copy's CPU
+  // time for fp32 on Zen 5, 5.0x -> 2.0x for bf16); the scalar gather prefetches the first
+  // kPrefetchLines lines of the next row.
   static constexpr int kPrefetchLines = 16;
+  static constexpr int64_t kCompressRowsAhead = 2;
 
   const T* data;
   int64_t row_stride;
@@ -45,20 +48,22 @@ struct GatheredTeacherRow {
   // Row n's selected elements into out, which has room for ColumnBlocks::kWidth elements past the k-th.
   void gather(int64_t n, Acc* out) const {
     const T* r = data + n * row_stride;
-#if defined(__GNUC__)
-    if (n + 1 < rows) {
-      const char* next = reinterpret_cast<const char*>(r + row_stride);
-      for (const int64_t offset : prefetch_offsets) __builtin_prefetch(next + offset);
-    }
-#endif
+    const bool strided = !prefetch_offsets.empty();
     if constexpr (kCanCompress<Acc, T>) {
       if (blocks != nullptr && !blocks->empty()) {
         // a block of row n reads at most 15 elements past the row's last selected column, and those lie
         // before the last selected element of row n + 1 when rows are at least a block apart
-        compress_row(r, *blocks, out, n + 1 < rows && row_stride >= ColumnBlocks::kWidth);
+        const int64_t ahead = strided ? kCompressRowsAhead * row_stride * static_cast<int64_t>(sizeof(T)) : 0;
+        compress_row(r, *blocks, out, n + 1 < rows && row_stride >= ColumnBlocks::kWidth, ahead);
         return;
       }
     }
+#if defined(__GNUC__)
+    if (strided && n + 1 < rows) {
+      const char* next = reinterpret_cast<const char*>(r + row_stride);
+      for (const int64_t offset : prefetch_offsets) __builtin_prefetch(next + offset);
+    }
+#endif
     int64_t j = 0;
     for (; j + 4 <= k; j += 4) {
       const T t0 = r[cols[j]], t1 = r[cols[j + 1]], t2 = r[cols[j + 2]], t3 = r[cols[j + 3]];
