@@ -15,7 +15,7 @@ from _tolerances import FP64_GRAD_RTOL, FP64_LOSS_RTOL, assert_close_to_fp64
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flexkd.ops import LOSSES, flex_feature_loss, importance_scores, reference
+from flexkd.ops import LOSSES, flex_feature_loss, importance_scores, reference, select_top_k
 
 TARGETS = op_targets()
 
@@ -166,6 +166,26 @@ def test_minilm_hidden_states_every_layer(target, minilm_hidden_states, layer, d
     student = hidden[max(layer - 1, 0)][..., torch.randperm(384, generator=g)[:128]]
     for loss in LOSSES:
         against_fp64(target, student.to(dtype), hidden[layer].to(dtype), index, mask, loss)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("layer", [1, 6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_minilm_top_k_selection_from_a_column_slice(target, minilm_hidden_states, layer, dtype):
+    """What a Flex-KD step feeds the op: a sorted top-k of real MiniLM activations (the CPU block gather's
+    path), the teacher a column slice of a wider tensor (the rows the block gather prefetches ahead), a
+    first-token outlier of 3000 in a selected column and padded rows masked out."""
+    hidden, mask = minilm_hidden_states
+    h = hidden[layer].clone()
+    scores = (h.abs() * mask[..., None]).sum((0, 1))
+    index = select_top_k(scores, 128)
+    h[:, 0, index[5]] = 3000.0
+    wide = torch.randn(*h.shape[:-1], 2 * h.shape[-1], generator=seeded(layer)).to(dtype)
+    wide[..., h.shape[-1] :] = h.to(dtype)
+    teacher = wide[..., h.shape[-1] :]
+    student = hidden[layer - 1][..., torch.randperm(h.shape[-1], generator=seeded(layer))[:128]]
+    for loss in LOSSES:
+        against_fp64(target, student.to(dtype), teacher, index, mask, loss)
 
 
 @pytest.fixture(scope="module")
