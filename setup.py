@@ -3,8 +3,7 @@
 Build against the installed torch: ``pip install -e . --no-build-isolation`` or
 ``python -m build --wheel --no-isolation``. CUDA kernels are added when torch has CUDA and a toolkit is
 found (``FLEXKD_BUILD_CUDA=0`` turns them off; ``FLEXKD_CUDA_ARCH_LIST`` picks architectures, default
-``8.0;9.0``; ``MAX_JOBS`` bounds compile parallelism). The Triton kernels in ``kernels/`` ship as
-``flexkd.kernels``.
+``8.0;9.0``; ``MAX_JOBS`` bounds compile parallelism).
 """
 
 from __future__ import annotations
@@ -21,13 +20,6 @@ sys.path.insert(0, str(ROOT / "tools"))
 import build_config  # noqa: E402
 
 
-def _packages() -> tuple[list[str], dict[str, str]]:
-    packages = find_packages(where=str(ROOT), include=["flexkd", "flexkd.*"])
-    kernel_packages = ["flexkd.kernels"] + [
-        f"flexkd.kernels.{name}" for name in find_packages(where=str(ROOT / "kernels"))
-    ]
-    package_dir = {"flexkd.kernels": "kernels"}
-    return packages + kernel_packages, package_dir
 
 
 def _extension():
@@ -60,10 +52,8 @@ def _build_ext():
 
 
 os.chdir(ROOT)  # setuptools wants source paths relative to setup.py
-packages, package_dir = _packages()
 setup(
-    packages=packages,
-    package_dir=package_dir,
+    packages=find_packages(where=str(ROOT), include=["flexkd", "flexkd.*"]),
     ext_modules=[_extension()],
     cmdclass={"build_ext": _build_ext()},
     zip_safe=False,

@@ -1,16 +1,13 @@
 """Test helper for the Triton backend: interpreter mode and importing ``flexkd.kernels``.
 
 ``TRITON_INTERPRET`` is read when ``@triton.jit`` decorates a function, so it must be set before
-``triton`` (whose library has ``@triton.jit`` functions) and ``flexkd.kernels`` are first imported. In an installed flexkd, ``flexkd.kernels`` is the wheel's copy of ``kernels/``; in a source
-checkout that was not installed, :func:`import_kernels` loads ``kernels/`` under that name.
+``triton`` (whose library has ``@triton.jit`` functions) and ``flexkd.kernels`` are first imported.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -21,32 +18,15 @@ def interpreter_requested() -> bool:
 
 
 def import_kernels():
-    """``flexkd.kernels``, loaded from the source tree's ``kernels/`` when it is not installed."""
-    if "flexkd.kernels" in sys.modules:
-        return sys.modules["flexkd.kernels"]
-    import flexkd
-
-    if importlib.util.find_spec("flexkd.kernels") is None:
-        source = REPO_ROOT / "kernels" / "__init__.py"
-        spec = importlib.util.spec_from_file_location(
-            "flexkd.kernels", source, submodule_search_locations=[str(source.parent)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["flexkd.kernels"] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules["flexkd.kernels"]
-            raise
-        flexkd.kernels = module
-        return module
+    """``flexkd.kernels`` (ImportError when Triton is missing)."""
     return importlib.import_module("flexkd.kernels")
 
 
 def kernels_interpreted() -> bool:
     """Whether the imported kernels are interpreter functions (run on CPU tensors)."""
-    from flexkd.kernels import feature_loss
     from triton.runtime.interpreter import InterpretedFunction
+
+    from flexkd.kernels import feature_loss
 
     return isinstance(feature_loss._mse_kernel, InterpretedFunction)
 

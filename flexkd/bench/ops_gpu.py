@@ -37,7 +37,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -52,8 +51,6 @@ from flexkd.bench.options import add_gpu_arguments as add_arguments
 from flexkd.ops import _backends, flex_feature_loss, importance_scores, select_top_k
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-# A source checkout's test helper that loads kernels/ as flexkd.kernels when flexkd is not installed.
-_TRITON_ENV = Path(__file__).resolve().parents[2] / "tests" / "triton_env.py"
 
 
 
@@ -96,16 +93,6 @@ def triton_available() -> str | None:
     """None when the triton backend can run on CUDA tensors here, else why not."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return "TRITON_INTERPRET is set"
-    if _backends.triton_error() is not None and _TRITON_ENV.exists():
-        # A source checkout that was not installed: load kernels/ as flexkd.kernels the way the tests do.
-        sys.path.insert(0, str(_TRITON_ENV.parent))
-        try:
-            import triton_env
-
-            triton_env.import_kernels()
-        except ImportError as err:
-            return f"{type(err).__name__}: {err}"
-        _backends.triton_error.cache_clear()
     return _backends.unavailable_reason("triton", "cuda")
 
 
