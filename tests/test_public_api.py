@@ -1,7 +1,9 @@
 """The top-level API (lazy, complete dir()), the FlexKDError hierarchy, and how the CLI prints errors."""
 
+import importlib.metadata
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from _train_helpers import write_causal_config
@@ -28,6 +30,24 @@ def test_import_flexkd_loads_neither_torch_nor_transformers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _importable_names(directory: Path) -> set[str]:
+    return {
+        entry.stem
+        for entry in directory.iterdir()
+        if (entry.is_dir() and (entry / "__init__.py").exists()) or entry.suffix == ".py"
+    }
+
+
+def test_source_tree_shadows_no_installed_module():
+    """``python -m ...`` from the repo root puts it first on sys.path, and pytest puts tests/ there: a
+    module in either with the name of an installed distribution's module hides it (a top-level
+    ``kernels/`` hid Hugging Face's ``kernels``, which transformers imports)."""
+    repo = Path(__file__).resolve().parents[1]
+    installed = set(importlib.metadata.packages_distributions())
+    ours = (_importable_names(repo) | _importable_names(repo / "tests")) - {"flexkd", "conftest"}
+    assert not ours & installed, f"modules in the source tree shadow installed ones: {sorted(ours & installed)}"
 
 
 def test_public_names_resolve_to_their_modules():
