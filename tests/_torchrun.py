@@ -6,13 +6,26 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 
-def _command(script: str, *args: str, nproc: int = 2) -> list[str]:
+def _command(script: str, *args: str, nproc: int = 2, log_dir: str | None = None) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    if log_dir is not None:  # each rank's output also in its own file, so a crash shows its own lines
+        launcher += ["--log-dir", log_dir, "--tee", "3"]
     return [*launcher, "--nproc_per_node", str(nproc), script, *args]
+
+
+def _rank_logs(log_dir: str, chars: int = 3000) -> str:
+    """The end of each rank's stdout and stderr under torchrun's ``log_dir``."""
+    parts = []
+    for log in sorted(Path(log_dir).rglob("*.log")):
+        text = log.read_text(errors="replace").strip()
+        if text:
+            parts.append(f"--- {log.relative_to(log_dir)} ---\n{text[-chars:]}")
+    return "\n".join(parts)
 
 
 def _env() -> dict[str, str]:
@@ -22,11 +35,12 @@ def _env() -> dict[str, str]:
 def run_two_processes(script: str, *args: str, timeout: int, nproc: int = 2) -> None:
     """``torchrun --nproc_per_node 2 script *args`` (``nproc`` processes) with one thread per process;
     fails with its output."""
-    done = subprocess.run(
-        _command(script, *args, nproc=nproc), env=_env(), capture_output=True, text=True,
-        timeout=timeout,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with tempfile.TemporaryDirectory(prefix="torchrun-logs-") as log_dir:
+        done = subprocess.run(
+            _command(script, *args, nproc=nproc, log_dir=log_dir), env=_env(), capture_output=True,
+            text=True, timeout=timeout,
+        )  # fmt: skip
+        assert done.returncode == 0, f"{done.stderr[-2000:]}\n{_rank_logs(log_dir)}"
 
 
 def kill_two_processes_when_ready(script: str, *args: str, ready: Path, timeout: int) -> None:
