@@ -109,8 +109,9 @@ def _mse_fwd(s, t, w, reduction):
 #     W = W_a + W_b,  f = W_b / W,  g = W_a · f,  d_s = mean_s_b − mean_s_a,  d_t = ...
 #     mean_s = mean_s_a + f d_s,  m2_s = m2_s_a + m2_s_b + g d_s²,  co_m2 = co_a + co_b + g d_s d_t.
 # Nothing is ever taken as E[x²] − E[x]², so the result is exact to rounding whatever the column means
-# and whichever row comes first. (The C++ and CUDA kernels update one row at a time, which is the same
-# merge with a one-row block; the Triton kernel merges tiles; here blocks are merged in closed form.)
+# and whichever row comes first. (The C++ kernel merges 32-row blocks, each two-pass like these; the CUDA
+# kernel updates one row at a time, the same merge with a one-row block; the Triton kernel merges tiles;
+# here blocks are merged in closed form.)
 # Then, with c = 1/k for the mean reduction and 1 otherwise,
 #     var_s = m2_s / W,  sigma_s = max(sqrt(var_s), eps)  (likewise t),  cov = co_m2 / W,
 #     r = cov / (sigma_s sigma_t),  loss_j = 1 − r,
