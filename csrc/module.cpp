@@ -27,6 +27,8 @@ TORCH_LIBRARY(flexkd, m) {
   m.def(
       "importance_scores_acc(Tensor hidden, Tensor grad, Tensor? mask, str stat, Tensor(a!) out) "
       "-> ()");
+  // linear_logit_kd's per-row forward-KL closed form on the CPU (called inside its chunked kernel)
+  m.def("kd_rows_forward_kl_(Tensor(a!) z, Tensor teacher, float temperature) -> Tensor");
 }
 
 namespace {

@@ -498,3 +498,70 @@ def test_off_the_cpu_the_data_checks_are_queued_on_the_device_not_read_back():
             with pytest.raises(RuntimeError, match="mask weights must be finite and >= 0"):
                 _validate._mask_weights_on_device(torch.tensor([1.0, weight]))
     assert counter.calls == []
+
+
+# ------------------------------------------------------------------ the fused CPU row kernel (flexkd._C)
+
+needs_native = pytest.mark.skipif(
+    __import__("flexkd")._native.load() is None, reason="flexkd._C is not built"
+)
+
+
+def _row_kernel_cases():
+    g = torch.Generator().manual_seed(11)
+    vocab = 1001  # not a multiple of any vector width
+    z = torch.randn(6, vocab, generator=g) * 4
+    t = torch.randn(6, vocab, generator=g) * 4
+    t[0, :7] = float("-inf")  # masked vocabulary entries: p = 0 there
+    z[1], t[1] = z[1] * 3e3, t[1] * 3e3  # logits of thousands: exp under- and overflows unless shifted
+    t[2] = 0.0  # a uniform teacher
+    z[3] = t[3].clone()  # identical distributions: KL 0, gradient 0
+    t[4, 5] = 90.0  # one dominant teacher logit
+    return z, t
+
+
+@needs_native
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_fused_row_kernel_matches_the_torch_rows(teacher_dtype, temperature):
+    z, t = _row_kernel_cases()
+    t = t.to(teacher_dtype)
+    want_loss, want_grad = linear_logit_kd_impl.kd_rows_(z.clone(), t, None, None, "forward_kl", 0.5, temperature)
+    got_loss, got_grad = linear_logit_kd_impl.kd_rows_fused_(
+        z.clone(), t, None, None, "forward_kl", 0.5, temperature
+    )
+    assert_close(got_loss, want_loss, 2e-5, "loss", scale=want_loss.abs().max().item())
+    assert_close(got_grad, want_grad, 1e-5, "grad")
+    if teacher_dtype == torch.float32:  # bit-identical student and teacher rows
+        assert got_loss[3] == 0 and got_grad[3].abs().max() == 0
+
+
+@needs_native
+def test_fused_row_kernel_gives_a_nan_row_for_a_nan_anywhere_in_it():
+    z, t = _row_kernel_cases()
+    t[2, 500], z[4, 3] = float("nan"), float("nan")
+    loss = torch.ops.flexkd.kd_rows_forward_kl_(z, t, 1.0)
+    assert loss[[2, 4]].isnan().all() and z[[2, 4]].isnan().all()
+    assert loss[[0, 1, 3, 5]].isfinite().all() and z[[0, 1, 3, 5]].isfinite().all()
+
+
+@needs_native
+def test_fused_row_kernel_refuses_bad_arguments():
+    z, t = torch.zeros(2, 5), torch.zeros(2, 5)
+    with pytest.raises(ValueError, match="z must be a 2-D fp32"):
+        torch.ops.flexkd.kd_rows_forward_kl_(z.double(), t, 1.0)
+    with pytest.raises(ValueError, match="teacher must have z's shape"):
+        torch.ops.flexkd.kd_rows_forward_kl_(z, torch.zeros(2, 4), 1.0)
+    with pytest.raises(TypeError, match="teacher must be fp32, bf16 or fp16"):
+        torch.ops.flexkd.kd_rows_forward_kl_(z, t.double(), 1.0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        torch.ops.flexkd.kd_rows_forward_kl_(z, t, 0.0)
+
+
+def test_torch_backend_keeps_the_torch_rows(monkeypatch):
+    """The ``torch`` backend is the pure-torch formulation; only ``cpu`` takes the fused row kernel."""
+    calls = []
+    monkeypatch.setattr(linear_logit_kd_impl, "kd_rows_fused_", lambda *a: calls.append(1) or linear_logit_kd_impl.kd_rows_(*a))
+    hidden, weight, bias, teacher, _ = _inputs(8, 4, 9)
+    linear_logit_kd(hidden, weight, teacher, bias=bias, backend="torch")
+    assert not calls

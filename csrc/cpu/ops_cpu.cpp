@@ -99,9 +99,35 @@ void importance_scores_acc_cpu(const at::Tensor& hidden, const at::Tensor& grad,
   cpu::active_kernels().importance_scores(args);
 }
 
+at::Tensor kd_rows_forward_kl_cpu(at::Tensor z, const at::Tensor& teacher, double temperature) {
+  check_cpu(z, "z");
+  check_cpu(teacher, "teacher");
+  TORCH_CHECK_VALUE(z.dim() == 2 && z.scalar_type() == at::kFloat && z.stride(1) == 1,
+                    "z must be a 2-D fp32 tensor with unit column stride, got ", z.sizes(), " ", z.scalar_type());
+  TORCH_CHECK_VALUE(teacher.sizes() == z.sizes() && teacher.stride(1) == 1,
+                    "teacher must have z's shape ", z.sizes(), " and unit column stride, got ", teacher.sizes());
+  TORCH_CHECK_TYPE(teacher.scalar_type() == at::kFloat || teacher.scalar_type() == at::kBFloat16 ||
+                       teacher.scalar_type() == at::kHalf,
+                   "teacher must be fp32, bf16 or fp16, got ", teacher.scalar_type());
+  TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
+  at::Tensor loss = at::empty({z.size(0)}, z.options());
+  cpu::KdRowsArgs args{};
+  args.z = z.mutable_data_ptr<float>();
+  args.z_row_stride = z.stride(0);
+  args.teacher = strided_view(teacher);
+  args.rows = z.size(0);
+  args.vocab = z.size(1);
+  args.temperature = static_cast<float>(temperature);
+  args.loss_out = loss.mutable_data_ptr<float>();
+  args.num_threads = at::get_num_threads();
+  cpu::active_kernels().kd_rows_forward_kl(args);
+  return loss;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flexkd, CPU, m) {
+  m.impl("kd_rows_forward_kl_", &kd_rows_forward_kl_cpu);
   m.impl("feature_loss_fwd", &feature_loss_fwd_cpu);
   m.impl("importance_scores_acc", &importance_scores_acc_cpu);
 }

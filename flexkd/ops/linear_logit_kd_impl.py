@@ -33,6 +33,8 @@ from collections.abc import Callable
 
 import torch
 
+from flexkd import _native
+
 KINDS = ("forward_kl", "reverse_kl", "jsd")
 
 # A chunk of rows keeps one [chunk, V] accumulation-dtype buffer near 2**23 elements (32 MiB in fp32;
@@ -140,6 +142,31 @@ def kd_rows_(
     return loss.mul_(t * t), grad.mul_(t)
 
 
+def kd_rows_fused_(
+    z: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    topk_values: torch.Tensor | None,
+    topk_indices: torch.Tensor | None,
+    kind: str,
+    beta: float,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`kd_rows_` through ``flexkd._C``'s fused row kernel where it has one (``forward_kl``
+    against a dense fp32/bf16/fp16 teacher, fp32 logits on the CPU: three passes over each row instead
+    of a dozen over the chunk), else the torch formulation."""
+    if (
+        kind == "forward_kl"
+        and teacher_logits is not None
+        and z.device.type == "cpu"
+        and z.dtype == torch.float32
+        and teacher_logits.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and _native.load() is not None
+    ):
+        teacher = teacher_logits if teacher_logits.stride(-1) == 1 else teacher_logits.contiguous()
+        return torch.ops.flexkd.kd_rows_forward_kl_(z, teacher, temperature), z
+    return kd_rows_(z, teacher_logits, topk_values, topk_indices, kind, beta, temperature)
+
+
 def _kd_rows_topk_(log_q, q, values, indices, kind, beta, t):
     log_p = torch.log_softmax(values.to(log_q.dtype) / t, dim=-1)
     p = log_p.exp()
@@ -184,9 +211,11 @@ def fwd_chunked(
     hidden_grad: bool,
     weight_grad: bool,
     bias_grad: bool,
-    rows_fn: RowsFn = kd_rows_,
+    rows_fn: RowsFn | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loss and gradients chunk by chunk over rows; ``rows_fn`` has the contract of :func:`kd_rows_`."""
+    """Loss and gradients chunk by chunk over rows; ``rows_fn`` has the contract of :func:`kd_rows_`
+    (default :func:`kd_rows_fused_`)."""
+    rows_fn = kd_rows_fused_ if rows_fn is None else rows_fn
     acc = accumulation_dtype(hidden, weight, bias)
     n, vocab = hidden.shape[0], weight.shape[0]
     gemm = gemm_dtype(hidden, weight)
@@ -246,5 +275,5 @@ def fwd_materialised(
     ignored). Tests check every backend, this one included, against autograd of ``flexkd.losses.logit_kd``."""
     return fwd_chunked(
         hidden, weight, bias, teacher_logits, topk_values, topk_indices, mask, kind, beta,
-        temperature, max(hidden.shape[0], 1), hidden_grad, weight_grad, bias_grad,
+        temperature, max(hidden.shape[0], 1), hidden_grad, weight_grad, bias_grad, rows_fn=kd_rows_,
     )  # fmt: skip

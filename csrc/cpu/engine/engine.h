@@ -114,6 +114,8 @@ inline void importance(const ImportanceArgs& a) {
   });
 }
 
-inline const KernelTable table{FLEXKD_CPU_ISA_NAME, &feature_loss, &importance};
+#include "cpu/engine/kd_rows.h"
+
+inline const KernelTable table{FLEXKD_CPU_ISA_NAME, &feature_loss, &importance, &kd_rows_forward_kl};
 
 }  // namespace flexkd::cpu::FLEXKD_CPU_ISA

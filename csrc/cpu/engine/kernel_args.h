@@ -51,10 +51,24 @@ struct ImportanceArgs {
   int num_threads;
 };
 
+// kd_rows_forward_kl_: per row, loss_out[n] = T^2 KL(softmax(t_n/T) || softmax(z_n/T)) and
+// z_n <- T (softmax(z_n/T) - softmax(t_n/T)), in fp32.
+struct KdRowsArgs {
+  float* z;              // [rows, vocab], unit column stride, overwritten with the gradient
+  int64_t z_row_stride;
+  StridedMatrix teacher;  // [rows, vocab], unit column stride; fp32, bf16 or fp16
+  int64_t rows;
+  int64_t vocab;
+  float temperature;
+  float* loss_out;       // [rows]
+  int num_threads;
+};
+
 struct KernelTable {
   const char* isa;
   void (*feature_loss)(const FeatureLossArgs&);
   void (*importance_scores)(const ImportanceArgs&);
+  void (*kd_rows_forward_kl)(const KdRowsArgs&);
 };
 
 // One table per compiled instruction set (defined in kernels_<isa>.cpp).
