@@ -29,7 +29,8 @@ def _rank_logs(log_dir: str, chars: int = 3000) -> str:
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    # PYTHONFAULTHANDLER: a rank that aborts (SIGABRT) prints every thread's Python stack first
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", PYTHONPATH=os.pathsep.join(sys.path))
 
 
 def run_two_processes(script: str, *args: str, timeout: int, nproc: int = 2) -> None:
