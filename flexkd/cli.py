@@ -55,10 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     args.command_line = shlex.join(["flexkd", *argv])  # how it was invoked, for records that say so
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
     except FlexKDError as error:  # the user's to fix: one line, no traceback; anything else is a bug
         print(f"flexkd {args.command}: error: {error}", file=sys.stderr)
         return 2
+    # After a command that ran distributed, not after a failure (its barrier would wait on ranks that
+    # may never reach it).
+    if "torch.distributed" in sys.modules:
+        from flexkd.distributed import close_process_group
+
+        close_process_group()
+    return code
 
 
 if __name__ == "__main__":
