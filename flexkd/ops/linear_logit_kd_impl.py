@@ -82,15 +82,16 @@ def _logits_16bit(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return z if bias is None else z.add_(bias.to(acc))
 
 
-def _log_softmax_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _log_softmax_(x: torch.Tensor, with_probs: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``log_softmax(x)`` in place, as ``(x - max) - log Σ exp(x - max)`` (``x - logsumexp(x)`` would
     round the row's shift to the size of ``max``, an error that a KL of two close distributions does
-    not cancel), and ``softmax(x)`` in a new buffer: the ``exp`` the sum needs, divided by the sum."""
+    not cancel), and ``softmax(x)`` in a new buffer (the ``exp`` the sum needs, divided by the sum)
+    when ``with_probs``, else None."""
     x.sub_(x.amax(dim=-1, keepdim=True))
     probs = torch.exp(x)
     total = probs.sum(dim=-1, keepdim=True)
     x.sub_(total.log())
-    return x, probs.div_(total)
+    return x, probs.div_(total) if with_probs else None
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -119,7 +120,7 @@ def kd_rows_(
     if topk_values is not None:
         return _kd_rows_topk_(log_q, q, topk_values, topk_indices, kind, beta, t)
     log_p = teacher_logits.to(z.dtype, copy=True)
-    log_p, p = _log_softmax_(log_p.div_(t) if t != 1.0 else log_p)
+    log_p, p = _log_softmax_(log_p.div_(t) if t != 1.0 else log_p, with_probs=kind != "reverse_kl")
     # 0 · log 0 = 0 (the reference's convention): a teacher logit of -inf gives p = 0 and log p = -inf;
     # clamped to the lowest finite value its term is 0 · (finite) = 0, with no mask pass.
     lowest = torch.finfo(z.dtype).min
@@ -127,7 +128,6 @@ def kd_rows_(
         loss = _row_dot(p, log_p.clamp_min_(lowest).sub_(log_q))
         grad = q.sub_(p)
     elif kind == "reverse_kl":
-        del p
         diff = _zero_where_(log_p.neg_().add_(log_q), q)  # log q − log p
         loss = _row_dot(q, diff)
         grad = diff.sub_(loss.unsqueeze(-1)).mul_(q)
