@@ -27,8 +27,13 @@ TORCH_LIBRARY(flexkd, m) {
   m.def(
       "importance_scores_acc(Tensor hidden, Tensor grad, Tensor? mask, str stat, Tensor(a!) out) "
       "-> ()");
-  // linear_logit_kd's per-row forward-KL closed form on the CPU (called inside its chunked kernel)
-  m.def("kd_rows_forward_kl_(Tensor(a!) z, Tensor teacher, float temperature) -> Tensor");
+  // linear_logit_kd's per-row KD closed forms on the CPU (called inside its chunked kernel); teacher is
+  // the dense logits, or the top-K values with topk_indices
+  m.def(
+      "kd_rows_(Tensor(a!) z, Tensor teacher, Tensor? topk_indices, str kind, float beta, float temperature) "
+      "-> Tensor");
+  // acc += src for fp32 acc and a 16-bit src (linear_logit_kd's sum of bf16 weight-gradient chunks)
+  m.def("add_widened_(Tensor(a!) acc, Tensor src) -> ()");
 }
 
 namespace {

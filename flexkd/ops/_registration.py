@@ -120,7 +120,8 @@ def _register_native() -> None:
         return
     torch.library.register_fake("flexkd::feature_loss_fwd")(feature_loss_fake)
     torch.library.register_fake("flexkd::importance_scores_acc")(lambda *args: None)
-    torch.library.register_fake("flexkd::kd_rows_forward_kl_")(lambda z, *_: z.new_empty(z.shape[:1]))
+    torch.library.register_fake("flexkd::kd_rows_")(lambda z, *_: z.new_empty(z.shape[:1]))
+    torch.library.register_fake("flexkd::add_widened_")(lambda acc, src: None)
     register_feature_loss_autograd("flexkd::feature_loss_fwd")
 
 

@@ -115,7 +115,9 @@ inline void importance(const ImportanceArgs& a) {
 }
 
 #include "cpu/engine/kd_rows.h"
+#include "cpu/engine/widen_add.h"
 
-inline const KernelTable table{FLEXKD_CPU_ISA_NAME, &feature_loss, &importance, &kd_rows_forward_kl};
+inline const KernelTable table{FLEXKD_CPU_ISA_NAME, &feature_loss, &importance, &kd_rows,
+                              &add_widened};
 
 }  // namespace flexkd::cpu::FLEXKD_CPU_ISA

@@ -51,16 +51,33 @@ struct ImportanceArgs {
   int num_threads;
 };
 
-// kd_rows_forward_kl_: per row, loss_out[n] = T^2 KL(softmax(t_n/T) || softmax(z_n/T)) and
-// z_n <- T (softmax(z_n/T) - softmax(t_n/T)), in fp32.
+// kd_rows_: per row n, loss_out[n] = T^2 D(p_n || q_n) with q_n = softmax(z_n / T) and p_n the teacher's
+// softmax at T (over V dense logits, or over K top-K values, 0 off their indices), and
+// z_n <- T dD/ds, in fp32 (closed forms: flexkd/ops/linear_logit_kd_impl.py).
+enum class KdKind : int { kForwardKl, kReverseKl, kJsd };
+
 struct KdRowsArgs {
-  float* z;              // [rows, vocab], unit column stride, overwritten with the gradient
+  float* z;                     // [rows, vocab], unit column stride, overwritten with the gradient
   int64_t z_row_stride;
-  StridedMatrix teacher;  // [rows, vocab], unit column stride; fp32, bf16 or fp16
+  StridedMatrix teacher;        // unit column stride, fp32/bf16/fp16: [rows, vocab], or [rows, top_k] values
+  const int64_t* topk_indices;  // [rows, top_k], unique in [0, vocab) per row; nullptr for a dense teacher
+  int64_t indices_row_stride;
+  int64_t top_k;
   int64_t rows;
   int64_t vocab;
+  KdKind kind;                  // not kReverseKl with a top-K teacher (+inf)
+  float beta;                   // jsd's mixture weight, in (0, 1)
   float temperature;
-  float* loss_out;       // [rows]
+  float* loss_out;              // [rows]
+  int num_threads;
+};
+
+// add_widened_: acc[i] += src[i] for i < size; both contiguous, src fp32, bf16 or fp16.
+struct WidenAddArgs {
+  float* acc;
+  const void* src;
+  DType src_dtype;
+  int64_t size;
   int num_threads;
 };
 
@@ -68,7 +85,8 @@ struct KernelTable {
   const char* isa;
   void (*feature_loss)(const FeatureLossArgs&);
   void (*importance_scores)(const ImportanceArgs&);
-  void (*kd_rows_forward_kl)(const KdRowsArgs&);
+  void (*kd_rows)(const KdRowsArgs&);
+  void (*add_widened)(const WidenAddArgs&);
 };
 
 // One table per compiled instruction set (defined in kernels_<isa>.cpp).
