@@ -31,6 +31,22 @@ def test_tiny_run_writes_the_table_and_csv(tmp_path, capsys):
     assert "time_vs_eager=" in capsys.readouterr().out
 
 
+def test_other_kinds_and_a_top_k_teacher(tmp_path):
+    out = tmp_path / "kd"
+    common = ("--n", "24", "--vocab", "96", "--hidden", "8", "--dtypes", "fp32", "--kd-impls", "fused,eager",
+              "--kd-reps", "1", "--kd-out", str(out))  # fmt: skip
+    assert bench.run(_args(*common, "--kd-kinds", "reverse_kl,jsd")) == 0
+    rows = list(csv.DictReader(out.with_suffix(".csv").open()))
+    assert [r["case"] for r in rows] == ["N24-V96-H8-fp32-reverse_kl", "N24-V96-H8-fp32-jsd"]
+    assert bench.run(_args(*common, "--kd-kinds", "forward_kl,jsd", "--kd-topk", "7")) == 0
+    rows = list(csv.DictReader(out.with_suffix(".csv").open()))
+    assert [r["case"] for r in rows] == ["N24-V96-H8-fp32-top7", "N24-V96-H8-fp32-jsd-top7"]
+    for row in rows:
+        assert float(row["loss_rel_diff"]) < 1e-5
+    assert bench.run(_args(*common, "--kd-kinds", "reverse_kl", "--kd-topk", "7")) == 2
+    assert bench.run(_args(*common, "--kd-kinds", "kl")) == 2
+
+
 def test_without_eager_its_memory_is_computed(tmp_path, capsys):
     from flexkd.bench import linear_logit_kd
 

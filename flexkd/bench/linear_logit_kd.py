@@ -40,16 +40,23 @@ _PEAK_BUFFERS = {"eager": 7, "compile": 2}
 TARGETS = {"peak_vs_eager": 0.25, "time_vs_eager": 1.0, "time_vs_compile": 1.2}
 
 
+KINDS = ("forward_kl", "reverse_kl", "jsd")
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     n: int
     vocab: int
     hidden: int
     dtype: str
+    kind: str = "forward_kl"
+    top_k: int = 0  # 0: the dense teacher; else its top-K logits (values, indices)
 
     @property
     def name(self) -> str:
-        return f"N{self.n}-V{self.vocab}-H{self.hidden}-{self.dtype}"
+        kind = "" if self.kind == "forward_kl" else f"-{self.kind}"
+        top_k = f"-top{self.top_k}" if self.top_k else ""
+        return f"N{self.n}-V{self.vocab}-H{self.hidden}-{self.dtype}{kind}{top_k}"
 
 
 def _inputs(case: Case) -> dict:
@@ -61,16 +68,32 @@ def _inputs(case: Case) -> dict:
         .to(dtype)
         .requires_grad_(),
         "bias": torch.zeros(case.vocab, dtype=dtype).requires_grad_(),
-        "teacher": (torch.randn(case.n, case.vocab, generator=g) * 2).to(dtype),
+        "teacher": _teacher(case, (torch.randn(case.n, case.vocab, generator=g) * 2).to(dtype)),
     }
 
 
-def _eager_loss(hidden, weight, bias, teacher):
-    return logit_kd(hidden @ weight.T + bias, teacher, temperature=2.0)
+def _teacher(case: Case, logits: torch.Tensor) -> dict:
+    """The teacher as both paths take it: ``{"teacher_logits": ...}`` or ``{"teacher_topk": (v, i)}``."""
+    if not case.top_k:
+        return {"teacher_logits": logits}
+    values, indices = logits.float().topk(case.top_k, dim=-1)
+    return {"teacher_topk": (values.to(logits.dtype), indices)}
 
 
-def _fused_loss(hidden, weight, bias, teacher):
-    return linear_logit_kd(hidden, weight, teacher, bias=bias, temperature=2.0)
+def _loss_fns(case: Case):
+    """(eager, fused) losses of ``(hidden, weight, bias, teacher)``: the formula a user writes and the op."""
+    kd = {"kind": case.kind, "temperature": 2.0}
+
+    def eager(hidden, weight, bias, teacher):
+        logits = hidden @ weight.T + bias
+        return logit_kd(logits, teacher.get("teacher_logits"), teacher_topk=teacher.get("teacher_topk"), **kd)
+
+    def fused(hidden, weight, bias, teacher):
+        return linear_logit_kd(
+            hidden, weight, teacher.get("teacher_logits"), teacher_topk=teacher.get("teacher_topk"), bias=bias, **kd
+        )
+
+    return eager, fused
 
 
 def _step(loss_fn, x: dict):
@@ -123,9 +146,8 @@ def run_case(case: Case, impls: list[str], reps: int) -> dict:
             row[f"{impl}_ms"] = row[f"{impl}_peak_mib"] = float("nan")
             row[f"{impl}_note"] = f"skipped: needs ~{needed_mib / 1024:.0f} GiB"
             continue
-        loss_fn = {"fused": _fused_loss, "eager": _eager_loss}.get(impl) or torch.compile(
-            _eager_loss
-        )
+        eager_loss, fused_loss = _loss_fns(case)
+        loss_fn = {"fused": fused_loss, "eager": eager_loss}.get(impl) or torch.compile(eager_loss)
         step = _step(loss_fn, x)
         losses[impl] = float(step())  # compiles the compiled path; not timed
         row[f"{impl}_ms"] = round(
@@ -159,7 +181,17 @@ def cases_from_args(args: argparse.Namespace) -> list[Case]:
     for name, values in zip(("--n", "--vocab", "--hidden"), grid, strict=True):
         if any(v < 1 for v in values):
             raise ValueError(f"{name} must be >= 1")
-    return [Case(n, v, h, d) for n, v, h in itertools.product(*grid) for d in dtypes]
+    kinds = common.parse_list("--kd-kinds", args.kd_kinds, KINDS)
+    if args.kd_topk < 0:
+        raise ValueError("--kd-topk must be >= 0")
+    if args.kd_topk and "reverse_kl" in kinds:
+        raise ValueError("--kd-topk: reverse_kl is +inf against a top-K teacher")
+    return [
+        Case(n, v, h, d, kind, args.kd_topk)
+        for n, v, h in itertools.product(*grid)
+        for d in dtypes
+        for kind in kinds
+    ]
 
 
 def format_row(row: dict, impls: list[str]) -> str:
@@ -188,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"flexkd bench: error: {error}", file=sys.stderr)
         return 2
     print(
-        f"linear_logit_kd fwd+bwd, forward_kl T=2, CPU, {torch.get_num_threads()} threads, "
+        f"linear_logit_kd fwd+bwd, T=2, CPU, {torch.get_num_threads()} threads, "
         f"{os.cpu_count()} cores, load {load_average()}"
     )
     rows = []

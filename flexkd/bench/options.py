@@ -81,5 +81,7 @@ def add_linear_logit_kd_arguments(parser) -> None:
     parser.add_argument("--hidden", type=int, default=None, help="student hidden size H")
     parser.add_argument("--kd-impls", default=",".join(KD_IMPLS), help=f"comma list of {','.join(KD_IMPLS)}")
     parser.add_argument("--kd-reps", type=int, default=3, help="timed fwd+bwd calls per case and path")
+    parser.add_argument("--kd-kinds", default="forward_kl", help="comma list of forward_kl,reverse_kl,jsd")
+    parser.add_argument("--kd-topk", type=int, default=0, help="K > 0: a top-K teacher instead of dense logits")
     parser.add_argument("--kd-out", type=Path, default=KD_DEFAULT_OUT,
                         help=f"output prefix: writes PREFIX.csv (default: {KD_DEFAULT_OUT})")  # fmt: skip

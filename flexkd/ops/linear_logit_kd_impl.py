@@ -211,6 +211,12 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,))
 
 
+def _narrowed(acc: torch.Tensor, buffer: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``acc`` in ``dtype``, written into ``buffer`` (the chunks' 16-bit product, free by now) if there is
+    one: a new ``[V, H]`` tensor at the end would raise the op's peak by its size."""
+    return acc.to(dtype) if buffer is None else buffer.copy_(acc)
+
+
 def fwd_chunked(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -277,7 +283,7 @@ def fwd_chunked(
     return (
         loss,
         grad_h,
-        grad_w.to(weight.dtype) if weight_grad else _empty(weight),
+        _narrowed(grad_w, chunk_grad_w, weight.dtype) if weight_grad else _empty(weight),
         grad_b.to(bias.dtype) if bias_grad else _empty(weight),
     )
 
