@@ -236,7 +236,7 @@ class LossWeights(_Section):
 
 class DistillSection(_Section):
     feature: Literal["flex", "projector", "cka", "none"] = "flex"
-    feature_loss: Literal["mse", "corr"] = "mse"
+    feature_loss: Literal["mse", "corr", "cka"] = "mse"  # cka: feature="flex" only
     layer_pairs: Literal["last"] | list[tuple[int, int]] = "last"
     weights: LossWeights = LossWeights()
     logit_kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
@@ -251,6 +251,15 @@ class DistillSection(_Section):
     # Keep the teacher's K largest logits per position in that store instead of the whole vocabulary;
     # logit KD then reads the top-K renormalised at the temperature (flexkd.teacher_outputs).
     teacher_topk: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _cka_loss_needs_flex(self) -> DistillSection:
+        if self.feature_loss == "cka" and self.feature == "projector":
+            raise ValueError(
+                "feature_loss: 'cka' applies to feature 'flex' (CKA on the selected dims); train a "
+                "projector with 'mse' or 'corr'"
+            )
+        return self
 
     @model_validator(mode="after")
     def _topk_needs_a_store(self) -> DistillSection:

@@ -40,7 +40,7 @@ from flexkd.adapters.output_head import (
 )
 from flexkd.errors import ConfigError, FlexKDError, SelectionMismatchError, StoreMismatchError
 from flexkd.losses import (
-    FEATURE_LOSSES,
+    FLEX_FEATURE_LOSSES,
     LOGIT_KD_KINDS,
     PROJECTOR_DIRECTIONS,
     CKAFeatureLoss,
@@ -157,7 +157,9 @@ class Distiller(nn.Module):
         feature: ``"flex"`` (selected teacher dims, no parameters), ``"projector"`` (a trained
             linear map, see ``projector_direction``), ``"cka"`` (linear CKA against the full
             teacher hidden state) or ``"none"``.
-        feature_loss: ``"mse"`` or ``"corr"`` for ``flex`` and ``projector``.
+        feature_loss: ``"mse"`` or ``"corr"`` for ``flex`` and ``projector``; ``"cka"`` for ``flex``
+            only: linear CKA between the student and the selected teacher dims (flexkd's variant,
+            not the paper's; ``feature="cka"`` is CKA against the whole teacher hidden state).
         layer_pairs: ``"last"`` or ``[(student_layer, teacher_layer), ...]`` in HF
             ``hidden_states`` numbering; negative numbers count from the end.
         weights: ``{"task", "logit", "feature"}`` -> weight >= 0 (missing keys keep the defaults
@@ -204,8 +206,13 @@ class Distiller(nn.Module):
                 raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
         if feature not in FEATURE_KINDS:
             raise ValueError(f"feature must be one of {FEATURE_KINDS}, got {feature!r}")
-        if feature_loss not in FEATURE_LOSSES:
-            raise ValueError(f"feature_loss must be one of {FEATURE_LOSSES}, got {feature_loss!r}")
+        if feature_loss not in FLEX_FEATURE_LOSSES:
+            raise ValueError(f"feature_loss must be one of {FLEX_FEATURE_LOSSES}, got {feature_loss!r}")
+        if feature_loss == "cka" and feature == "projector":
+            raise ValueError(
+                "feature_loss='cka' applies to feature='flex' (CKA on the selected dims); a projector is "
+                "trained with 'mse' or 'corr', and feature='cka' compares the whole teacher hidden state"
+            )
         if logit_kind not in LOGIT_KD_KINDS:
             raise ValueError(f"logit_kind must be one of {LOGIT_KD_KINDS}, got {logit_kind!r}")
         if projector_direction not in PROJECTOR_DIRECTIONS:

@@ -27,6 +27,8 @@ from flexkd.ops import _validate, flex_feature_loss
 
 LOGIT_KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
 FEATURE_LOSSES = ("mse", "corr")
+# Flex-KD's feature term can also be linear CKA on the selected subspace (flexkd's variant, not the paper's)
+FLEX_FEATURE_LOSSES = (*FEATURE_LOSSES, "cka")
 PROJECTOR_DIRECTIONS = ("student_to_teacher", "teacher_to_student")
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -250,13 +252,16 @@ class FlexFeatureLoss(nn.Module):
     Convention used throughout flexkd: the teacher side is the *kept columns*
     ``teacher_hidden[..., index]`` in selection order (what a teacher tap with
     ``columns=index`` captures), so the op is called with ``index = arange(k)``.
-    Student dim ``i`` pairs with the ``i``-th selected teacher dim.
+    With ``loss="mse"``/``"corr"`` student dim ``i`` pairs with the ``i``-th selected teacher dim.
+    ``loss="cka"`` is flexkd's own variant, not the paper's: ``1 - linear_cka`` between the student
+    and the selected subspace, which keeps Flex-KD's choice of teacher dims but, like CKA, does not
+    pair dims one to one (it is invariant to rotations of either side).
     """
 
     def __init__(self, index: Tensor, *, loss: str = "mse") -> None:
         super().__init__()
-        if loss not in FEATURE_LOSSES:
-            raise ValueError(f"loss must be one of {FEATURE_LOSSES}, got {loss!r}")
+        if loss not in FLEX_FEATURE_LOSSES:
+            raise ValueError(f"loss must be one of {FLEX_FEATURE_LOSSES}, got {loss!r}")
         if not isinstance(index, Tensor) or index.dim() != 1 or index.is_floating_point():
             raise TypeError("index must be a 1-D integer tensor of teacher dimensions")
         if index.numel() == 0:
@@ -284,6 +289,8 @@ class FlexFeatureLoss(nn.Module):
                 f"student and teacher_selected must both end in k={self.k} dims, got "
                 f"{tuple(student.shape)} and {tuple(teacher_selected.shape)}"
             )
+        if self.loss == "cka":
+            return _one_minus_cka(student, teacher_selected, mask)
         return _mse_or_corr(student, teacher_selected, self._positions, mask, self.loss, reduction)
 
     def extra_repr(self) -> str:
@@ -390,6 +397,12 @@ class CKAFeatureLoss(nn.Module):
         reduction: str = "mean",
     ) -> Tensor:
         _check_reduction(reduction, ("mean", "sum"))
-        if int((mask > 0).sum() if mask is not None else student[..., 0].numel()) < 2:
-            return student.sum().float() * 0
-        return 1.0 - linear_cka(student, teacher, mask, eps=self.eps)
+        return _one_minus_cka(student, teacher, mask, eps=self.eps)
+
+
+def _one_minus_cka(student: Tensor, teacher: Tensor, mask: Tensor | None, *, eps: float = 1e-12) -> Tensor:
+    """``1 - linear_cka`` over the rows with weight, or 0 (with a graph) when fewer than two have weight:
+    one unit per call, so ``"sum"`` and ``"mean"`` are the same."""
+    if int((mask > 0).sum() if mask is not None else student[..., 0].numel()) < 2:
+        return student.sum().float() * 0
+    return 1.0 - linear_cka(student, teacher, mask, eps=eps)

@@ -65,6 +65,11 @@ def test_valid_config_defaults_and_paths_relative_to_the_file(tmp_path):
         ([("distill.layer_pairs", [])], "distill.layer_pairs", "non-empty"),
         ([("distill.beta", 1.5)], "distill.beta", "less than 1"),
         (
+            [("distill.feature", "projector"), ("distill.feature_loss", "cka")],
+            "distill",
+            "'cka' applies to feature 'flex'",
+        ),
+        (
             [("distill.weights", {"logit": -0.5})],
             "distill.weights.logit",
             "greater than or equal to 0",

@@ -17,7 +17,7 @@ from _train_helpers import (
 
 from flexkd.adapters import token_weights
 from flexkd.distill import Distiller
-from flexkd.losses import logit_kd
+from flexkd.losses import linear_cka, logit_kd
 from flexkd.ops import reference
 from flexkd.selection import DimensionSelection
 
@@ -102,7 +102,7 @@ def test_logit_term_equals_masked_kd_over_the_whole_sequence(pair, kind):
     assert terms["logit"] == pytest.approx(want.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("loss", ["mse", "corr"])
+@pytest.mark.parametrize("loss", ["mse", "corr", "cka"])
 def test_flex_term_equals_reference_on_selected_columns_of_hidden_states(pair, loss):
     teacher, student = pair
     layer_pairs = [(1, 1), (-1, -1)]
@@ -125,10 +125,13 @@ def test_flex_term_equals_reference_on_selected_columns_of_hidden_states(pair, l
     mask = token_weights(
         batch, task="causal_lm", side="decoder", shape=tuple(batch["input_ids"].shape)
     )
-    per_pair = [
-        reference.flex_feature_loss(s_hidden[s], t_hidden[t], selection.index(t), mask, loss=loss)
-        for s, t in [(1, 1), (1, 2)]
-    ]
+    def reference_term(s_layer, t_layer):
+        index = selection.index(t_layer)
+        if loss == "cka":  # flexkd's variant: CKA between the student and the selected teacher dims
+            return 1.0 - linear_cka(s_hidden[s_layer], t_hidden[t_layer][..., index], mask)
+        return reference.flex_feature_loss(s_hidden[s_layer], t_hidden[t_layer], index, mask, loss=loss)
+
+    per_pair = [reference_term(s, t) for s, t in [(1, 1), (1, 2)]]
     assert terms["feature"] == pytest.approx(sum(per_pair).item() / 2, rel=1e-5)
     assert terms["feature/s1-t1"] == pytest.approx(per_pair[0].item(), rel=1e-5)
     assert terms["feature/s1-t2"] == pytest.approx(per_pair[1].item(), rel=1e-5)
@@ -229,6 +232,10 @@ def test_fail_fast(pair):
         Distiller(teacher, student, feature="none", weights={"feature_kd": 1.0})
     with pytest.raises(ValueError, match="feature must be one of"):
         Distiller(teacher, student, feature="pca")
+    with pytest.raises(ValueError, match="feature_loss='cka' applies to feature='flex'"):
+        Distiller(teacher, student, feature="projector", feature_loss="cka")
+    with pytest.raises(ValueError, match="feature_loss must be one of"):
+        Distiller(teacher, student, selection=selection, feature_loss="cosine")
 
 
 def test_flexkd_trainer_logs_every_term_and_saves_the_student_only(pair, tmp_path):

@@ -209,6 +209,31 @@ def test_cka_loss_of_identical_or_rotated_features_is_zero():
     assert x.grad.abs().sum() > 0
 
 
+def test_flex_cka_is_cka_on_the_selected_columns_and_ignores_their_pairing():
+    """``FlexFeatureLoss(loss="cka")`` (flexkd's variant): ``1 - linear_cka(student, teacher_selected)``,
+    one unit per call; rotating the selected subspace leaves it unchanged, unlike corr, which pairs dims."""
+    student = torch.randn(3, 7, 4, dtype=torch.float64, requires_grad=True)
+    selected = student.detach() @ torch.randn(4, 4, dtype=torch.float64) + 0.3 * torch.randn(3, 7, 4, dtype=torch.float64)
+    mask = torch.rand(3, 7) > 0.3
+    mask[0, :2] = True
+    module = FlexFeatureLoss(torch.tensor([5, 1, 9, 2]), loss="cka")
+    assert not module.per_token
+    loss = module(student, selected, mask)
+    assert loss.item() == pytest.approx(1.0 - _hsic_cka(student[mask], selected[mask]).item(), rel=1e-10)
+    assert module(student, selected, mask, reduction="sum").item() == loss.item()
+    q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))
+    assert module(student, selected @ q, mask).item() == pytest.approx(loss.item(), rel=1e-10)
+    corr = FlexFeatureLoss(torch.tensor([5, 1, 9, 2]), loss="corr")
+    assert corr(student, selected @ q, mask).item() != pytest.approx(corr(student, selected, mask).item(), rel=1e-3)
+    loss.backward()
+    assert student.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="must both end in k=4"):
+        module(student, selected[..., :3])
+    one_row = torch.zeros(3, 7, dtype=torch.bool)
+    one_row[1, 2] = True
+    assert module(student, selected, one_row).item() == 0.0
+
+
 def test_cka_loss_with_fewer_than_two_rows_is_zero():
     x = torch.randn(1, 4, 3, requires_grad=True)
     mask = torch.zeros(1, 4, dtype=torch.bool)

@@ -33,6 +33,8 @@ def _right(method, knobs, seed):
         return 12 + seed
     if method == "flex-corr-random":
         return 14 + seed
+    if method in ("cka", "flex-cka"):
+        return {"cka": 20, "flex-cka": 26}[method] + seed
     return FLEX_RIGHT[knobs["feature_weight"]] + seed
 
 
@@ -244,6 +246,24 @@ def test_report_shows_intervals_and_the_holm_corrected_comparisons(tmp_path, fak
     assert "Flex-KD (corr) − no feature KD" in headline and "±" in headline
     for plot in ("study.png", "study-curves-minilm-tiny.png"):
         assert (tmp_path / "out" / plot).stat().st_size > 0
+
+
+def test_the_variant_is_its_own_family_and_leaves_the_decisive_one_unchanged(tmp_path, fake_study, no_plots):
+    _run(tmp_path, _plan(), out="base")
+    _run(tmp_path, _plan(methods=("none", "flex-corr", "flex-corr-random", "cka", "flex-cka")), out="variant")
+    base, variant = (
+        json.loads((tmp_path / out / "study.json").read_text())["pairs"]["minilm-tiny"] for out in ("base", "variant")
+    )
+    assert base["variant_comparisons"] == []
+    assert {(c["a"], c["b"]) for c in variant["variant_comparisons"]} == {("flex-cka", "cka"), ("flex-cka", "flex-corr")}
+    decisive = {(c["a"], c["b"]): c for c in variant["comparisons"]}
+    assert ("flex-corr", "cka") in decisive  # cka is in the plan now: a decisive pair
+    # flex-corr vs none/random are corrected within the decisive family only: the variant adds no tests to it
+    base_p = {(c["a"], c["b"]): c["holm_p"] for c in base["comparisons"]}
+    assert len(decisive) == len(base_p) + 1
+    report = (tmp_path / "variant" / "study.md").read_text()
+    assert "flexkd's variant against its parents (ours, not the paper's" in report
+    assert "Flex-KD dims + CKA (flexkd's variant) − CKA" in (tmp_path / "variant" / "study-headline.md").read_text()
 
 
 def test_report_waits_for_the_grid(tmp_path, fake_study, no_plots):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from flexkd._io import write_json, write_text
-from flexkd_lab.experiments.methods import DECISIVE_COMPARISONS, get_method
+from flexkd_lab.experiments.methods import DECISIVE_COMPARISONS, VARIANT_COMPARISONS, get_method
 from flexkd_lab.experiments.plots import (
     plot_learning_curves,
     plot_mean_std_bars,
@@ -61,7 +61,7 @@ def write_report(
         ]
         headline += [
             f"| {pair} | *{c['label']}* | {c['sentence']} | {c['seeds']} |"
-            for c in part["comparisons"]
+            for c in part["comparisons"] + part["variant_comparisons"]
         ]
         if part["methods"]:
             bars.append((f"{pair}: test accuracy (95 % CI)", part["methods"], "accuracy"))
@@ -109,6 +109,7 @@ def pair_summary(plan: StudyPlan, store: ResultStore, pair: str) -> dict[str, An
         "choice": choice,
         "methods": [],
         "comparisons": [],
+        "variant_comparisons": [],
         "finished_runs": grid_done,
         "planned_runs": len(grid_runs),
     }
@@ -143,10 +144,9 @@ def pair_summary(plan: StudyPlan, store: ResultStore, pair: str) -> dict[str, An
             m: {s: decode_labels(r["splits"]["test"]["predictions"]) for s, r in by_seed.items()}
             for m, by_seed in records.items()
         }
-        pairs = [(a, b) for a, b in DECISIVE_COMPARISONS if a in plan.methods and b in plan.methods]
-        part["comparisons"] = [
-            comparison_row(c) for c in compare_family(pairs, metric, predictions, references)
-        ]
+        for key, family in (("comparisons", DECISIVE_COMPARISONS), ("variant_comparisons", VARIANT_COMPARISONS)):
+            pairs = [(a, b) for a, b in family if a in plan.methods and b in plan.methods]
+            part[key] = [comparison_row(c) for c in compare_family(pairs, metric, predictions, references)]
     return part
 
 
@@ -275,13 +275,19 @@ def pair_section(plan: StudyPlan, pair: str, part: dict[str, Any]) -> list[str]:
         f"Task-loss curves: `study-curves-{pair}.png`.",
         "",
     ]
-    if part["comparisons"]:
+    titles = {
+        "comparisons": "### Decisive comparisons",
+        "variant_comparisons": "### flexkd's variant against its parents (ours, not the paper's; its own family)",
+    }
+    for key, title in titles.items():
+        if not part[key]:
+            continue
         lines += [
-            "### Decisive comparisons (test accuracy, points; paired over seeds; McNemar on the pooled "
+            f"{title} (test accuracy, points; paired over seeds; McNemar on the pooled "
             "per-example predictions, Holm-corrected across the family)",
             "",
             markdown_table(
-                part["comparisons"],
+                part[key],
                 [
                     ("label", "comparison"),
                     ("seeds", "seeds"),
@@ -293,7 +299,7 @@ def pair_section(plan: StudyPlan, pair: str, part: dict[str, Any]) -> list[str]:
                 digits=4,
             ),
             "",
-            *[f"- **{c['label']}**: {c['sentence']}." for c in part["comparisons"]],
+            *[f"- **{c['label']}**: {c['sentence']}." for c in part[key]],
             "",
         ]
     if part.get("teacher_check"):
