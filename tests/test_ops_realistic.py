@@ -198,33 +198,52 @@ def minilm_word_embeddings():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
-def test_linear_logit_kd_on_minilm_states_and_vocabulary(minilm_hidden_states, minilm_word_embeddings, dtype, kind):
-    """The ``cpu`` backend (bf16 GEMMs; forward KL through the fused row kernel) on real inputs: MiniLM's
-    last hidden states projected on its real 30522-word vocabulary, the teacher the same projection of
-    layer 4, a first-token activation of 3000 (logits in the hundreds), padded positions masked, and
-    chunks of 7 rows that do not divide the positions; against autograd of the formula in fp64 on the
-    same (rounded) inputs, the logits rounded as the formula rounds them in that dtype."""
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "forward_kl-top64", "jsd-top64"])
+def test_linear_logit_kd_on_minilm_states_and_vocabulary(
+    minilm_hidden_states, minilm_word_embeddings, dtype, kind, monkeypatch
+):
+    """The ``cpu`` backend (bf16 GEMMs; the fused row kernel) on real inputs: MiniLM's last hidden states
+    projected on its real 30522-word vocabulary, the teacher the same projection of layer 4 (dense, or
+    its top 64 logits per position), a first-token activation of 3000 (logits in the hundreds), padded
+    positions masked, and chunks of 7 rows that do not divide the positions; against autograd of the
+    formula in fp64 on the same (rounded) inputs, the logits rounded as the formula rounds them in that
+    dtype."""
+    from flexkd import _native
     from flexkd.losses import logit_kd
-    from flexkd.ops import linear_logit_kd
+    from flexkd.ops import linear_logit_kd, linear_logit_kd_impl
     from flexkd.ops.linear_logit_kd_impl import gemm_dtype
+
+    if _native.load() is not None:  # then every kind here runs the fused row kernel, never the torch rows
+        monkeypatch.setattr(linear_logit_kd_impl, "kd_rows_", lambda *a: pytest.fail("the torch rows ran"))
 
     states, mask = minilm_hidden_states
     hidden = states[6].clone()
     hidden[:, 0, 17] = 3000.0
     weight = minilm_word_embeddings
     teacher = (states[4] @ weight.T).to(dtype)
+    kind, _, top = kind.partition("-top")
+    topk = None
+    if top:
+        values, indices = teacher.float().topk(int(top), dim=-1)
+        teacher, topk = None, (values.to(dtype), indices)
     hidden, weight = hidden.to(dtype), weight.to(dtype)
     h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
-    loss = linear_logit_kd(h, w, teacher, mask=mask, kind=kind, temperature=2.0, chunk_size=7, backend="cpu")
+    loss = linear_logit_kd(
+        h, w, teacher, teacher_topk=topk, mask=mask, kind=kind, temperature=2.0, chunk_size=7, backend="cpu"
+    )
     loss.backward()
+    monkeypatch.undo()
 
     leaves = [x.detach().double().requires_grad_() for x in (hidden, weight)]
     logits = leaves[0] @ leaves[1].T
     sixteen_bit = gemm_dtype(hidden, weight)
     if sixteen_bit is not None:
         logits = logits.to(sixteen_bit).double()
-    want = logit_kd(logits, teacher.double(), kind=kind, temperature=2.0, mask=mask, reduction="mean")
+    teacher_topk = None if topk is None else (topk[0].double(), topk[1])
+    teacher = None if teacher is None else teacher.double()
+    want = logit_kd(
+        logits, teacher, teacher_topk=teacher_topk, kind=kind, temperature=2.0, mask=mask, reduction="mean"
+    )
     want_h, want_w = torch.autograd.grad(want, leaves)
     loss_rtol = FP64_LOSS_RTOL[torch.float32] if sixteen_bit is None else 1e-3
     assert_close_to_fp64(loss.detach(), want.detach(), loss_rtol, "loss")
