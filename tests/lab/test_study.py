@@ -210,6 +210,25 @@ def test_study_refuses_to_mix_teachers(tmp_path, fake_study, no_plots):
         _run(tmp_path, _plan())
 
 
+def test_a_teacher_retrained_to_the_same_bytes_is_one_teacher_in_the_report(tmp_path, fake_study, no_plots):
+    """A resumed group's teacher retrained elsewhere to the same bytes records another training time in
+    its description: the report still names one teacher (by its key), and only another key is "mixed"."""
+    _run(tmp_path, _plan())
+    group = tmp_path / "out" / RESULTS_FOLDER / _plan().group("minilm-tiny")
+    first, *others = sorted(group.glob("*/seed-*.json"))
+    record = json.loads(first.read_text())
+    record["teacher"] = "bert hidden 384, 6 layers (973 s when made)"
+    first.write_text(json.dumps(record))
+    store = ResultStore(group.parent)
+    study_module.write_report(tmp_path / "out", _plan(), store, "flexkd study")
+    report = (tmp_path / "out" / "study.md").read_text()
+    assert "Mixed teachers" not in report and "Teacher: " in report
+    record["teacher_key"] = "teacher-key-2"
+    first.write_text(json.dumps(record))
+    study_module.write_report(tmp_path / "out", _plan(), store, "flexkd study")
+    assert "Mixed teachers" in (tmp_path / "out" / "study.md").read_text()
+
+
 def test_study_refuses_a_retrained_teacher_with_other_weights(tmp_path, fake_study, no_plots):
     _run(tmp_path, _plan())
     group = tmp_path / "out" / RESULTS_FOLDER / _plan().group("minilm-tiny")

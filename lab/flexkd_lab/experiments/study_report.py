@@ -126,10 +126,13 @@ def pair_summary(plan: StudyPlan, store: ResultStore, pair: str) -> dict[str, An
     extra = [r for r in finals if r not in grid_runs]
     part["planned_runs"] += len(extra)
     part["finished_runs"] += sum(store_has(store, plan, r) for r in extra)
-    teachers = sorted(
-        {r.get("teacher", "") for by_seed in records.values() for r in by_seed.values()}
-    )
-    part["teachers"] = [t for t in teachers if t]
+    # one description per teacher: runs are of one teacher when they name the same cached teacher (its
+    # recipe key; the group's teacher.json holds its weights' hash), although the description a run
+    # records also says how long that teacher took to train where the run found it made
+    teachers: dict[str, str] = {}
+    for r in sorted((r for by_seed in records.values() for r in by_seed.values()), key=lambda r: r.get("teacher", "")):
+        teachers.setdefault(r.get("teacher_key") or r.get("teacher", ""), r.get("teacher", ""))
+    part["teachers"] = [t for t in teachers.values() if t]
     for name in plan.methods:
         if name in records:
             part["methods"].append(method_row(name, records[name], choice))
