@@ -6,15 +6,20 @@
 # mse fwd+bwd, corr fwd+bwd and importance, in bf16 and fp32 (bench_gpu.py). Nothing is downloaded.
 # The last thing printed is one table: per op, dtype and implementation, ms, GB/s of the bytes floor,
 # % of a device-to-device copy measured in the same run, and the speed over the user's eager and
-# compiled formula (SLOWER where flexkd loses). Meant to finish in under 8 minutes.
+# compiled formula (SLOWER where flexkd loses). Then linear_logit_kd (fused linear + logit KD) at
+# N=8192 V=151936 H=1024 bf16 against the formula eager and compiled and, when it can be imported,
+# Liger-Kernel's fused linear JSD: the GPU has no network, so put its wheel in benchmarks/wheels/ first
+# (`pip download liger-kernel==0.8.5 --no-deps -d benchmarks/wheels`; ignored by git: carry it).
+# Meant to finish in under 10 minutes.
 #
 #   bash benchmarks/gpu_check.sh [results-dir]      # default results-dir: benchmarks/results/gpu
 #   bash benchmarks/gpu_check.sh --dry-run           # no GPU: only the benchmark step, on the CPU at a
 #                                                    # tiny shape, to check the script (numbers mean nothing)
 #
 # Environment: PYTHON (default python3), FLEXKD_CUDA_ARCH_LIST (default: this GPU's capability),
-# MAX_JOBS (default: all cores), GPU_CHECK_TEST_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT (seconds, 200 / 200).
-# Writes build.log, tests.log, bench.json and bench.md into the results directory.
+# MAX_JOBS (default: all cores), GPU_CHECK_TEST_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT / GPU_CHECK_KD_TIMEOUT
+# (seconds, 200 / 200 / 180). Writes build.log, tests.log, bench.json, bench.md, linear_logit_kd.csv and
+# linear_logit_kd.log into the results directory.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -41,6 +46,9 @@ if [[ $DRY_RUN == 1 ]]; then
   "$PY" benchmarks/bench_gpu.py --dry-run --iters 1 --reps 1 --warmup 1 --json "$RESULTS/dry_run.json" \
     >"$RESULTS/dry_run.log" 2>&1 || { cat "$RESULTS/dry_run.log"; exit 1; }
   extract_table "$RESULTS/dry_run.log"
+  step "dry run: flexkd bench --suite linear_logit_kd on the CPU at a tiny shape"
+  "$PY" -m flexkd bench --suite linear_logit_kd --n 64 --vocab 512 --hidden 32 --dtypes bf16 --kd-reps 1 \
+    --kd-out "$RESULTS/dry_run_linear_logit_kd" | tail -n 1 || exit 1
   exit 0
 fi
 
@@ -63,7 +71,7 @@ fi
 echo "FLEXKD_CUDA_ARCH_LIST=$FLEXKD_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CUDA_HOME=${CUDA_HOME:-unset}"
 
 step "build flexkd._C with CUDA (log: $RESULTS/build.log)"
-# An editable install maps kernels/ to flexkd.kernels; without pip's help, build in place instead.
+# Without pip's help (no setuptools wheel here, say), build in place instead.
 if ! "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . >"$RESULTS/build.log" 2>&1; then
   echo "pip install -e . failed (tail of the log below); building in place with setup.py"
   tail -n 15 "$RESULTS/build.log"
@@ -105,6 +113,24 @@ timeout "${GPU_CHECK_BENCH_TIMEOUT:-200}" "$PY" benchmarks/bench_gpu.py --json "
 BENCH_STATUS=${PIPESTATUS[0]}
 extract_table "$RESULTS/bench.log" >"$RESULTS/bench.md"
 
-step "done: tests $TEST_STATUS, benchmark exit $BENCH_STATUS"
+step "linear_logit_kd (flexkd bench --suite linear_logit_kd --kd-device cuda; log: $RESULTS/linear_logit_kd.log)"
+KD_IMPLS=fused,eager,compile
+if ! "$PY" -c "import liger_kernel.transformers" 2>/dev/null; then
+  for wheel in "$ROOT"/benchmarks/wheels/liger_kernel-*.whl; do
+    [[ -f $wheel ]] && "$PY" -m pip install --quiet --no-index --no-deps "$wheel" >/dev/null 2>&1
+  done
+fi
+if "$PY" -c "import liger_kernel.transformers" 2>/dev/null; then
+  KD_IMPLS+=",liger"
+else
+  echo "Liger-Kernel is not importable here (no wheel in benchmarks/wheels/): fused, eager and compile only"
+fi
+timeout "${GPU_CHECK_KD_TIMEOUT:-180}" "$PY" -m flexkd bench --suite linear_logit_kd --kd-device cuda \
+  --n 8192 --vocab 151936 --hidden 1024 --dtypes bf16 --kd-impls "$KD_IMPLS" --kd-reps 5 \
+  --kd-out "$RESULTS/linear_logit_kd" 2>&1 | tee "$RESULTS/linear_logit_kd.log"
+KD_STATUS=${PIPESTATUS[0]}
+
+step "done: tests $TEST_STATUS, benchmark exit $BENCH_STATUS, linear_logit_kd exit $KD_STATUS"
 cat "$RESULTS/bench.md"
-[[ "$TEST_STATUS" == "exit 0" && $BENCH_STATUS == 0 ]]
+grep '^N[0-9]*-V' "$RESULTS/linear_logit_kd.log"
+[[ "$TEST_STATUS" == "exit 0" && $BENCH_STATUS == 0 && $KD_STATUS == 0 ]]

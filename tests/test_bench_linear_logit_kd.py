@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import csv
 
+import torch
+
 from flexkd.commands import bench
 
 
@@ -63,6 +65,43 @@ def test_without_eager_its_memory_is_computed(tmp_path, capsys):
     assert "vs computed eager" in capsys.readouterr().out
 
 
+def test_the_liger_path_gets_the_teacher_factors_and_the_matching_beta(monkeypatch):
+    """Liger's fused linear JSD takes the teacher's hidden state and projection: with a stand-in module
+    that computes the formula from them (Liger itself needs CUDA), the bench gives it the tensors whose
+    product the other paths get as teacher logits, and the beta that makes it each kind."""
+    import sys
+    import types
+
+    from flexkd.bench import linear_logit_kd
+    from flexkd.losses import logit_kd
+
+    kinds = {0.0: "forward_kl", 1.0: "reverse_kl", 0.5: "jsd"}
+
+    class FakeLigerFusedLinearJSD(torch.nn.Module):
+        def __init__(self, jsd_beta, temperature):
+            super().__init__()
+            self.kind, self.temperature = kinds[jsd_beta], temperature
+
+        def forward(self, hidden, weight, teacher_hidden, teacher_weight):
+            return logit_kd(hidden @ weight.T, teacher_hidden @ teacher_weight.T, kind=self.kind,
+                            temperature=self.temperature)  # fmt: skip
+
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake.LigerFusedLinearJSD = FakeLigerFusedLinearJSD
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    for kind in kinds.values():
+        case = linear_logit_kd.Case(16, 64, 8, "fp32", kind)
+        row = linear_logit_kd.run_case(case, ["fused", "liger"], 1)
+        assert row["liger_loss_rel_diff"] < 1e-5, kind
+        assert row["time_vs_liger"] > 0
+    row = linear_logit_kd.run_case(linear_logit_kd.Case(16, 64, 8, "fp32", top_k=5), ["fused", "liger"], 1)
+    assert row["liger_note"] == "n/a: no top-K teacher"
+
+
 def test_bad_options_exit_2():
+    assert bench.run(_args("--kd-impls", "fused,liger")) == 2  # Liger is CUDA only
+    if not torch.cuda.is_available():
+        assert bench.run(_args("--kd-device", "cuda")) == 2
     assert bench.run(_args("--kd-impls", "eager")) == 2
     assert bench.run(_args("--dtypes", "fp8")) == 2

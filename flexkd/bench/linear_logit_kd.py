@@ -1,13 +1,18 @@
 """``flexkd bench --suite linear_logit_kd``: the fused ``flexkd.ops.linear_logit_kd`` against the path a
 user writes, ``logit_kd(hidden @ weight.T + bias, teacher_logits)``, eager and under ``torch.compile``,
-forward + backward, in one run, on the CPU.
+forward + backward, in one run, on the CPU or (``--kd-device cuda``) a GPU, where Liger-Kernel's fused
+linear JSD (``--kd-impls ...,liger``, if installed) is a fourth path: it takes the teacher's hidden state
+and output projection instead of its logits (the logits the other paths get are that product), so it
+also runs the teacher's matmul, and has no bias; ``liger_loss_rel_diff`` says whether it computed the
+same loss.
 
 Per case (N rows, vocabulary V, hidden H, weight dtype; the teacher logits share the weight's dtype):
 the median wall time of fwd+bwd (``common.median_ms``; compile time excluded by the warm-up calls) and
-the peak resident memory above the inputs while one fwd+bwd runs (``common.peak_extra_mib``: VmHWM after
-a reset, so it counts what the call allocates, the weight's gradient included, on every path). A
-baseline whose ``[N, V]`` fp32 buffers would not fit in the memory left is skipped and says so. The
-targets (issue 13): fused peak ≤ 0.25x eager's, time ≤ 1.0x eager and ≤ 1.2x compile.
+the peak memory above the inputs while one fwd+bwd runs (CPU: ``common.peak_extra_mib``, VmHWM after a
+reset; CUDA: ``max_memory_allocated`` after a reset), which counts what the call allocates, the weight's
+gradient included, on every path. A baseline whose ``[N, V]`` fp32 buffers would not fit in the memory
+left is skipped and says so. The targets (issue 13): fused peak ≤ 0.25x eager's, time ≤ 1.0x eager and
+≤ 1.2x compile, and on a GPU ≤ 1.0x Liger's.
 The header records /proc/loadavg before and after: the timings are only as steady as the machine.
 """
 
@@ -37,7 +42,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # A baseline is skipped where its peak would not fit in MemAvailable; eager's memory is then computed
 # (eager_peak_mib_computed) and peak_vs_eager taken against that.
 _PEAK_BUFFERS = {"eager": 7, "compile": 2}
-TARGETS = {"peak_vs_eager": 0.25, "time_vs_eager": 1.0, "time_vs_compile": 1.2}
+TARGETS = {"peak_vs_eager": 0.25, "time_vs_eager": 1.0, "time_vs_compile": 1.2, "time_vs_liger": 1.0}
 
 
 KINDS = ("forward_kl", "reverse_kl", "jsd")
@@ -59,17 +64,31 @@ class Case:
         return f"N{self.n}-V{self.vocab}-H{self.hidden}-{self.dtype}{kind}{top_k}"
 
 
-def _inputs(case: Case) -> dict:
+def _inputs(case: Case, device: str = "cpu", teacher_factors: bool = False) -> dict:
+    """Seeded inputs on ``device``; with ``teacher_factors`` the teacher logits are the product of a
+    teacher hidden state and projection, kept for the Liger path (``teacher_hidden``/``teacher_weight``)."""
     dtype = DTYPES[case.dtype]
     g = torch.Generator().manual_seed(0)
-    return {
-        "hidden": torch.randn(case.n, case.hidden, generator=g).to(dtype).requires_grad_(),
-        "weight": (torch.randn(case.vocab, case.hidden, generator=g) / case.hidden**0.5)
-        .to(dtype)
-        .requires_grad_(),
-        "bias": torch.zeros(case.vocab, dtype=dtype).requires_grad_(),
-        "teacher": _teacher(case, (torch.randn(case.n, case.vocab, generator=g) * 2).to(dtype)),
+
+    def leaf(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype).requires_grad_()
+
+    x = {
+        "hidden": leaf(torch.randn(case.n, case.hidden, generator=g)),
+        "weight": leaf(torch.randn(case.vocab, case.hidden, generator=g) / case.hidden**0.5),
+        "bias": leaf(torch.zeros(case.vocab)),
     }
+    if teacher_factors:
+        teacher_hidden = torch.randn(case.n, case.hidden, generator=g).to(device=device, dtype=dtype)
+        teacher_weight = (torch.randn(case.vocab, case.hidden, generator=g) * 2 / case.hidden**0.5).to(
+            device=device, dtype=dtype
+        )
+        x["teacher"] = _teacher(case, teacher_hidden @ teacher_weight.T)
+        x["teacher"].update(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight)
+    else:
+        logits = (torch.randn(case.n, case.vocab, generator=g) * 2).to(device=device, dtype=dtype)
+        x["teacher"] = _teacher(case, logits)
+    return x
 
 
 def _teacher(case: Case, logits: torch.Tensor) -> dict:
@@ -96,18 +115,49 @@ def _loss_fns(case: Case):
     return eager, fused
 
 
-def _step(loss_fn, x: dict):
+# Liger's generalised JSD: beta 0 is KL(teacher || student), 1 is KL(student || teacher)
+_LIGER_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5}
+
+
+def _liger_loss(case: Case):
+    from liger_kernel.transformers import LigerFusedLinearJSD
+
+    module = LigerFusedLinearJSD(jsd_beta=_LIGER_BETA[case.kind], temperature=2.0)
+
+    def liger(hidden, weight, bias, teacher):
+        return module(hidden, weight, teacher["teacher_hidden"], teacher["teacher_weight"])
+
+    return liger
+
+
+def _step(loss_fn, x: dict, device: str = "cpu"):
     def run():
         for name in ("hidden", "weight", "bias"):
             x[name].grad = None
         loss = loss_fn(x["hidden"], x["weight"], x["bias"], x["teacher"])
         loss.backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
         return loss.detach()
 
     return run
 
 
-def _mem_available_mib() -> float:
+def _cuda_peak_extra_mib(fn) -> float:
+    """Peak CUDA memory allocated above the starting point while ``fn()`` runs, in MiB."""
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del result
+    return max(0, peak - start) / 2**20
+
+
+def _mem_available_mib(device: str = "cpu") -> float:
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0] / 2**20
     try:
         with open("/proc/meminfo") as info:
             for line in info:
@@ -133,33 +183,43 @@ def baseline_peak_mib(case: Case, impl: str = "eager") -> float:
     return (_PEAK_BUFFERS[impl] * case.n * case.vocab * 4 + weight_grad) / 2**20
 
 
-def run_case(case: Case, impls: list[str], reps: int) -> dict:
+def run_case(case: Case, impls: list[str], reps: int, device: str = "cpu") -> dict:
     torch._dynamo.reset()
-    x = _inputs(case)
+    x = _inputs(case, device, teacher_factors="liger" in impls)
     eager_mib = baseline_peak_mib(case)
     row: dict = {"case": case.name, "load_before": load_average(),
                  "eager_peak_mib_computed": round(eager_mib, 1)}  # fmt: skip
     losses = {}
     for impl in impls:
-        needed_mib = 0.0 if impl == "fused" else baseline_peak_mib(case, impl)
-        if needed_mib > 0.8 * _mem_available_mib():
+        needed_mib = baseline_peak_mib(case, impl) if impl in _PEAK_BUFFERS else 0.0
+        if impl == "liger" and case.top_k:
+            row[f"{impl}_ms"] = row[f"{impl}_peak_mib"] = float("nan")
+            row[f"{impl}_note"] = "n/a: no top-K teacher"
+            continue
+        if needed_mib > 0.8 * _mem_available_mib(device):
             row[f"{impl}_ms"] = row[f"{impl}_peak_mib"] = float("nan")
             row[f"{impl}_note"] = f"skipped: needs ~{needed_mib / 1024:.0f} GiB"
             continue
         eager_loss, fused_loss = _loss_fns(case)
-        loss_fn = {"fused": fused_loss, "eager": eager_loss}.get(impl) or torch.compile(eager_loss)
-        step = _step(loss_fn, x)
+        if impl == "liger":
+            loss_fn = _liger_loss(case)
+        else:
+            loss_fn = {"fused": fused_loss, "eager": eager_loss}.get(impl) or torch.compile(eager_loss)
+        step = _step(loss_fn, x, device)
         losses[impl] = float(step())  # compiles the compiled path; not timed
         row[f"{impl}_ms"] = round(
             common.median_ms(step, min_reps=reps, max_reps=reps, budget_s=0.0, warmup=1), 1
         )
         for name in ("hidden", "weight", "bias"):  # freed before the baseline RSS is read
             x[name].grad = None
-        row[f"{impl}_peak_mib"] = round(common.peak_extra_mib(step), 1)
+        peak = _cuda_peak_extra_mib(step) if device == "cuda" else common.peak_extra_mib(step)
+        row[f"{impl}_peak_mib"] = round(peak, 1)
         row[f"{impl}_note"] = ""
     if "fused" in losses and "eager" in losses:
         row["loss_rel_diff"] = abs(losses["fused"] - losses["eager"]) / abs(losses["eager"])
-    for base in ("eager", "compile"):
+    if "liger" in losses:
+        row["liger_loss_rel_diff"] = abs(losses["liger"] - losses["fused"]) / abs(losses["fused"])
+    for base in ("eager", "compile", "liger"):
         if base in impls:
             row[f"time_vs_{base}"] = row["fused_ms"] / row[f"{base}_ms"]
             row[f"peak_vs_{base}"] = row["fused_peak_mib"] / max(row[f"{base}_peak_mib"], 1e-9)
@@ -206,8 +266,14 @@ def format_row(row: dict, impls: list[str]) -> str:
             verdict = "MET" if row[key] <= target else "MISS"
             computed = " vs computed eager" if key == "peak_vs_eager" and row.get("peak_vs_eager_from") else ""
             parts.append(f"{key}={row[key]:.2f} ({verdict} <= {target}{computed})")
+    if row.get("liger_loss_rel_diff") is not None:
+        parts.append(f"liger_loss_rel_diff={row['liger_loss_rel_diff']:.1e}")
     parts.append(f"load {row['load_before']} -> {row['load_after']}")
     return "  ".join(parts)
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "CPU"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -216,16 +282,25 @@ def run(args: argparse.Namespace) -> int:
         impls = common.parse_list("--kd-impls", args.kd_impls, IMPLS)
         if "fused" not in impls:
             raise ValueError("--kd-impls must include fused")
+        if args.kd_device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--kd-device cuda: no CUDA device here")
+        if "liger" in impls:
+            if args.kd_device != "cuda":
+                raise ValueError("--kd-impls liger: Liger-Kernel runs on CUDA only (--kd-device cuda)")
+            try:
+                import liger_kernel.transformers  # noqa: F401
+            except ImportError as err:
+                raise ValueError(f"--kd-impls liger: liger_kernel is not importable ({err})") from None
     except ValueError as error:
         print(f"flexkd bench: error: {error}", file=sys.stderr)
         return 2
     print(
-        f"linear_logit_kd fwd+bwd, T=2, CPU, {torch.get_num_threads()} threads, "
+        f"linear_logit_kd fwd+bwd, T=2, {_device_name(args.kd_device)}, {torch.get_num_threads()} threads, "
         f"{os.cpu_count()} cores, load {load_average()}"
     )
     rows = []
     for case in cases:
-        rows.append(run_case(case, impls, args.kd_reps))
+        rows.append(run_case(case, impls, args.kd_reps, args.kd_device))
         print(format_row(rows[-1], impls), flush=True)
         args.kd_out.parent.mkdir(parents=True, exist_ok=True)
         common.write_csv(args.kd_out.with_suffix(".csv"), rows)
