@@ -21,11 +21,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import math
 import os
 import sys
+from pathlib import Path
 
 import torch
 
+from flexkd._io import atomic_path
 from flexkd.bench import common
 from flexkd.bench.options import KD_IMPLS as IMPLS
 from flexkd.bench.options import add_linear_logit_kd_arguments as add_arguments  # noqa: F401 (its options)
@@ -272,6 +275,37 @@ def format_row(row: dict, impls: list[str]) -> str:
     return "  ".join(parts)
 
 
+def plot(rows: list[dict], impls: list[str], path: Path) -> bool:
+    """Time and peak memory per case, one bar per path (a skipped path has none), into ``path``; False
+    (and nothing written) without matplotlib, which flexkd does not require."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 0.9 * len(rows) + 3), 7), squeeze=False)
+    width = 0.8 / len(impls)
+    for ax, (column, label) in zip(axes[:, 0], (("ms", "fwd+bwd ms (median)"), ("peak_mib", "peak MiB above inputs")),
+                                   strict=True):  # fmt: skip
+        heights = {impl: [r.get(f"{impl}_{column}", math.nan) for r in rows] for impl in impls}
+        for j, impl in enumerate(impls):
+            ax.bar([i + j * width for i in range(len(rows))], heights[impl], width, label=impl)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
+        ax.set_xticklabels([r["case"] for r in rows], rotation=40, ha="right", fontsize=7)
+        if any(v > 0 for values in heights.values() for v in values):  # NaN compares False
+            ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    axes[0, 0].set_title("linear_logit_kd fwd+bwd: fused op vs the formula (eager, torch.compile)", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else "CPU"
 
@@ -304,5 +338,7 @@ def run(args: argparse.Namespace) -> int:
         print(format_row(rows[-1], impls), flush=True)
         args.kd_out.parent.mkdir(parents=True, exist_ok=True)
         common.write_csv(args.kd_out.with_suffix(".csv"), rows)
-    print(f"wrote {args.kd_out.with_suffix('.csv')}")
+    csv_path, png_path = args.kd_out.with_suffix(".csv"), args.kd_out.with_suffix(".png")
+    drawn = plot(rows, impls, png_path)
+    print(f"wrote {csv_path}" + (f" and {png_path}" if drawn else " (no plot: matplotlib is not installed)"))
     return 0
