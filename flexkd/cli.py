@@ -27,12 +27,20 @@ ENTRY_POINT_GROUP = "flexkd.commands"
 
 def plugin_subcommands() -> dict[str, tuple[str, str]]:
     """``{name: (module, help)}`` of the subcommands installed distributions add through
-    ``ENTRY_POINT_GROUP``; a name the library already uses stays the library's."""
+    ``ENTRY_POINT_GROUP``; a name the library already uses stays the library's. A plugin whose module
+    does not import (a distribution installed from a folder that has since moved, say) is left out with a
+    warning on stderr: it must not take the library's own subcommands down with it."""
     found: dict[str, tuple[str, str]] = {}
     for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         if entry.name in SUBCOMMANDS or entry.name in found:
             continue
-        found[entry.name] = (entry.module, importlib.import_module(entry.module).HELP)
+        try:
+            help_text = importlib.import_module(entry.module).HELP
+        except ImportError as err:
+            print(f"flexkd: warning: subcommand {entry.name!r} from {entry.module} is not available "
+                  f"({type(err).__name__}: {err})", file=sys.stderr)  # fmt: skip
+            continue
+        found[entry.name] = (entry.module, help_text)
     return found
 
 

@@ -74,6 +74,18 @@ def test_a_plugin_cannot_take_a_library_subcommand(monkeypatch):
     }
 
 
+def test_a_plugin_that_does_not_import_leaves_the_library_commands_working(monkeypatch, capsys):
+    """An editable plugin installed from a folder that has moved: its entry point names a module that
+    no longer imports. The library's subcommands still parse; the plugin's is left out with a warning."""
+    group = cli.ENTRY_POINT_GROUP
+    broken = importlib.metadata.EntryPoint("study", "flexkd_lab_moved_away.commands.study", group)
+    monkeypatch.setattr(cli.importlib.metadata, "entry_points", lambda group: [broken])
+    assert cli.plugin_subcommands() == {}
+    assert "subcommand 'study' from flexkd_lab_moved_away.commands.study is not available" in capsys.readouterr().err
+    args = cli.build_parser(["info"]).parse_args(["info"])
+    assert args.command == "info"
+
+
 def test_study_writes_under_the_current_directory_by_default():
     args = cli.build_parser(["study"]).parse_args(["study"])
     assert args.out == Path("flexkd-study") and not args.out.is_absolute()
