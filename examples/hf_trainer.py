@@ -19,6 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 import flexkd
+from flexkd.distributed import end_launched_rank
 
 VOCAB = 128
 
@@ -158,3 +159,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_launched_rank()  # a torchrun rank: close the process group and end (see its docstring)

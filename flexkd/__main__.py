@@ -1,3 +1,3 @@
-from flexkd.cli import main
+from flexkd.cli import console_main
 
-raise SystemExit(main())
+console_main()

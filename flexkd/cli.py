@@ -12,6 +12,7 @@ import importlib
 import importlib.metadata
 import shlex
 import sys
+from typing import NoReturn
 
 from flexkd.errors import FlexKDError
 
@@ -76,5 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def console_main() -> NoReturn:
+    """``flexkd`` and ``python -m flexkd``: :func:`main`, then the process ends (a rank of a torchrun or
+    accelerate launch through :func:`flexkd.distributed.end_launched_rank`)."""
+    code = main()
+    if "torch.distributed" in sys.modules:
+        from flexkd.distributed import end_launched_rank
+
+        end_launched_rank(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -7,8 +7,10 @@ number of forwards (and backwards), so the helpers here keep ranks in step where
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -29,6 +31,28 @@ def close_process_group() -> None:
         return
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+
+
+def end_launched_rank(code: int = 0) -> None:
+    """For the last line of a script run by torchrun or ``accelerate launch`` (``flexkd`` and
+    ``python -m flexkd`` end with it): in such a rank, close the process group (after a success: its
+    barrier would wait on ranks a failure may have stopped), run the ``atexit`` handlers, flush the
+    standard streams and end the process with ``code`` at once; in any other process, return.
+
+    Ending at once skips Python's finalization and C++ static destructors. Once a functional
+    collective has run (FSDP2 and DTensor use them), the gloo backend and its worker threads outlive
+    ``destroy_process_group`` (in torch 2.13 the thread count stays where it was), so they would meet
+    the interpreter's teardown, where a finished rank was seen to abort ("terminate called without an
+    active exception", SIGABRT) and turn a good run into a launcher failure. Files the script wrote
+    must be closed before: open buffered files are not flushed."""
+    if not torch.distributed.is_torchelastic_launched():
+        return
+    if code == 0:
+        close_process_group()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -19,6 +19,7 @@ import torch.distributed as dist  # noqa: E402
 import transformers  # noqa: E402
 
 import flexkd  # noqa: E402
+from flexkd.distributed import end_launched_rank  # noqa: E402
 from flexkd.scoring import rows_for_rank  # noqa: E402
 
 LAYERS = [1, -1]
@@ -54,3 +55,4 @@ def main(model_dir: str, rows_path: str, out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
+    end_launched_rank()

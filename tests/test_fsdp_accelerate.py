@@ -24,7 +24,9 @@ DISTILL = ["-m", "flexkd", "distill", "cfg.yaml"]
 
 
 def _run(command: list[str], folder: Path) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", PYTHONPATH=os.pathsep.join(sys.path)
+    )  # a rank that aborts prints its threads' Python stacks
     done = subprocess.run(
         command, cwd=folder, env=env, capture_output=True, text=True, timeout=600
     )

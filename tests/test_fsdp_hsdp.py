@@ -18,7 +18,7 @@ from _train_helpers import write_causal_config  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from flexkd.config import load_config  # noqa: E402
-from flexkd.distributed import check_sharding, close_process_group  # noqa: E402
+from flexkd.distributed import check_sharding, end_launched_rank  # noqa: E402
 from flexkd.errors import ConfigError  # noqa: E402
 from flexkd.training import train  # noqa: E402
 
@@ -89,4 +89,4 @@ def test_replicas_must_be_positive(tmp_path):
 
 if __name__ == "__main__":
     worker(sys.argv[1])
-    close_process_group()
+    end_launched_rank()

@@ -23,6 +23,7 @@ from _torchrun import run_two_processes  # noqa: E402
 import flexkd  # noqa: E402
 from flexkd.adapters.identity import weights_fingerprint  # noqa: E402
 from flexkd.distill import Distiller  # noqa: E402
+from flexkd.distributed import end_launched_rank  # noqa: E402
 
 LAYERS, K = [1, -1], 16
 WEIGHTS = {
@@ -150,3 +151,4 @@ def test_sharded_teacher_and_student_match_unsharded(tmp_path):
 
 if __name__ == "__main__":
     worker(sys.argv[1])
+    end_launched_rank()

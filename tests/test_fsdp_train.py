@@ -22,7 +22,7 @@ from _train_helpers import write_causal_config  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from flexkd.config import load_config  # noqa: E402
-from flexkd.distributed import close_process_group  # noqa: E402
+from flexkd.distributed import end_launched_rank  # noqa: E402
 from flexkd.errors import ConfigError  # noqa: E402
 from flexkd.training import train  # noqa: E402
 
@@ -148,4 +148,4 @@ def test_unknown_sharding_field_is_named(tmp_path):
 
 if __name__ == "__main__":
     (killed_worker if sys.argv[2:] == ["killed"] else worker)(sys.argv[1])
-    close_process_group()
+    end_launched_rank()

@@ -19,7 +19,7 @@ from _train_helpers import write_causal_config  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from flexkd.config import load_config  # noqa: E402
-from flexkd.distributed import close_process_group  # noqa: E402
+from flexkd.distributed import end_launched_rank  # noqa: E402
 from flexkd.selection import DimensionSelection  # noqa: E402
 from flexkd.training import train  # noqa: E402
 
@@ -113,4 +113,4 @@ def test_two_processes_match_one_process(tmp_path):
 
 if __name__ == "__main__":
     worker(sys.argv[1])
-    close_process_group()
+    end_launched_rank()
