@@ -7,9 +7,10 @@
 # The last thing printed is one table: per op, dtype and implementation, ms, GB/s of the bytes floor,
 # % of a device-to-device copy measured in the same run, and the speed over the user's eager and
 # compiled formula (SLOWER where flexkd loses). Then linear_logit_kd (fused linear + logit KD) at
-# N=8192 V=151936 H=1024 bf16 against the formula eager and compiled and, when it can be imported,
-# Liger-Kernel's fused linear JSD: the GPU has no network, so put its wheel in benchmarks/wheels/ first
-# (`pip download liger-kernel==0.8.5 --no-deps -d benchmarks/wheels`; ignored by git: carry it).
+# N=8192 V=151936 H=1024 bf16, the op (auto, and its Triton kernels) against the formula eager and
+# compiled and, when it can be imported, Liger-Kernel's fused linear JSD (then against a top-128
+# teacher, which Liger does not take). The GPU has no network, so put Liger's wheel in benchmarks/wheels/
+# first (`pip download liger-kernel==0.8.5 --no-deps -d benchmarks/wheels`; ignored by git: carry it).
 # Meant to finish in under 10 minutes.
 #
 #   bash benchmarks/gpu_check.sh [results-dir]      # default results-dir: benchmarks/results/gpu
@@ -18,8 +19,8 @@
 #
 # Environment: PYTHON (default python3), FLEXKD_CUDA_ARCH_LIST (default: this GPU's capability),
 # MAX_JOBS (default: all cores), GPU_CHECK_TEST_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT / GPU_CHECK_KD_TIMEOUT
-# (seconds, 200 / 200 / 180). Writes build.log, tests.log, bench.json, bench.md, linear_logit_kd.csv and
-# linear_logit_kd.log into the results directory.
+# (seconds, 200 / 200 / 180 per linear_logit_kd run). Writes build.log, tests.log, bench.json, bench.md,
+# linear_logit_kd{,_topk}.csv and .log into the results directory.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -114,7 +115,7 @@ BENCH_STATUS=${PIPESTATUS[0]}
 extract_table "$RESULTS/bench.log" >"$RESULTS/bench.md"
 
 step "linear_logit_kd (flexkd bench --suite linear_logit_kd --kd-device cuda; log: $RESULTS/linear_logit_kd.log)"
-KD_IMPLS=fused,eager,compile
+KD_IMPLS=fused,fused-triton,eager,compile
 if ! "$PY" -c "import liger_kernel.transformers" 2>/dev/null; then
   for wheel in "$ROOT"/benchmarks/wheels/liger_kernel-*.whl; do
     [[ -f $wheel ]] && "$PY" -m pip install --quiet --no-index --no-deps "$wheel" >/dev/null 2>&1
@@ -129,8 +130,14 @@ timeout "${GPU_CHECK_KD_TIMEOUT:-180}" "$PY" -m flexkd bench --suite linear_logi
   --n 8192 --vocab 151936 --hidden 1024 --dtypes bf16 --kd-impls "$KD_IMPLS" --kd-reps 5 \
   --kd-out "$RESULTS/linear_logit_kd" 2>&1 | tee "$RESULTS/linear_logit_kd.log"
 KD_STATUS=${PIPESTATUS[0]}
+step "linear_logit_kd against a top-128 teacher (forward KL, JSD; log: $RESULTS/linear_logit_kd_topk.log)"
+timeout "${GPU_CHECK_KD_TIMEOUT:-180}" "$PY" -m flexkd bench --suite linear_logit_kd --kd-device cuda \
+  --n 8192 --vocab 151936 --hidden 1024 --dtypes bf16 --kd-impls fused,fused-triton,eager,compile \
+  --kd-kinds forward_kl,jsd --kd-topk 128 --kd-reps 3 --kd-out "$RESULTS/linear_logit_kd_topk" 2>&1 \
+  | tee "$RESULTS/linear_logit_kd_topk.log"
+KD_STATUS=$((KD_STATUS | PIPESTATUS[0]))
 
 step "done: tests $TEST_STATUS, benchmark exit $BENCH_STATUS, linear_logit_kd exit $KD_STATUS"
 cat "$RESULTS/bench.md"
-grep '^N[0-9]*-V' "$RESULTS/linear_logit_kd.log"
+grep '^N[0-9]*-V' "$RESULTS/linear_logit_kd.log" "$RESULTS/linear_logit_kd_topk.log"
 [[ "$TEST_STATUS" == "exit 0" && $BENCH_STATUS == 0 && $KD_STATUS == 0 ]]

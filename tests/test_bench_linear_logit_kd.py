@@ -101,6 +101,7 @@ def test_the_liger_path_gets_the_teacher_factors_and_the_matching_beta(monkeypat
 
 def test_bad_options_exit_2():
     assert bench.run(_args("--kd-impls", "fused,liger")) == 2  # Liger is CUDA only
+    assert bench.run(_args("--kd-impls", "fused,fused-triton")) == 2  # so are the Triton kernels
     if not torch.cuda.is_available():
         assert bench.run(_args("--kd-device", "cuda")) == 2
     assert bench.run(_args("--kd-impls", "eager")) == 2

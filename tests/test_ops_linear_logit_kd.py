@@ -575,6 +575,53 @@ def test_fused_row_kernel_matches_the_torch_rows_for_a_top_k_teacher(kind, teach
     _assert_as_accurate_as_the_torch_rows(got, torch_rows, exact)
 
 
+
+def _triton_rows():
+    reason = _triton_interpreter_reason()
+    if reason:
+        pytest.skip(reason)
+    from flexkd.kernels import linear_logit_kd as triton_kernels
+
+    return triton_kernels.kd_rows
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_triton_row_kernel_matches_the_torch_rows(kind, teacher_dtype, temperature):
+    z, t = _row_kernel_cases()
+    if kind == "reverse_kl":
+        t[0, :7] = -30.0
+    t = t.to(teacher_dtype)
+    exact = linear_logit_kd_impl.kd_rows_(z.double(), t.double(), None, None, kind, 0.3, temperature)
+    torch_rows = linear_logit_kd_impl.kd_rows_(z.clone(), t, None, None, kind, 0.3, temperature)
+    got = _triton_rows()(z.clone(), t, None, None, kind, 0.3, temperature)
+    _assert_as_accurate_as_the_torch_rows(got, torch_rows, exact)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("top_k", [1, 37, 1001])
+def test_triton_row_kernel_matches_the_torch_rows_for_a_top_k_teacher(kind, teacher_dtype, top_k):
+    """K = 1001 = V spans several K blocks and holds row 0's -inf teacher entries (p = 0 on the support)."""
+    z, t = _row_kernel_cases()
+    values, indices = _topk_of(t.to(teacher_dtype), top_k)
+    exact = linear_logit_kd_impl.kd_rows_(z.double(), None, values.double(), indices, kind, 0.3, 2.0)
+    torch_rows = linear_logit_kd_impl.kd_rows_(z.clone(), None, values, indices, kind, 0.3, 2.0)
+    got = _triton_rows()(z.clone(), None, values, indices, kind, 0.3, 2.0)
+    _assert_as_accurate_as_the_torch_rows(got, torch_rows, exact)
+
+
+def test_triton_row_kernel_reads_a_strided_top_k_teacher():
+    z, t = _row_kernel_cases()
+    values, indices = _topk_of(t, 16)
+    wide_values = values.repeat_interleave(2, dim=1)[:, ::2]  # column stride 2
+    want = linear_logit_kd_impl.kd_rows_(z.clone(), None, values, indices, "jsd", 0.5, 1.0)
+    got = _triton_rows()(z.clone(), None, wide_values, indices.t().contiguous().t(), "jsd", 0.5, 1.0)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
 @needs_native
 def test_fused_row_kernel_gives_a_nan_row_for_a_nan_anywhere_in_it():
     for kind in KD_KINDS:

@@ -102,20 +102,25 @@ def _teacher(case: Case, logits: torch.Tensor) -> dict:
     return {"teacher_topk": (values.to(logits.dtype), indices)}
 
 
-def _loss_fns(case: Case):
-    """(eager, fused) losses of ``(hidden, weight, bias, teacher)``: the formula a user writes and the op."""
+def _loss_fns(case: Case) -> dict:
+    """The losses of ``(hidden, weight, bias, teacher)`` by path: ``eager``, the formula a user writes, and
+    ``fused``, the op (``backend="auto"``; ``fused-triton``: its Triton kernels)."""
     kd = {"kind": case.kind, "temperature": 2.0}
 
     def eager(hidden, weight, bias, teacher):
         logits = hidden @ weight.T + bias
         return logit_kd(logits, teacher.get("teacher_logits"), teacher_topk=teacher.get("teacher_topk"), **kd)
 
-    def fused(hidden, weight, bias, teacher):
-        return linear_logit_kd(
-            hidden, weight, teacher.get("teacher_logits"), teacher_topk=teacher.get("teacher_topk"), bias=bias, **kd
-        )
+    def fused_on(backend: str):
+        def fused(hidden, weight, bias, teacher):
+            return linear_logit_kd(
+                hidden, weight, teacher.get("teacher_logits"), teacher_topk=teacher.get("teacher_topk"),
+                bias=bias, backend=backend, **kd,
+            )  # fmt: skip
 
-    return eager, fused
+        return fused
+
+    return {"eager": eager, "fused": fused_on("auto"), "fused-triton": fused_on("triton")}
 
 
 # Liger's generalised JSD: beta 0 is KL(teacher || student), 1 is KL(student || teacher)
@@ -203,11 +208,11 @@ def run_case(case: Case, impls: list[str], reps: int, device: str = "cpu") -> di
             row[f"{impl}_ms"] = row[f"{impl}_peak_mib"] = float("nan")
             row[f"{impl}_note"] = f"skipped: needs ~{needed_mib / 1024:.0f} GiB"
             continue
-        eager_loss, fused_loss = _loss_fns(case)
         if impl == "liger":
             loss_fn = _liger_loss(case)
         else:
-            loss_fn = {"fused": fused_loss, "eager": eager_loss}.get(impl) or torch.compile(eager_loss)
+            losses_by_impl = _loss_fns(case)
+            loss_fn = losses_by_impl.get(impl) or torch.compile(losses_by_impl["eager"])
         step = _step(loss_fn, x, device)
         losses[impl] = float(step())  # compiles the compiled path; not timed
         row[f"{impl}_ms"] = round(
@@ -318,6 +323,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--kd-impls must include fused")
         if args.kd_device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--kd-device cuda: no CUDA device here")
+        if "fused-triton" in impls and args.kd_device != "cuda":
+            raise ValueError("--kd-impls fused-triton: the Triton kernels run on CUDA (--kd-device cuda)")
         if "liger" in impls:
             if args.kd_device != "cuda":
                 raise ValueError("--kd-impls liger: Liger-Kernel runs on CUDA only (--kd-device cuda)")

@@ -148,6 +148,14 @@ def _linear_logit_kd_cases() -> Iterator[tuple]:
         yield linear_logit_kd.linear_logit_kd_fwd, (
             hidden, weight, None, teacher, None, None, None, kind, 0.5, 2.0, 4, True, True, False,
         )  # fmt: skip
+        if kind == "reverse_kl":
+            continue
+        for top_k in sorted({1, min(100, vocab)}):  # K = 1, and a K that is not a power of 2
+            values = torch.empty(4, top_k, dtype=teacher_dtype, **meta)
+            indices = torch.empty(4, top_k, dtype=torch.int64, **meta)
+            yield linear_logit_kd.linear_logit_kd_fwd, (
+                hidden, weight, None, None, values, indices, None, kind, 0.5, 2.0, 4, True, True, False,
+            )  # fmt: skip
 
 
 def collect_specialisations() -> list[Specialisation]:
