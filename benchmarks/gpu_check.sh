@@ -50,6 +50,12 @@ if [[ $DRY_RUN == 1 ]]; then
   step "dry run: flexkd bench --suite linear_logit_kd on the CPU at a tiny shape"
   "$PY" -m flexkd bench --suite linear_logit_kd --n 64 --vocab 512 --hidden 32 --dtypes bf16 --kd-reps 1 \
     --kd-out "$RESULTS/dry_run_linear_logit_kd" | tail -n 1 || exit 1
+  step "dry run: the Triton paths of that benchmark under the interpreter, dense and top-8 teachers"
+  for topk in 0 8; do
+    TRITON_INTERPRET=1 "$PY" -m flexkd bench --suite linear_logit_kd --n 16 --vocab 64 --hidden 8 --dtypes fp32 \
+      --kd-impls fused,fused-triton,eager --kd-kinds forward_kl,jsd --kd-topk $topk --kd-reps 1 \
+      --kd-out "$RESULTS/dry_run_linear_logit_kd_triton_$topk" | tail -n 1 || exit 1
+  done
   exit 0
 fi
 

@@ -6,8 +6,11 @@ from __future__ import annotations
 import argparse
 import csv
 
+import pytest
 import torch
+from _targets import _triton_interpreter_reason
 
+from flexkd.bench import linear_logit_kd
 from flexkd.commands import bench
 
 
@@ -50,7 +53,6 @@ def test_other_kinds_and_a_top_k_teacher(tmp_path):
 
 
 def test_without_eager_its_memory_is_computed(tmp_path, capsys):
-    from flexkd.bench import linear_logit_kd
 
     out = tmp_path / "kd"
     args = _args("--n", "16", "--vocab", "64", "--hidden", "8", "--dtypes", "fp32",
@@ -72,7 +74,6 @@ def test_the_liger_path_gets_the_teacher_factors_and_the_matching_beta(monkeypat
     import sys
     import types
 
-    from flexkd.bench import linear_logit_kd
     from flexkd.losses import logit_kd
 
     kinds = {0.0: "forward_kl", 1.0: "reverse_kl", 0.5: "jsd"}
@@ -99,9 +100,26 @@ def test_the_liger_path_gets_the_teacher_factors_and_the_matching_beta(monkeypat
     assert row["liger_note"] == "n/a: no top-K teacher"
 
 
+def test_fused_triton_needs_cuda_or_the_interpreter(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here: the Triton path runs")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert bench.run(_args("--kd-impls", "fused,fused-triton")) == 2
+
+
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_fused_triton_path_under_the_interpreter(top_k):
+    reason = _triton_interpreter_reason()
+    if reason:
+        pytest.skip(reason)
+    case = linear_logit_kd.Case(12, 40, 8, "fp32", kind="jsd", top_k=top_k)
+    row = linear_logit_kd.run_case(case, ["fused", "fused-triton", "eager"], 1)
+    assert row["fused-triton_ms"] > 0 and row["fused-triton_note"] == ""
+    assert row["loss_rel_diff"] < 1e-5 and row["fused-triton_loss_rel_diff"] < 1e-5
+
+
 def test_bad_options_exit_2():
     assert bench.run(_args("--kd-impls", "fused,liger")) == 2  # Liger is CUDA only
-    assert bench.run(_args("--kd-impls", "fused,fused-triton")) == 2  # so are the Triton kernels
     if not torch.cuda.is_available():
         assert bench.run(_args("--kd-device", "cuda")) == 2
     assert bench.run(_args("--kd-impls", "eager")) == 2

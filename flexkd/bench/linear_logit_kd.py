@@ -225,8 +225,9 @@ def run_case(case: Case, impls: list[str], reps: int, device: str = "cpu") -> di
         row[f"{impl}_note"] = ""
     if "fused" in losses and "eager" in losses:
         row["loss_rel_diff"] = abs(losses["fused"] - losses["eager"]) / abs(losses["eager"])
-    if "liger" in losses:
-        row["liger_loss_rel_diff"] = abs(losses["liger"] - losses["fused"]) / abs(losses["fused"])
+    for other in ("fused-triton", "liger"):
+        if other in losses:
+            row[f"{other}_loss_rel_diff"] = abs(losses[other] - losses["fused"]) / abs(losses["fused"])
     for base in ("eager", "compile", "liger"):
         if base in impls:
             row[f"time_vs_{base}"] = row["fused_ms"] / row[f"{base}_ms"]
@@ -274,8 +275,9 @@ def format_row(row: dict, impls: list[str]) -> str:
             verdict = "MET" if row[key] <= target else "MISS"
             computed = " vs computed eager" if key == "peak_vs_eager" and row.get("peak_vs_eager_from") else ""
             parts.append(f"{key}={row[key]:.2f} ({verdict} <= {target}{computed})")
-    if row.get("liger_loss_rel_diff") is not None:
-        parts.append(f"liger_loss_rel_diff={row['liger_loss_rel_diff']:.1e}")
+    for other in ("fused-triton", "liger"):
+        if row.get(f"{other}_loss_rel_diff") is not None:
+            parts.append(f"{other}_loss_rel_diff={row[f'{other}_loss_rel_diff']:.1e}")
     parts.append(f"load {row['load_before']} -> {row['load_after']}")
     return "  ".join(parts)
 
@@ -323,8 +325,12 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--kd-impls must include fused")
         if args.kd_device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--kd-device cuda: no CUDA device here")
-        if "fused-triton" in impls and args.kd_device != "cuda":
-            raise ValueError("--kd-impls fused-triton: the Triton kernels run on CUDA (--kd-device cuda)")
+        if "fused-triton" in impls:
+            from flexkd.ops._backends import unavailable_reason
+
+            reason = unavailable_reason("triton", args.kd_device, native=False)
+            if reason is not None:
+                raise ValueError(f"--kd-impls fused-triton: {reason}")
         if "liger" in impls:
             if args.kd_device != "cuda":
                 raise ValueError("--kd-impls liger: Liger-Kernel runs on CUDA only (--kd-device cuda)")

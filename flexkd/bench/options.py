@@ -81,7 +81,7 @@ def add_linear_logit_kd_arguments(parser) -> None:
     parser.add_argument("--vocab", type=int, default=None, help="vocabulary V (one case with --n/--hidden)")
     parser.add_argument("--hidden", type=int, default=None, help="student hidden size H")
     parser.add_argument("--kd-impls", default=KD_DEFAULT_IMPLS,
-                        help=f"comma list of {','.join(KD_IMPLS)} (fused-triton: the op's Triton kernels, CUDA only; liger: Liger-Kernel's fused linear JSD, CUDA only)")
+                        help=f"comma list of {','.join(KD_IMPLS)} (fused-triton: the op's Triton kernels, on CUDA or under TRITON_INTERPRET=1; liger: Liger-Kernel's fused linear JSD, CUDA only)")
     parser.add_argument("--kd-device", default="cpu", choices=("cpu", "cuda"), help="where the tensors live")
     parser.add_argument("--kd-reps", type=int, default=3, help="timed fwd+bwd calls per case and path")
     parser.add_argument("--kd-kinds", default="forward_kl", help="comma list of forward_kl,reverse_kl,jsd")
