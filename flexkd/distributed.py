@@ -22,11 +22,8 @@ from torch import nn
 def close_process_group() -> None:
     """Wait for every rank, then destroy the default process group, if this process has one.
 
-    For the end of a process (``flexkd distill``/``score`` do it; a script that calls
-    :func:`flexkd.training.train` under ``torchrun`` should too, as accelerate's ``end_training`` does).
-    A gloo group left alive at exit can abort the process after its work is done ("terminate called
-    without an active exception", SIGABRT, so the launcher reports a failure), and a rank that tears
-    down first can cut off a peer still waiting on its last collective; the barrier prevents the second."""
+    :func:`end_launched_rank` calls it at the end of a launched rank. The barrier keeps a rank that tears
+    down first from cutting off a peer still waiting on its last collective."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     torch.distributed.barrier()
