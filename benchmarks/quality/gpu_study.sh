@@ -2,6 +2,7 @@
 # The pretrained pair (all-mpnet-base-v2 -> pretrained MiniLM-L6) at 10 seeds on one GPU, resumable: the
 # same `flexkd study` as the CPU table, results in benchmarks/results/gpu/ to commit beside it.
 # UNTESTED: no GPU was available in the session that wrote it (see benchmarks/quality/README.md).
+# Not for the project's lent H200 (no network, 64 MiB per call: the models cannot reach it; README.md).
 #
 #   bash benchmarks/quality/gpu_study.sh                 # mpnet-minilm, seeds 0-9
 #   bash benchmarks/quality/gpu_study.sh --pairs mpnet-minilm minilm-tiny
