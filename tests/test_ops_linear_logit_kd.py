@@ -612,6 +612,27 @@ def test_triton_row_kernel_matches_the_torch_rows_for_a_top_k_teacher(kind, teac
     _assert_as_accurate_as_the_torch_rows(got, torch_rows, exact)
 
 
+
+@pytest.mark.parametrize("rows", ["triton", "fused"])
+def test_row_kernels_with_whole_blocks_of_masked_vocabulary(rows):
+    """Teacher rows whose first or last 2048 entries (a whole Triton block) are -inf, as a masked
+    vocabulary gives, dense and as a top-K teacher that holds them, against the torch rows."""
+    if rows == "fused" and _native.load() is None:
+        pytest.skip("flexkd._C is not built")
+    kd_rows = _triton_rows() if rows == "triton" else linear_logit_kd_impl.kd_rows_fused_
+    g = torch.Generator().manual_seed(3)
+    z, t = torch.randn(3, 5000, generator=g) * 3, torch.randn(3, 5000, generator=g) * 3
+    t[0, :4096] = float("-inf")
+    t[1, 2952:] = float("-inf")
+    values, indices = t.topk(4500, dim=-1)  # K over two 2048-wide blocks, -inf entries included
+    for kind in ("forward_kl", "jsd"):
+        for teacher, topk in ((t, (None, None)), (None, (values, indices))):
+            want = linear_logit_kd_impl.kd_rows_(z.clone(), teacher, *topk, kind, 0.3, 2.0)
+            got = kd_rows(z.clone(), teacher, *topk, kind, 0.3, 2.0)
+            for g_, w in zip(got, want, strict=True):
+                torch.testing.assert_close(g_, w, rtol=1e-4, atol=1e-6)
+
+
 def test_triton_row_kernel_reads_a_strided_top_k_teacher():
     z, t = _row_kernel_cases()
     values, indices = _topk_of(t, 16)

@@ -30,8 +30,10 @@ def _online_lse(m, d, x):
     """Merge block ``x`` into a running (max ``m``, sum of ``exp(x - m)`` ``d``)."""
     block_max = tl.max(x, axis=0)
     new_m = tl.maximum(m, block_max)
-    # exp(-inf - -inf) would be NaN while a row has seen only -inf.
-    d = d * tl.where(new_m == m, 1.0, tl.exp(m - new_m)) + tl.sum(tl.exp(x - new_m), axis=0)
+    # While a row has seen only -inf (a masked vocabulary's first blocks), exp(-inf - -inf) would be NaN:
+    # the rescale is then 1 and the block's terms are exp(-inf - 0) = 0.
+    shift = tl.where(new_m == -float("inf"), 0.0, new_m)
+    d = d * tl.where(new_m == m, 1.0, tl.exp(m - new_m)) + tl.sum(tl.exp(x - shift), axis=0)
     return new_m, d
 
 
