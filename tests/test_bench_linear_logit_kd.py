@@ -101,19 +101,19 @@ def test_the_liger_path_gets_the_teacher_factors_and_the_matching_beta(monkeypat
 
 
 def test_fused_triton_needs_cuda_or_the_interpreter(monkeypatch):
-    if torch.cuda.is_available():
-        pytest.skip("CUDA is here: the Triton path runs")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # and the tensors are on the CPU (--kd-device cpu)
     assert bench.run(_args("--kd-impls", "fused,fused-triton")) == 2
 
 
 @pytest.mark.parametrize("top_k", [0, 5])
-def test_fused_triton_path_under_the_interpreter(top_k):
-    reason = _triton_interpreter_reason()
+def test_fused_triton_path(top_k):
+    """On the GPU where there is one, else under the interpreter."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reason = None if device == "cuda" else _triton_interpreter_reason()
     if reason:
         pytest.skip(reason)
     case = linear_logit_kd.Case(12, 40, 8, "fp32", kind="jsd", top_k=top_k)
-    row = linear_logit_kd.run_case(case, ["fused", "fused-triton", "eager"], 1)
+    row = linear_logit_kd.run_case(case, ["fused", "fused-triton", "eager"], 1, device)
     assert row["fused-triton_ms"] > 0 and row["fused-triton_note"] == ""
     assert row["loss_rel_diff"] < 1e-5 and row["fused-triton_loss_rel_diff"] < 1e-5
 

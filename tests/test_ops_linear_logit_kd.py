@@ -577,12 +577,21 @@ def test_fused_row_kernel_matches_the_torch_rows_for_a_top_k_teacher(kind, teach
 
 
 def _triton_rows():
-    reason = _triton_interpreter_reason()
+    """The Triton rows' ``kd_rows`` on CPU tensors: run on the GPU where there is one (inputs moved with
+    their strides, results brought back), else under the interpreter."""
+    on_gpu = torch.cuda.is_available()
+    reason = None if on_gpu else _triton_interpreter_reason()
     if reason:
         pytest.skip(reason)
     from flexkd.kernels import linear_logit_kd as triton_kernels
 
-    return triton_kernels.kd_rows
+    target = Target("triton", "cuda" if on_gpu else "cpu")
+
+    def kd_rows(z, teacher, values, indices, *args):
+        loss, grad = triton_kernels.kd_rows(*map(target.put, (z, teacher, values, indices)), *args)
+        return target.back(loss), target.back(grad)
+
+    return kd_rows
 
 
 @pytest.mark.parametrize("kind", KD_KINDS)
@@ -613,12 +622,10 @@ def test_triton_row_kernel_matches_the_torch_rows_for_a_top_k_teacher(kind, teac
 
 
 
-@pytest.mark.parametrize("rows", ["triton", "fused"])
+@pytest.mark.parametrize("rows", ["triton", pytest.param("fused", marks=needs_native)])
 def test_row_kernels_with_whole_blocks_of_masked_vocabulary(rows):
     """Teacher rows whose first or last 2048 entries (a whole Triton block) are -inf, as a masked
     vocabulary gives, dense and as a top-K teacher that holds them, against the torch rows."""
-    if rows == "fused" and _native.load() is None:
-        pytest.skip("flexkd._C is not built")
     kd_rows = _triton_rows() if rows == "triton" else linear_logit_kd_impl.kd_rows_fused_
     g = torch.Generator().manual_seed(3)
     z, t = torch.randn(3, 5000, generator=g) * 3, torch.randn(3, 5000, generator=g) * 3

@@ -38,6 +38,15 @@ def _online_lse(m, d, x):
 
 
 @triton.jit
+def _log_mixture(log_p, log_q, log_beta, log_one_minus_beta):
+    """``log m`` of JSD's mixture ``m = beta·p + (1 - beta)·q``, from the log-probabilities."""
+    a = log_p + log_beta
+    b = log_q + log_one_minus_beta
+    hi = tl.maximum(a, b)
+    return hi + tl.log(tl.exp(a - hi) + tl.exp(b - hi))
+
+
+@triton.jit
 def _kd_rows_kernel(
     z_ptr, z_stride, t_ptr, t_stride, loss_ptr, V,
     inv_t, t_scale, log_beta, log_one_minus_beta, beta,
@@ -77,10 +86,7 @@ def _kd_rows_kernel(
         elif KIND == 1:
             loss += tl.sum(tl.where(ok & (q > 0), q * (log_q - log_p), 0.0), axis=0)
         else:
-            a = log_p + log_beta
-            b = log_q + log_one_minus_beta
-            hi = tl.maximum(a, b)
-            log_m = hi + tl.log(tl.exp(a - hi) + tl.exp(b - hi))
+            log_m = _log_mixture(log_p, log_q, log_beta, log_one_minus_beta)
             loss += tl.sum(tl.where(ok & (p > 0), p * (log_p - log_m), 0.0), axis=0)
             aux += tl.sum(tl.where(ok & (q > 0), q * (log_q - log_m), 0.0), axis=0)
     if KIND == 2:
@@ -94,10 +100,7 @@ def _kd_rows_kernel(
             if KIND == 1:
                 grad = tl.where(q > 0, q * (log_q - log_p - loss), 0.0)
             else:
-                a = log_p + log_beta
-                b = log_q + log_one_minus_beta
-                hi = tl.maximum(a, b)
-                log_m = hi + tl.log(tl.exp(a - hi) + tl.exp(b - hi))
+                log_m = _log_mixture(log_p, log_q, log_beta, log_one_minus_beta)
                 grad = tl.where(q > 0, (1.0 - beta) * q * (log_q - log_m - aux), 0.0)
             tl.store(z_row + start + cols, grad * t_scale, mask=ok)
     tl.store(loss_ptr + row, loss * t_scale * t_scale)
@@ -147,10 +150,7 @@ def _kd_rows_topk_kernel(
             kl_pm += tl.sum(tl.where(ok & (p > 0), p * (log_p - log_q), 0.0), axis=0)
         else:
             q = tl.exp(log_q)
-            a = log_p + log_beta
-            b = log_q + log_one_minus_beta
-            hi = tl.maximum(a, b)
-            log_m = hi + tl.log(tl.exp(a - hi) + tl.exp(b - hi))
+            log_m = _log_mixture(log_p, log_q, log_beta, log_one_minus_beta)
             kl_pm += tl.sum(tl.where(ok & (p > 0), p * (log_p - log_m), 0.0), axis=0)
             kl_qm += tl.sum(tl.where(ok, q * (log_q - log_m), 0.0), axis=0)
             q_support += tl.sum(tl.where(ok, q, 0.0), axis=0)
@@ -177,10 +177,7 @@ def _kd_rows_topk_kernel(
         if KIND == 0:
             grad = q - tl.exp(log_p)
         else:
-            a = log_p + log_beta
-            b = log_q + log_one_minus_beta
-            hi = tl.maximum(a, b)
-            log_m = hi + tl.log(tl.exp(a - hi) + tl.exp(b - hi))
+            log_m = _log_mixture(log_p, log_q, log_beta, log_one_minus_beta)
             grad = (1.0 - beta) * q * (log_q - log_m - kl_qm)
         tl.store(z_row + idx, grad * t_scale, mask=ok)
     tl.store(loss_ptr + row, loss * t_scale * t_scale)
