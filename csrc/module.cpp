@@ -19,7 +19,7 @@
 #endif
 
 TORCH_LIBRARY(flexkd, m) {
-  // Fake (meta) kernels and autograd for these live in Python.
+  // Fake (meta) kernels live in Python; feature_loss_fwd's autograd kernel in feature_loss_autograd.cpp.
   m.set_python_module("flexkd.ops._registration");
   m.def(
       "feature_loss_fwd(Tensor student, Tensor teacher, Tensor index, Tensor? mask, str loss, "

@@ -213,6 +213,23 @@ def test_backward_twice_and_weighted(target):
     torch.testing.assert_close(weighted, 0.25 * first)
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_leaf_grad_accumulates_over_steps(target):
+    """``loss.backward()`` hands the saved gradient itself to a leaf's ``.grad`` (grad_output 1 on the CPU):
+    the next steps must add into it, not into a buffer another step still holds."""
+    student = target.put(torch.randn(6, 4)).requires_grad_()
+    teacher, index = target.put(torch.randn(6, 9)), random_index(4, 9)
+    (once,) = torch.autograd.grad(run(target, student, teacher, index), student)
+    for _ in range(3):
+        run(target, student, teacher, index).backward()
+    torch.testing.assert_close(student.grad, 3 * once)
+    held = run(target, student, teacher, index)
+    student.grad = None
+    held.backward(retain_graph=True)
+    held.backward()
+    torch.testing.assert_close(student.grad, 2 * once)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs mprotect")
 @pytest.mark.parametrize("layout", ["contiguous", "column_slice"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

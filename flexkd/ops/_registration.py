@@ -1,5 +1,6 @@
 """torch.library registration shared by every backend: the torch backend's ops (their schemas inferred
-from the signatures), fake (meta) kernels and the one autograd formula of the feature loss.
+from the signatures), fake (meta) kernels and the autograd formula of the feature loss (for the torch
+and Triton variants; the native op's twin is C++, ``csrc/feature_loss_autograd.cpp``).
 
 The kernel-level ops take 2-D inputs (the public wrappers in ``flexkd.ops`` flatten leading dims):
 
@@ -70,6 +71,7 @@ def _scale(saved_grad, grad_loss, per_row: bool, dtype: torch.dtype) -> torch.Te
 
 
 def _backward_feature_loss(ctx, grad_loss, _grad_student_out, _grad_teacher_out):
+    # The native op's twin is FeatureLossFunction::backward (csrc/feature_loss_autograd.cpp): keep them alike.
     grad_student_saved, grad_teacher_saved, index = ctx.saved_tensors
     grad_student = grad_teacher = None
     if grad_loss is None:  # only the (non-differentiable) gradient outputs were used
@@ -83,7 +85,7 @@ def _backward_feature_loss(ctx, grad_loss, _grad_student_out, _grad_teacher_out)
 
 
 def register_feature_loss_autograd(qualname: str) -> None:
-    """Attach the shared backward to a ``feature_loss_fwd`` variant (native, torch or triton)."""
+    """Attach the shared backward to a Python ``feature_loss_fwd`` variant (torch or triton)."""
     torch.library.register_autograd(
         qualname, _backward_feature_loss, setup_context=_setup_feature_loss
     )
@@ -122,7 +124,6 @@ def _register_native() -> None:
     torch.library.register_fake("flexkd::importance_scores_acc")(lambda *args: None)
     torch.library.register_fake("flexkd::kd_rows_")(lambda z, *_: z.new_empty(z.shape[:1]))
     torch.library.register_fake("flexkd::add_widened_")(lambda acc, src: None)
-    register_feature_loss_autograd("flexkd::feature_loss_fwd")
 
 
 _register_native()

@@ -1,0 +1,87 @@
+"""What one ``flex_feature_loss`` call costs above its kernel, at a size where the kernel is cheap.
+
+Times, per call (a loop of ``--calls`` calls, median of ``--loops`` loops, one thread): the public op's
+fwd+bwd and forward alone, the kernel-level op ``torch.ops.flexkd.feature_loss_fwd`` (no argument checks)
+fwd+bwd and forward alone, the public op's argument checks alone, and the user's eager formula fwd+bwd.
+
+    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/call_overhead.py [--n 64] [--backend cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from flexkd.ops import _validate, flex_feature_loss
+
+
+def per_call_us(fn, calls: int, loops: int) -> float:
+    for _ in range(max(calls // 10, 5)):
+        fn()
+    times = []
+    for _ in range(loops):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--d", type=int, default=2048)
+    parser.add_argument("--k", type=int, default=768)
+    parser.add_argument("--backend", default="cpu", help="flexkd backend of the public op (default cpu)")
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--loops", type=int, default=7)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+
+    student = torch.randn(args.n, args.k, requires_grad=True)
+    teacher = torch.randn(args.n, args.d)
+    index = torch.randperm(args.d)[: args.k].sort().values
+    mask = torch.ones(args.n)
+    kernel_args = (student, teacher, index, mask, "mse", "mean", 1e-8)
+
+    def public_fwd_bwd():
+        flex_feature_loss(student, teacher, index, mask, backend=args.backend).backward()
+
+    def public_fwd():
+        with torch.no_grad():
+            flex_feature_loss(student, teacher, index, mask, backend=args.backend)
+
+    def kernel_fwd_bwd():
+        torch.ops.flexkd.feature_loss_fwd(*kernel_args, True, False)[0].backward()
+
+    def kernel_fwd():
+        with torch.no_grad():
+            torch.ops.flexkd.feature_loss_fwd(*kernel_args, False, False)
+
+    def checks():
+        _validate.feature_loss_args(student, teacher, index, mask, "mse", "mean", 1e-8)
+
+    def user_eager_fwd_bwd():
+        d = student - teacher.index_select(1, index)
+        (((d * d).sum(1) * mask).sum() / (mask.sum() * args.k)).backward()
+
+    print(f"N={args.n} D={args.d} k={args.k} fp32, 1 thread, torch {torch.__version__}, public op on "
+          f"backend={args.backend!r}; us per call, median of {args.loops} loops of {args.calls} calls")
+    for name, fn in [
+        ("public fwd+bwd", public_fwd_bwd),
+        ("public fwd (no grad)", public_fwd),
+        ("kernel-level op fwd+bwd", kernel_fwd_bwd),
+        ("kernel-level op fwd (no grad)", kernel_fwd),
+        ("argument checks", checks),
+        ("user eager fwd+bwd", user_eager_fwd_bwd),
+    ]:
+        student.grad = None
+        print(f"  {name:30s} {per_call_us(fn, args.calls, args.loops):8.1f}")
+
+
+if __name__ == "__main__":
+    main()
