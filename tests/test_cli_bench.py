@@ -213,3 +213,20 @@ def test_paired_ratio_is_the_median_of_per_pair_ratios(monkeypatch):
         clock[0] += 1.0
 
     assert common.paired_ratio(fn, baseline, reps=5) == 3.0
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="glibc's mallopt: Linux")
+def test_keep_freed_memory_is_applied_and_recorded(tmp_path):
+    """``--keep-freed-memory`` changes the process's allocator, so it runs in a process of its own."""
+    import csv as csv_module
+    import subprocess
+    import sys
+
+    out = tmp_path / "ops"
+    argv = [sys.executable, "-m", "flexkd", "bench", "--device", "cpu", "--quick", "--ops", "mse", *TINY,
+            "--dtypes", "fp32", "--layouts", "contiguous", "--keep-freed-memory", "--out", str(out)]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "allocator glibc keeping freed memory" in run.stdout
+    rows = list(csv_module.DictReader(out.with_suffix(".csv").open()))
+    assert rows and {row["allocator"] for row in rows} == {"glibc keeping freed memory"}

@@ -78,6 +78,28 @@ def _release_free_heap() -> None:
         pass
 
 
+# glibc's mallopt parameters, and the environment variables that set them at start-up.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+KEEP_FREED_MEMORY_ENV = "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647 MALLOC_TOP_PAD_=67108864"
+
+
+def keep_freed_memory() -> None:
+    """Make glibc keep freed memory in the process: no ``mmap`` per large block, no trimming of the heap.
+
+    By default glibc gives a large freed block back to the OS, so the next output of that size (an op's
+    gradient, every step) is fresh pages that the kernel faults in and zeroes on first write: hundreds to
+    thousands of faults per call at the target shape. ``KEEP_FREED_MEMORY_ENV`` does the same from the
+    environment; jemalloc and tcmalloc behave so by default. RuntimeError where glibc's ``mallopt`` is
+    missing or refuses."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError) as error:
+        raise RuntimeError(f"keeping freed memory needs glibc's mallopt: {error}") from error
+    for param, value in ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 64 << 20)):
+        if mallopt(param, value) != 1:
+            raise RuntimeError(f"mallopt({param}, {value}) was refused")
+
+
 def peak_extra_mib(fn: Callable[[], object]) -> float:
     """Peak resident memory above the starting point while ``fn()`` runs, in MiB (Linux: the VmHWM
     high-water mark, reset through /proc/self/clear_refs, after malloc_trim so that freed heap does

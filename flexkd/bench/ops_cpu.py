@@ -368,9 +368,16 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, re.error) as error:
         print(f"flexkd bench: error: {error}", file=sys.stderr)
         return 2
+    if args.keep_freed_memory:
+        try:
+            common.keep_freed_memory()
+        except RuntimeError as error:
+            print(f"flexkd bench: error: --keep-freed-memory: {error}", file=sys.stderr)
+            return 2
+    allocator = "glibc keeping freed memory" if args.keep_freed_memory else "default"
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     header = (f"torch {torch.__version__}, threads {','.join(map(str, thread_counts))}, "
-              f"{os.cpu_count()} CPUs, load average before {load}")
+              f"{os.cpu_count()} CPUs, allocator {allocator}, load average before {load}")
     if args.copy_gib > 0:
         large = common.copy_bandwidth_gbs(int(args.copy_gib * 2**30), reps=3)
         header += f"; copy bandwidth of a {args.copy_gib:g} GiB copy (read + written): {large:.1f} GB/s"
@@ -382,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
         for threads in thread_counts:
             torch.set_num_threads(threads)
             for case in tqdm(cases, desc=f"bench_ops ({threads} threads)", unit="case"):
-                rows += run_case(case, impls)
+                rows += [dict(row, allocator=allocator) for row in run_case(case, impls)]
                 common.write_csv(csv_path, rows)
     finally:
         torch.set_num_threads(threads_before)

@@ -52,6 +52,9 @@ def add_cpu_arguments(parser: argparse.ArgumentParser, *, out_default: Path, sha
                         help="comma list of torch thread counts, each case runs at each (default: torch's)")
     parser.add_argument("--copy-gib", type=float, default=2.0,
                         help="size of the copy whose bandwidth the header reports (0: skip it)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc keeps freed memory (no mmap per large block, no heap trimming), as jemalloc "
+                        "or tcmalloc do: fresh outputs then reuse mapped pages instead of faulting them in")
     parser.add_argument("--out", type=Path, default=out_default,
                         help=f"output prefix: writes PREFIX.csv and PREFIX.png (default: {out_default})")
 
