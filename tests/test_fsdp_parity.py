@@ -143,7 +143,7 @@ def test_sharded_teacher_and_student_match_unsharded(tmp_path):
             assert (got_path, path) == ("fused", "fused"), (student_name, name)
             assert set(got_terms) == set(terms)
             for term, value in terms.items():
-                assert got_terms[term] == pytest.approx(value, rel=1e-5), (student_name, name, term)
+                assert float(got_terms[term]) == pytest.approx(float(value), rel=1e-5), (student_name, name, term)
             assert set(got_grads) == set(grads)
             for param, grad in grads.items():
                 torch.testing.assert_close(got_grads[param], grad, rtol=1e-5, atol=1e-7)

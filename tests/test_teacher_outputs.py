@@ -85,7 +85,7 @@ def test_stored_outputs_give_the_live_terms_and_gradients(setup, feature, loss):
     stored_terms, stored_grads = run(teacher_outputs=store.batch(indices))
     assert stored_terms.keys() == live_terms.keys()
     for name, value in live_terms.items():
-        assert stored_terms[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+        assert float(stored_terms[name]) == pytest.approx(float(value), rel=1e-5, abs=1e-6), name
     for stored, live in zip(stored_grads, live_grads, strict=True):
         torch.testing.assert_close(stored, live, rtol=1e-4, atol=1e-6)
 
