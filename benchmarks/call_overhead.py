@@ -1,10 +1,13 @@
 """What one ``flex_feature_loss`` call costs above its kernel, at a size where the kernel is cheap.
 
 Times, per call (a loop of ``--calls`` calls, median of ``--loops`` loops, one thread): the public op's
-fwd+bwd and forward alone, the kernel-level op ``torch.ops.flexkd.feature_loss_fwd`` (no argument checks)
-fwd+bwd and forward alone, the public op's argument checks alone, and the user's eager formula fwd+bwd.
+fwd+bwd and forward alone, the kernel-level op of that backend (``torch.ops.flexkd.feature_loss_fwd*``,
+no argument checks) fwd+bwd and forward alone, the public op's argument checks alone, and the user's
+eager formula fwd+bwd. On CUDA each loop ends with a synchronisation, so a call costs the larger of its
+host time and its GPU time: where the host's is larger, the op is launch-bound at that size.
 
     OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/call_overhead.py [--n 64] [--backend cpu]
+    python benchmarks/call_overhead.py --device cuda --backend cuda     # or --backend triton
 """
 
 from __future__ import annotations
@@ -15,17 +18,20 @@ import time
 
 import torch
 
-from flexkd.ops import _validate, flex_feature_loss
+import flexkd.ops
+from flexkd.ops import _validate, flex_feature_loss, resolve_backend
 
 
-def per_call_us(fn, calls: int, loops: int) -> float:
+def per_call_us(fn, calls: int, loops: int, sync) -> float:
     for _ in range(max(calls // 10, 5)):
         fn()
+    sync()
     times = []
     for _ in range(loops):
         start = time.perf_counter()
         for _ in range(calls):
             fn()
+        sync()
         times.append((time.perf_counter() - start) / calls * 1e6)
     return statistics.median(times)
 
@@ -35,18 +41,23 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--d", type=int, default=2048)
     parser.add_argument("--k", type=int, default=768)
-    parser.add_argument("--backend", default="cpu", help="flexkd backend of the public op (default cpu)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--backend", default="auto", help="flexkd backend of the public op (default auto)")
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--loops", type=int, default=7)
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
 
-    student = torch.randn(args.n, args.k, requires_grad=True)
-    teacher = torch.randn(args.n, args.d)
-    index = torch.randperm(args.d)[: args.k].sort().values
-    mask = torch.ones(args.n)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    student = torch.randn(args.n, args.k, device=device, requires_grad=True)
+    teacher = torch.randn(args.n, args.d, device=device)
+    index = torch.randperm(args.d, device=device)[: args.k].sort().values
+    mask = torch.ones(args.n, device=device)
     kernel_args = (student, teacher, index, mask, "mse", "mean", 1e-8)
+    backend = resolve_backend(args.backend, device.type, "flex_feature_loss")
+    kernel_op = getattr(torch.ops.flexkd, flexkd.ops._FEATURE_LOSS_OPS[backend])
 
     def public_fwd_bwd():
         flex_feature_loss(student, teacher, index, mask, backend=args.backend).backward()
@@ -56,11 +67,11 @@ def main() -> None:
             flex_feature_loss(student, teacher, index, mask, backend=args.backend)
 
     def kernel_fwd_bwd():
-        torch.ops.flexkd.feature_loss_fwd(*kernel_args, True, False)[0].backward()
+        kernel_op(*kernel_args, True, False)[0].backward()
 
     def kernel_fwd():
         with torch.no_grad():
-            torch.ops.flexkd.feature_loss_fwd(*kernel_args, False, False)
+            kernel_op(*kernel_args, False, False)
 
     def checks():
         _validate.feature_loss_args(student, teacher, index, mask, "mse", "mean", 1e-8)
@@ -69,8 +80,8 @@ def main() -> None:
         d = student - teacher.index_select(1, index)
         (((d * d).sum(1) * mask).sum() / (mask.sum() * args.k)).backward()
 
-    print(f"N={args.n} D={args.d} k={args.k} fp32, 1 thread, torch {torch.__version__}, public op on "
-          f"backend={args.backend!r}; us per call, median of {args.loops} loops of {args.calls} calls")
+    print(f"N={args.n} D={args.d} k={args.k} fp32 on {args.device}, 1 thread, torch {torch.__version__}, public "
+          f"op on backend={args.backend!r} ({backend}); us per call, median of {args.loops} loops of {args.calls} calls")
     for name, fn in [
         ("public fwd+bwd", public_fwd_bwd),
         ("public fwd (no grad)", public_fwd),
@@ -80,7 +91,7 @@ def main() -> None:
         ("user eager fwd+bwd", user_eager_fwd_bwd),
     ]:
         student.grad = None
-        print(f"  {name:30s} {per_call_us(fn, args.calls, args.loops):8.1f}")
+        print(f"  {name:30s} {per_call_us(fn, args.calls, args.loops, sync):8.1f}")
 
 
 if __name__ == "__main__":

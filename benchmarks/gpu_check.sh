@@ -10,8 +10,9 @@
 # N=8192 V=151936 H=1024 bf16, the op (auto, and its Triton kernels) against the formula eager and
 # compiled and, when it can be imported, Liger-Kernel's fused linear JSD (then against a top-128
 # teacher, which Liger does not take).
-# Meant to finish within one 10-minute device call (the step limits below add up to 8.5 minutes after the
-# build); GPU_CHECK_STEPS splits it over two calls on a warm machine if a step runs long.
+# Meant to finish within one 10-minute device call (the step limits below add up to 9.5 minutes after the
+# build, and the steps should take far less); GPU_CHECK_STEPS splits it over two calls on a warm machine
+# if a step runs long.
 #
 #   bash benchmarks/gpu_check.sh [results-dir]      # default results-dir: benchmarks/results/gpu
 #   bash benchmarks/gpu_check.sh --dry-run           # no GPU: only the benchmark step, on the CPU at a
@@ -25,10 +26,10 @@
 # /tmp/flexkd-site first.
 #
 # Environment: PYTHON (default python3), FLEXKD_CUDA_ARCH_LIST (default: this GPU's capability),
-# MAX_JOBS (default: all cores), GPU_CHECK_STEPS (default build,tests,bench,kd,kd-topk),
-# GPU_CHECK_TEST_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT / GPU_CHECK_KD_TIMEOUT / GPU_CHECK_KD_TOPK_TIMEOUT
-# (seconds, 150 / 150 / 120 / 90). Writes build.log, tests.log, bench.json, bench.md,
-# linear_logit_kd{,_topk}.csv and .log into the results directory.
+# MAX_JOBS (default: all cores), GPU_CHECK_STEPS (default build,tests,bench,kd,kd-topk,overhead),
+# GPU_CHECK_TEST_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT / GPU_CHECK_KD_TIMEOUT / GPU_CHECK_KD_TOPK_TIMEOUT /
+# GPU_CHECK_OVERHEAD_TIMEOUT (seconds, 150 / 150 / 120 / 90 / 30 per backend). Writes build.log, tests.log,
+# bench.json, bench.md, linear_logit_kd{,_topk}.csv and .log, overhead.log into the results directory.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -59,6 +60,8 @@ if [[ $DRY_RUN == 1 ]]; then
   step "dry run: flexkd bench --suite linear_logit_kd on the CPU at a tiny shape"
   "$PY" -m flexkd bench --suite linear_logit_kd --n 64 --vocab 512 --hidden 32 --dtypes bf16 --kd-reps 1 \
     --kd-out "$RESULTS/dry_run_linear_logit_kd" | tail -n 1 || exit 1
+  step "dry run: call_overhead.py on the CPU"
+  "$PY" benchmarks/call_overhead.py --n 64 --d 32 --k 8 --calls 5 --loops 1 | tail -n 1 || exit 1
   step "dry run: the Triton paths of that benchmark under the interpreter, dense and top-8 teachers"
   for topk in 0 8; do
     TRITON_INTERPRET=1 "$PY" -m flexkd bench --suite linear_logit_kd --n 16 --vocab 64 --hidden 8 --dtypes fp32 \
@@ -68,7 +71,7 @@ if [[ $DRY_RUN == 1 ]]; then
   exit 0
 fi
 
-STEPS=",${GPU_CHECK_STEPS:-build,tests,bench,kd,kd-topk},"
+STEPS=",${GPU_CHECK_STEPS:-build,tests,bench,kd,kd-topk,overhead},"
 wants() { [[ $STEPS == *",$1,"* ]]; }
 
 if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
@@ -171,9 +174,18 @@ timeout "${GPU_CHECK_KD_TOPK_TIMEOUT:-90}" "$PY" -m flexkd bench --suite linear_
 KD_STATUS=$((KD_STATUS | PIPESTATUS[0]))
 fi
 
+if wants overhead; then
+step "per-call cost of flex_feature_loss at N=8192 D=4096 k=2048 fp32 (call_overhead.py; log: $RESULTS/overhead.log)"
+for backend in cuda triton; do
+  timeout "${GPU_CHECK_OVERHEAD_TIMEOUT:-30}" "$PY" benchmarks/call_overhead.py --device cuda --backend $backend \
+    --n 8192 --d 4096 --k 2048 --calls 200 --loops 5 2>&1 | tee -a "$RESULTS/overhead.log"
+done
+fi
+
 step "done ($STEPS): tests $TEST_STATUS, benchmark exit $BENCH_STATUS, linear_logit_kd exit $KD_STATUS"
 [[ -f "$RESULTS/bench.md" ]] && cat "$RESULTS/bench.md"
 for log in "$RESULTS/linear_logit_kd.log" "$RESULTS/linear_logit_kd_topk.log"; do
   [[ -f $log ]] && grep '^N[0-9]*-V' "$log"
 done
+[[ -f "$RESULTS/overhead.log" ]] && cat "$RESULTS/overhead.log"
 [[ ( "$TEST_STATUS" == "exit 0" || "$TEST_STATUS" == "not run" ) && $BENCH_STATUS == 0 && $KD_STATUS == 0 ]]

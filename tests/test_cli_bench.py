@@ -230,3 +230,19 @@ def test_keep_freed_memory_is_applied_and_recorded(tmp_path):
     assert "allocator glibc keeping freed memory" in run.stdout
     rows = list(csv_module.DictReader(out.with_suffix(".csv").open()))
     assert rows and {row["allocator"] for row in rows} == {"glibc keeping freed memory"}
+
+
+def test_call_overhead_script_reports_every_row():
+    import subprocess
+    import sys
+
+    script = ROOT / "benchmarks" / "call_overhead.py"
+    argv = [sys.executable, str(script), "--n", "16", "--d", "32", "--k", "8", "--calls", "3", "--loops", "1"]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert "backend='auto' (cpu)" in lines[0]
+    assert [line.rsplit(None, 1)[0].strip() for line in lines[1:]] == [
+        "public fwd+bwd", "public fwd (no grad)", "kernel-level op fwd+bwd", "kernel-level op fwd (no grad)",
+        "argument checks", "user eager fwd+bwd",
+    ]
