@@ -75,8 +75,8 @@ def mask(value, leading_shape: torch.Size, against: str) -> torch.Tensor | None:
 
 
 def _mask_weights_on_host(value: torch.Tensor) -> None:
-    low, high = torch.stack(torch.aminmax(value)).tolist()  # NaN makes both NaN
-    if not (low >= 0 and high < float("inf")):
+    low, high = torch.aminmax(value)  # NaN makes both NaN
+    if not (low.item() >= 0 and high.item() < float("inf")):
         bad = value[~((value >= 0) & (value < float("inf")))]
         raise ValueError(
             f"mask weights must be finite and >= 0, got {bad.numel()} that are not "
