@@ -13,27 +13,12 @@ host time and its GPU time: where the host's is larger, the op is launch-bound a
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import flexkd.ops
+from flexkd.bench.common import per_call_us
 from flexkd.ops import _validate, flex_feature_loss, resolve_backend
-
-
-def per_call_us(fn, calls: int, loops: int, sync) -> float:
-    for _ in range(max(calls // 10, 5)):
-        fn()
-    sync()
-    times = []
-    for _ in range(loops):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(times)
 
 
 def main() -> None:

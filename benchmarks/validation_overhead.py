@@ -13,24 +13,11 @@ whole call with a reused index.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from flexkd.bench.common import per_call_us
 from flexkd.ops import _validate, flex_feature_loss
-
-
-def median_us(fn, calls: int, repeats: int) -> float:
-    for _ in range(min(calls, 100)):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        samples.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(samples)
 
 
 def main() -> None:
@@ -63,9 +50,9 @@ def main() -> None:
         ),
         "index repeats: torch.unique + min/max (before)": unique_check,
         "index repeats: tolist + set (now)": set_check,
-        "mask weights: aminmax + one read": lambda: torch.stack(torch.aminmax(mask)).tolist(),
+        "mask weights: aminmax + two reads": lambda: [x.item() for x in torch.aminmax(mask)],
     }
-    times = {name: median_us(fn, args.calls, args.repeats) for name, fn in cases.items()}
+    times = {name: per_call_us(fn, args.calls, args.repeats) for name, fn in cases.items()}
     base = times["call, reused index"]
     print(
         f"N={args.n} D={args.d} k={args.k}, {torch.get_num_threads()} threads, medians of {args.repeats}"

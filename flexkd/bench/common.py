@@ -36,6 +36,25 @@ def median_ms(fn: Callable[[], object], *, setup: Callable[[], object] | None = 
     return statistics.median(times) * 1e3
 
 
+def per_call_us(fn: Callable[[], object], calls: int, loops: int,
+                sync: Callable[[], object] | None = None) -> float:
+    """Microseconds per call of ``fn()``: the median over ``loops`` loops of ``calls`` back-to-back calls
+    (after untimed warm-up calls), each loop ended by ``sync()`` when given (a device synchronisation)."""
+    for _ in range(min(max(calls // 10, 5), 100)):
+        fn()
+    if sync:
+        sync()
+    samples = []
+    for _ in range(loops):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if sync:
+            sync()
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(samples)
+
+
 def paired_ratio(fn: Callable[[], object], baseline: Callable[[], object], reps: int = 15) -> float:
     """Median over ``reps`` back-to-back pairs of (seconds of ``fn()``) / (seconds of ``baseline()``).
 
