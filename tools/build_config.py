@@ -29,13 +29,14 @@ TORCH_FLOOR = "2.13"
 PYTHON_FLOOR = "3.10"
 CXX_STANDARD = 20
 
-# The module (schemas + build_info), the feature loss's autograd kernel, the torch-facing CPU ops,
-# runtime ISA selection and one translation unit per instruction set that the same engine header is
-# compiled for.
+# The module (schemas + build_info), the feature loss's autograd kernel, the torch-facing CPU ops and
+# their reused gradient memory, runtime ISA selection and one translation unit per instruction set that
+# the same engine header is compiled for.
 CPU_SOURCES = [
     "csrc/module.cpp",
     "csrc/feature_loss_autograd.cpp",
     "csrc/cpu/ops_cpu.cpp",
+    "csrc/cpu/gradient_buffers.cpp",
     "csrc/cpu/isa.cpp",
     "csrc/cpu/kernels_baseline.cpp",
     "csrc/cpu/kernels_avx2.cpp",

@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "cpu/engine/kernel_args.h"
+#include "cpu/gradient_buffers.h"
 #include "cpu/isa.h"
 #include "flexkd/op_args.h"
 
@@ -59,9 +60,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_loss_fwd_cpu(
   const auto acc = accumulation_type(student, teacher);
   at::Tensor loss_out = at::empty(loss_shape(loss_kind, reduction_kind, rows, k),
                                   student.options().dtype(acc));
-  at::Tensor grad_student = student_grad ? at::empty({rows, k}, student.options())
+  at::Tensor grad_student = student_grad ? cpu::empty_gradient({rows, k}, student.options())
                                          : at::empty({0}, student.options());
-  at::Tensor grad_teacher = teacher_grad ? at::empty({rows, k}, teacher.options())
+  at::Tensor grad_teacher = teacher_grad ? cpu::empty_gradient({rows, k}, teacher.options())
                                          : at::empty({0}, teacher.options());
 
   cpu::FeatureLossArgs args{};
