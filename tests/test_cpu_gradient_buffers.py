@@ -90,3 +90,29 @@ def test_the_cache_can_be_turned_off_and_a_bad_size_is_refused_by_name():
     bad = _run_with_cache_mib("lots")
     assert bad.returncode != 0
     assert "ValueError" in bad.stderr and "FLEXKD_CPU_GRAD_CACHE_MIB" in bad.stderr
+
+
+def _child_step(queue):
+    # One thread, as DataLoader workers run: after fork, torch's own ops hang here at the parent's thread
+    # count (its OpenMP pool does not survive fork), with or without flexkd.
+    torch.set_num_threads(1)
+    student, teacher, index, mask = _inputs()
+    (grad,) = torch.autograd.grad(flex_feature_loss(student, teacher, index, mask, backend="cpu"), student)
+    queue.put(float(grad.abs().sum()))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_uses_the_cache_it_inherited():
+    import multiprocessing
+
+    student, teacher, index, mask = _inputs()
+    (grad,) = torch.autograd.grad(flex_feature_loss(student, teacher, index, mask, backend="cpu"), student)
+    want = float(grad.abs().sum())
+    del grad  # its block is in the cache when the child is forked
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_step, args=(queue,))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == pytest.approx(want, rel=1e-6)

@@ -4,6 +4,10 @@
 #include <ATen/ops/from_blob.h>
 #include <c10/core/impl/alloc_cpu.h>
 
+#ifndef _WIN32
+#include <pthread.h>
+#endif
+
 #include <cstdlib>
 #include <deque>
 #include <mutex>
@@ -69,6 +73,11 @@ class Cache {
 
   size_t capacity() const { return capacity_; }
 
+  // Held across fork() (pthread_atfork), so a child never starts with the mutex locked by a thread
+  // that does not exist there.
+  void lock() { mutex_.lock(); }
+  void unlock() { mutex_.unlock(); }
+
  private:
   const size_t capacity_ = capacity_from_env();
   std::mutex mutex_;
@@ -78,7 +87,13 @@ class Cache {
 
 // Never destroyed: a gradient may be freed during interpreter shutdown, after static destructors ran.
 Cache& cache() {
-  static Cache* instance = new Cache();
+  static Cache* instance = [] {
+    auto* created = new Cache();
+#ifndef _WIN32
+    pthread_atfork([] { cache().lock(); }, [] { cache().unlock(); }, [] { cache().unlock(); });
+#endif
+    return created;
+  }();
   return *instance;
 }
 
