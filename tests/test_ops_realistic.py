@@ -188,6 +188,33 @@ def test_minilm_top_k_selection_from_a_column_slice(target, minilm_hidden_states
         against_fp64(target, student.to(dtype), teacher, index, mask, loss)
 
 
+@pytest.mark.parametrize("target", [t for t in TARGETS if t.values[0].backend == "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_minilm_states_through_the_reused_gradient_memory(target, minilm_hidden_states, dtype):
+    """Batches large enough that the CPU op's gradients (>= 1 MiB) come from its cache of freed gradients
+    (csrc/cpu/gradient_buffers.h): real MiniLM states tiled to 1 MiB of student rows, a first-token activation of
+    3000, padded rows masked, batches of uneven length one after another, each gradient poisoned with NaN
+    once freed, so a reused block that is not rewritten whole shows up in the next batch."""
+    hidden, mask = minilm_hidden_states
+    teacher_states, student_states = hidden[6].clone(), hidden[5]
+    teacher_states[:, 0, 17] = 3000.0
+    index = select_top_k((teacher_states.abs() * mask[..., None]).sum((0, 1)), 128)
+    student_states = student_states[..., torch.randperm(384, generator=seeded(3))[:128]]
+    widen = 4 // dtype.itemsize  # as many rows again in 16 bits for the same bytes
+    for repeats in (40 * widen, 33 * widen, 40 * widen):  # copies of the 4 padded sentences
+        student = student_states.repeat(repeats, 1, 1).to(dtype)
+        teacher = teacher_states.repeat(repeats, 1, 1).to(dtype)
+        assert student.numel() * dtype.itemsize >= 1 << 20  # the gradient comes from the cache
+        for loss in LOSSES:
+            against_fp64(target, student, teacher, index, mask.repeat(repeats, 1), loss)
+        s = student.detach().requires_grad_()
+        t = teacher.detach().requires_grad_()
+        flex_feature_loss(s, t, index, mask.repeat(repeats, 1), backend="cpu").backward()
+        s.grad.fill_(float("nan"))
+        t.grad.fill_(float("nan"))
+        del s, t  # their gradients' blocks go back to the cache, NaN and all, for the next batch
+
+
 @pytest.fixture(scope="module")
 def minilm_word_embeddings():
     """The bundled MiniLM's real ``[30522, 384]`` word embedding matrix (an output projection's shape)."""
